@@ -1,0 +1,56 @@
+"""Data pipeline of ``deepfm_fast``: raw CTR files -> encoded tensors -> batches -> CSR bags.
+
+Typical use::
+
+    from deepfm_fast.data import CriteoFormat, prepare_data, iterate_batches, to_csr
+
+    data = prepare_data(CriteoFormat(), "train.txt.gz", test="test.txt.gz", cache_dir=".cache")
+    train, valid = data.train.random_split(0.1, seed=0)
+    for batch in iterate_batches(train, 4096, shuffle=True, seed=epoch):
+        indices, offsets, weights = to_csr(batch, data.fields)
+
+or, with no files at all, :func:`make_synthetic` for data with a known best AUC.
+"""
+
+from .cache import PreparedData, encode_file, prepare_data
+from .dataset import Batch, EncodedDataset, field_offsets, iterate_batches, to_csr
+from .encode import FeatureEncoder
+from .readers import (
+    SPARROW_MOVIELENS_SCHEMA,
+    Column,
+    CriteoFormat,
+    CSVFormat,
+    DataFormatError,
+    LibFMFormat,
+    ReadStats,
+    parse_schema,
+)
+from .synthetic import SyntheticData, make_synthetic
+from .vocab import MISSING_ID, OOV_ID, HashVocabulary, NumericTransform, Vocabulary
+
+__all__ = [
+    "Batch",
+    "Column",
+    "CriteoFormat",
+    "CSVFormat",
+    "DataFormatError",
+    "EncodedDataset",
+    "FeatureEncoder",
+    "HashVocabulary",
+    "LibFMFormat",
+    "MISSING_ID",
+    "NumericTransform",
+    "OOV_ID",
+    "PreparedData",
+    "ReadStats",
+    "SPARROW_MOVIELENS_SCHEMA",
+    "SyntheticData",
+    "Vocabulary",
+    "encode_file",
+    "field_offsets",
+    "iterate_batches",
+    "make_synthetic",
+    "parse_schema",
+    "prepare_data",
+    "to_csr",
+]

@@ -1,0 +1,176 @@
+"""Categorical vocabularies (counted or hashed) and numeric transforms, fitted on training data.
+
+Local id layout of every categorical field, counted or hashed::
+
+    0          OOV      value not in the vocabulary (rare in training, or unseen)
+    1          MISSING  empty value
+    2 ..       known values (counted: most frequent first; hashed: 2 + crc32(value) % buckets)
+
+Numeric transforms (``NumericTransform.kind``):
+
+* ``"log1p"``: ``log1p(max(x, 0))`` then standardised with the TRAINING mean and std.
+* ``"standardize"``: ``x`` standardised with the training mean and std.
+* ``"none"``: ``x`` as is.
+* ``"log_square"`` is not a numeric transform but a bucketing (:func:`log_square_token`) that
+  turns the value into a category, as the Criteo winning solutions did; the field is then sparse.
+
+A missing numeric value becomes 0 after the transform (the training mean, when standardised).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import Counter
+from typing import Any, Dict, Iterable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "OOV_ID",
+    "MISSING_ID",
+    "Vocabulary",
+    "HashVocabulary",
+    "NumericTransform",
+    "log_square_token",
+    "vocabulary_from_dict",
+]
+
+OOV_ID = 0
+MISSING_ID = 1
+_FIRST_ID = 2
+
+
+class Vocabulary:
+    """Counted vocabulary: string value -> local id (see the module docstring for the layout).
+
+    Args:
+        tokens: known values; ``tokens[i]`` gets id ``2 + i``.
+    """
+
+    def __init__(self, tokens: Sequence[str]):
+        self.tokens = list(tokens)
+        self._index = {t: i + _FIRST_ID for i, t in enumerate(self.tokens)}
+        # '' is never a known value: it always means missing.
+        self._index.pop("", None)
+        self._index[""] = MISSING_ID
+
+    @classmethod
+    def fit(cls, counts: Counter, min_count: int = 1) -> "Vocabulary":
+        """Keep values seen at least ``min_count`` times, most frequent first (ties by value)."""
+        if min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {min_count}")
+        kept = [(c, t) for t, c in counts.items() if c >= min_count and t != ""]
+        kept.sort(key=lambda ct: (-ct[0], ct[1]))
+        return cls([t for _, t in kept])
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens) + _FIRST_ID
+
+    def encode(self, values: Iterable[str]) -> np.ndarray:
+        """int64 ids of ``values``; unknown -> OOV_ID, ``''`` -> MISSING_ID."""
+        get = self._index.get
+        return np.fromiter((get(v, OOV_ID) for v in values), dtype=np.int64)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"kind": "counted", "tokens": self.tokens}
+
+
+class HashVocabulary:
+    """Hashed ids: ``2 + crc32(value) % buckets`` (stable across runs, unlike ``hash()``).
+
+    Args:
+        buckets: number of hash buckets; the field's vocab_size is ``buckets + 2``
+            (id 0 stays unused so that both kinds share one layout).
+    """
+
+    def __init__(self, buckets: int):
+        if buckets < 1:
+            raise ValueError(f"hash_buckets must be >= 1, got {buckets}")
+        self.buckets = int(buckets)
+
+    @property
+    def size(self) -> int:
+        return self.buckets + _FIRST_ID
+
+    def encode(self, values: Iterable[str]) -> np.ndarray:
+        b, crc = self.buckets, zlib.crc32
+        return np.fromiter(
+            (_FIRST_ID + crc(v.encode()) % b if v else MISSING_ID for v in values), dtype=np.int64
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"kind": "hashed", "buckets": self.buckets}
+
+
+def vocabulary_from_dict(d: Dict[str, Any]):
+    """Inverse of ``to_dict`` for both vocabulary kinds."""
+    if d["kind"] == "counted":
+        return Vocabulary(d["tokens"])
+    if d["kind"] == "hashed":
+        return HashVocabulary(d["buckets"])
+    raise ValueError(f"unknown vocabulary kind {d['kind']!r}")
+
+
+def log_square_token(x: float) -> str:
+    """Criteo-winning bucket of a count: ``floor(log(x)^2)`` for ``x > 2``, else ``int(x)``.
+
+    NaN (missing) gives ``''``, which the vocabulary maps to MISSING_ID.
+    """
+    if math.isnan(x):
+        return ""
+    if x > 2:
+        return "b" + str(int(math.floor(math.log(x) ** 2)))
+    return str(int(x))
+
+
+class NumericTransform:
+    """A numeric transform fitted on training data (kinds in the module docstring).
+
+    Use :meth:`update` on every training chunk, then :meth:`apply`.
+    """
+
+    KINDS = ("log1p", "standardize", "none")
+
+    def __init__(self, kind: str = "log1p", mean: float = 0.0, std: float = 1.0):
+        if kind not in self.KINDS:
+            raise ValueError(f"numeric transform must be one of {self.KINDS}, got {kind!r}")
+        self.kind = kind
+        self.mean, self.std = float(mean), float(std)
+        self._n = 0
+        self._sum = 0.0
+        self._sumsq = 0.0
+
+    def _raw(self, x: np.ndarray) -> np.ndarray:
+        return np.log1p(np.maximum(x, 0.0)) if self.kind == "log1p" else x
+
+    def update(self, x: np.ndarray) -> None:
+        """Accumulate training statistics over the non-missing (non-NaN) values of ``x``."""
+        y = self._raw(x[~np.isnan(x)])
+        self._n += y.size
+        self._sum += float(y.sum())
+        self._sumsq += float(np.square(y).sum())
+
+    def finish(self) -> None:
+        """Freeze mean and std from what :meth:`update` saw (std 1 when it is 0 or undefined)."""
+        if self.kind == "none" or self._n == 0:
+            return
+        self.mean = self._sum / self._n
+        var = max(self._sumsq / self._n - self.mean ** 2, 0.0)
+        self.std = math.sqrt(var) if var > 1e-12 else 1.0
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """float32 transformed values; NaN (missing) -> 0."""
+        y = self._raw(x)
+        if self.kind != "none":
+            y = (y - self.mean) / self.std
+        return np.nan_to_num(y, nan=0.0).astype(np.float32)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"kind": self.kind, "mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "NumericTransform":
+        return cls(d["kind"], d["mean"], d["std"])
+
