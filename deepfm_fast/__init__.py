@@ -1,0 +1,12 @@
+"""deepfm_fast: fused CPU and CUDA kernels for DeepFM-style CTR models in PyTorch.
+
+`deepfm_fast.ops` holds the fused ops, `deepfm_fast.reference` their pure-PyTorch oracles, and the
+modules below wrap them. `backend()` says whether the compiled kernels are in use.
+"""
+from . import _backend, ops, reference
+from ._backend import backend, cuda_kernels
+from .layers import FMInteraction
+
+__version__ = "0.1.0"
+
+__all__ = ["FMInteraction", "backend", "cuda_kernels", "ops", "reference", "__version__"]
