@@ -50,7 +50,8 @@ def make_extension():
     debug = env_flag("DEEPFM_FAST_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fopenmp at compile AND link time: without it at::parallel_for silently runs on one thread.
-    cxx_flags = opt + ["-std=c++17", "-fopenmp", "-fvisibility=hidden"]
+    # No -std: cpp_extension picks the C++ standard the installed torch headers need (C++20 for 2.14).
+    cxx_flags = opt + ["-fopenmp", "-fvisibility=hidden"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     kwargs = dict(
         include_dirs=[os.path.join(ROOT, "csrc")],
@@ -65,7 +66,7 @@ def make_extension():
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
-    nvcc_flags = opt + ["-std=c++17", "--expt-relaxed-constexpr"] + (["-lineinfo"] if debug else [])
+    nvcc_flags = opt + ["--expt-relaxed-constexpr"] + (["-lineinfo"] if debug else [])
     kwargs["include_dirs"] += cuda_wheel_include_dirs()
     return cpp_extension.CUDAExtension(
         "deepfm_fast._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, **kwargs

@@ -41,6 +41,10 @@ def _register_fm_interaction():
     @torch.library.register_fake(lib + "fm_interaction_backward")
     def _(grad_out, emb):
         torch._check(emb.dim() == 3, lambda: f"fm_interaction_backward: emb must be a 3-D tensor, got {emb.dim()}-D")
+        torch._check(
+            grad_out.device == emb.device,
+            lambda: f"fm_interaction_backward: grad_out is on {grad_out.device} but emb is on {emb.device}",
+        )
         return emb.new_empty(emb.shape)
 
     def setup_context(ctx, inputs, output):

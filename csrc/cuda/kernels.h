@@ -1,0 +1,12 @@
+// Host entry points of the CUDA kernels, defined in the .cu files and registered for the CUDA
+// dispatch key in register_cuda.cpp (which keeps the torch/library.h include out of nvcc's way).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace deepfm_fast {
+
+at::Tensor fm_interaction_cuda(const at::Tensor& emb, bool reduce_sum);
+at::Tensor fm_interaction_backward_cuda(const at::Tensor& grad_out, const at::Tensor& emb);
+
+}  // namespace deepfm_fast

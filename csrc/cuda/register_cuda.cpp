@@ -1,0 +1,12 @@
+#include <torch/library.h>
+
+#include "cuda/kernels.h"
+
+namespace deepfm_fast {
+
+TORCH_LIBRARY_IMPL(deepfm_fast, CUDA, m) {
+  m.impl("fm_interaction", &fm_interaction_cuda);
+  m.impl("fm_interaction_backward", &fm_interaction_backward_cuda);
+}
+
+}  // namespace deepfm_fast
