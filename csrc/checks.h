@@ -4,6 +4,10 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <algorithm>
+#include <utility>
 
 namespace deepfm_fast {
 
@@ -50,6 +54,78 @@ inline void check_fm_interaction_backward_args(const at::Tensor& grad_out, const
   TORCH_CHECK(reduced || per_dim, op, ": grad_out must have shape [B] or [B, K] = [", emb.size(0),
               "] or [", emb.size(0), ", ", emb.size(2), "] for emb of shape ", emb.sizes(),
               ", got ", grad_out.sizes());
+}
+
+// ---- embedding_fm -------------------------------------------------------------------------------
+
+inline void check_index_dtype(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", arg,
+              " must be an int32 or int64 tensor, got ", t.scalar_type());
+}
+
+// Everything about the arguments of embedding_fm and embedding_fm_backward that does not need to
+// read tensor data: ranks, dtypes, devices, lengths and the int arguments. (The values of offsets
+// and indices are checked by each backend before any row is read.)
+inline void check_embedding_fm_args(const char* op, const at::Tensor& weight, const at::Tensor& indices,
+                                    const at::Tensor& offsets,
+                                    const c10::optional<at::Tensor>& per_sample_weights,
+                                    const c10::optional<at::Tensor>& linear_weight, int64_t num_fields,
+                                    int64_t mode, at::IntArrayRef pooling) {
+  check_dim(op, "weight", weight, 2, "[num_embeddings, embedding_dim]");
+  check_floating(op, "weight", weight);
+  check_index_dtype(op, "indices", indices);
+  check_index_dtype(op, "offsets", offsets);
+  check_dim(op, "indices", indices, 1, "[nnz]");
+  check_dim(op, "offsets", offsets, 1, "[batch * num_fields + 1]");
+  check_same_device(op, "indices", indices, "weight", weight);
+  check_same_device(op, "offsets", offsets, "weight", weight);
+  TORCH_CHECK(num_fields >= 1, op, ": num_fields must be >= 1, got ", num_fields);
+  TORCH_CHECK(offsets.numel() >= 1 && (offsets.numel() - 1) % num_fields == 0, op,
+              ": offsets must have batch * num_fields + 1 entries (num_fields = ", num_fields,
+              "), got ", offsets.numel(), " entries; expected ", num_fields, " * batch + 1 for some batch >= 0, e.g. ",
+              ((std::max<int64_t>(offsets.numel() - 1, 0)) / num_fields) * num_fields + 1);
+  TORCH_CHECK(mode == 0 || mode == 1, op, ": mode must be 0 (field) or 1 (feature), got ", mode);
+  TORCH_CHECK(pooling.size() == 1 || static_cast<int64_t>(pooling.size()) == num_fields, op,
+              ": pooling must have 1 or num_fields = ", num_fields, " entries, got ", pooling.size());
+  for (size_t f = 0; f < pooling.size(); ++f)
+    TORCH_CHECK(pooling[f] == 0 || pooling[f] == 1, op, ": pooling[", f, "] must be 0 (sum) or 1 (mean), got ",
+                pooling[f]);
+  if (per_sample_weights.has_value()) {
+    const at::Tensor& psw = *per_sample_weights;
+    check_dim(op, "per_sample_weights", psw, 1, "[nnz]");
+    check_same_device(op, "per_sample_weights", psw, "weight", weight);
+    check_same_dtype(op, "per_sample_weights", psw, "weight", weight);
+    TORCH_CHECK(psw.numel() == indices.numel(), op, ": per_sample_weights must have one value per index: expected ",
+                indices.numel(), " (= indices.numel()), got ", psw.numel());
+  }
+  if (linear_weight.has_value()) {
+    const at::Tensor& lw = *linear_weight;
+    check_same_device(op, "linear_weight", lw, "weight", weight);
+    check_same_dtype(op, "linear_weight", lw, "weight", weight);
+    TORCH_CHECK(lw.dim() == 1 && lw.size(0) == weight.size(0), op, ": linear_weight must have shape [",
+                weight.size(0), "] (one value per row of weight), got ", lw.sizes());
+  }
+}
+
+inline void check_embedding_fm_backward_args(const at::Tensor& grad_fm, const at::Tensor& grad_linear,
+                                             const c10::optional<at::Tensor>& grad_pooled,
+                                             const at::Tensor& weight, int64_t batch, int64_t num_fields) {
+  constexpr const char* op = "embedding_fm_backward";
+  for (const auto& [name, g] : {std::pair<const char*, const at::Tensor*>{"grad_fm", &grad_fm},
+                               std::pair<const char*, const at::Tensor*>{"grad_linear", &grad_linear}}) {
+    check_same_device(op, name, *g, "weight", weight);
+    check_same_dtype(op, name, *g, "weight", weight);
+    TORCH_CHECK(g->dim() == 1 && g->size(0) == batch, op, ": ", name, " must have shape [", batch, "], got ",
+                g->sizes());
+  }
+  if (grad_pooled.has_value() && grad_pooled->numel() > 0) {
+    check_same_device(op, "grad_pooled", *grad_pooled, "weight", weight);
+    check_same_dtype(op, "grad_pooled", *grad_pooled, "weight", weight);
+    TORCH_CHECK(grad_pooled->dim() == 3 && grad_pooled->size(0) == batch && grad_pooled->size(1) == num_fields &&
+                    grad_pooled->size(2) == weight.size(1),
+                op, ": grad_pooled must have shape [", batch, ", ", num_fields, ", ", weight.size(1), "], got ",
+                grad_pooled->sizes());
+  }
 }
 
 }  // namespace deepfm_fast

@@ -17,4 +17,22 @@ TORCH_LIBRARY(deepfm_fast, m) {
   m.def("fm_interaction(Tensor emb, bool reduce_sum=True) -> Tensor", pt2);
   // grad_out is [B] or [B, K]; returns d/d emb = grad_out * (sum_f e - e), contiguous [B, F, K].
   m.def("fm_interaction_backward(Tensor grad_out, Tensor emb) -> Tensor", pt2);
+  // Fused embedding gather + pooling + FM second order + first order over CSR bags (issue 3).
+  // weight [N, K]; indices [nnz] and offsets [B*F+1] (int32/int64, sample-major bags, offsets[-1] ==
+  // nnz); per_sample_weights [nnz] (feature values x_i) or None; linear_weight [N] or None.
+  // mode: 0 = field (FM over the F pooled field vectors), 1 = feature (FM over every x_i V[j_i]).
+  // pooling: one entry for every field or F entries, 0 = sum, 1 = mean (an empty bag pools to 0).
+  // Returns fm [B], linear [B] (sum_i w[j_i] x_i; zeros without linear_weight) and pooled [B, F, K]
+  // (the field vectors e_f) when return_pooled, else an empty tensor.
+  m.def("embedding_fm(Tensor weight, Tensor indices, Tensor offsets, Tensor? per_sample_weights, "
+        "Tensor? linear_weight, int num_fields, int mode, int[] pooling, bool return_pooled) "
+        "-> (Tensor fm, Tensor linear, Tensor pooled)", pt2);
+  // The coalesced gradient of embedding_fm: unique_ids [U] (sorted, int64) are the touched rows,
+  // row_grads [U, K] and linear_row_grads [U] (empty without linear_weight) their summed
+  // gradients, grad_per_sample_weights [nnz] (empty without per_sample_weights). Deterministic.
+  // This is what the dense and sparse table gradients and the fused optimizers are built from.
+  m.def("embedding_fm_backward(Tensor grad_fm, Tensor grad_linear, Tensor? grad_pooled, Tensor weight, "
+        "Tensor indices, Tensor offsets, Tensor? per_sample_weights, Tensor? linear_weight, int num_fields, "
+        "int mode, int[] pooling) -> (Tensor unique_ids, Tensor row_grads, Tensor linear_row_grads, "
+        "Tensor grad_per_sample_weights)", pt2);
 }

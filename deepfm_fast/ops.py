@@ -4,10 +4,13 @@ Fake (meta) kernels and autograd are registered here, in Python, as PyTorch reco
 ops: that is what lets `torch.compile(fullgraph=True)` and `torch.export` trace through them.
 Without the compiled extension every wrapper runs the `deepfm_fast.reference` implementation.
 """
+from typing import Optional, Sequence, Union
+
 import torch
 from torch import Tensor
 
 from . import _backend, reference
+from .reference import EmbeddingFMOutput
 
 
 def fm_interaction(emb: Tensor, reduce_sum: bool = True) -> Tensor:
@@ -77,5 +80,193 @@ def _register_fm_interaction():
     )
 
 
+
+def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor] = None,
+                 per_sample_weights: Optional[Tensor] = None, linear_weight: Optional[Tensor] = None, *,
+                 num_fields: Optional[int] = None, mode: str = "field",
+                 pooling: Union[str, Sequence[str]] = "sum", return_pooled: bool = False,
+                 sparse: bool = False) -> EmbeddingFMOutput:
+    """Fused embedding gather + pooling + FM second order + first order, in one pass over the rows.
+
+    For sample ``b``, field ``f`` and the ids ``j_i`` of its bag with values ``x_i``:
+
+    - ``mode="field"`` (DeepCTR-Torch, pytorch-fm): ``e_f = sum_i x_i V[j_i]`` (divided by the bag
+      size for ``"mean"``; an empty bag pools to 0), ``fm = 0.5 * sum_k((sum_f e_f)^2 - sum_f e_f^2)``.
+    - ``mode="feature"`` (libFM, Rendle 2010): the same formula over every ``x_i V[j_i]`` of the
+      sample; ``pooling`` then only shapes ``pooled``. With one id per field both modes agree.
+    - ``linear = sum_i w[j_i] x_i`` (zeros without ``linear_weight``); the bias is the caller's.
+
+    Args:
+        weight: ``V [N, K]``, float32/float64 (float16/bfloat16 accumulate in float32).
+        indices: ``[B, F]`` int32/int64 global row ids, one per field (``offsets=None``), or CSR
+            ``[nnz]`` with ``offsets``.
+        offsets: ``[B*F + 1]`` sample-major bag boundaries (bag ``b*F + f``), ``offsets[-1] == nnz``,
+            like ``nn.EmbeddingBag(include_last_offset=True)``.
+        per_sample_weights: feature values ``x_i``, ``[nnz]`` (or ``[B, F]`` with ``[B, F]`` ids).
+        linear_weight: first-order weights ``w [N]``.
+        num_fields: ``F``; required with CSR input.
+        mode: ``"field"`` or ``"feature"``.
+        pooling: ``"sum"``, ``"mean"``, or one of them per field (e.g. a mean-pooled genre list
+            beside sum-pooled single-id fields).
+        return_pooled: also return the field vectors ``pooled [B, F, K]`` (the DNN input of DeepFM).
+        sparse: gradients of ``weight`` and ``linear_weight`` as coalesced ``torch.sparse_coo``
+            tensors (what ``nn.Embedding(sparse=True)`` gives; for ``torch.optim.SGD``, ``Adagrad``,
+            ``SparseAdam``); else dense. Only the dense form traces with ``torch.compile``.
+
+    Returns:
+        ``EmbeddingFMOutput(fm [B], linear [B], pooled [B, F, K] or an empty tensor)``.
+
+    Every id is bounds-checked (an out-of-range id raises, naming its position and value).
+
+    Example:
+        >>> V, w = torch.randn(1000, 16, requires_grad=True), torch.zeros(1000, requires_grad=True)
+        >>> ids = torch.randint(0, 1000, (4096, 26))
+        >>> out = embedding_fm(V, ids, linear_weight=w)
+        >>> (out.fm + out.linear).sum().backward()
+    """
+    if not _backend.compiled():
+        return reference.embedding_fm(weight, indices, offsets, per_sample_weights, linear_weight,
+                                      num_fields=num_fields, mode=mode, pooling=pooling,
+                                      return_pooled=return_pooled, sparse=sparse)
+    mode_code = reference.mode_code(mode)
+    indices, offsets, per_sample_weights, num_fields = reference.as_csr(indices, offsets, per_sample_weights,
+                                                                        num_fields)
+    pooling_codes = reference.pooling_codes(pooling, num_fields)
+    args = (weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode_code, pooling_codes,
+            return_pooled)
+    needs_grad = torch.is_grad_enabled() and (
+        weight.requires_grad or (linear_weight is not None and linear_weight.requires_grad))
+    if sparse and needs_grad:
+        return EmbeddingFMOutput(*_EmbeddingFMSparseGrad.apply(*args))
+    return EmbeddingFMOutput(*torch.ops.deepfm_fast.embedding_fm.default(*args))
+
+
+def embedding_fm_backward(grad_fm, grad_linear, grad_pooled, weight, indices, offsets, per_sample_weights,
+                          linear_weight, num_fields, mode, pooling):
+    """The coalesced gradient of `embedding_fm` (int mode and pooling codes, CSR input).
+
+    Returns ``(unique_ids [U] int64 sorted, row_grads [U, K], linear_row_grads [U] or empty,
+    grad_per_sample_weights [nnz] or empty)``: the touched rows and their summed gradients, the
+    input of the dense and sparse table gradients and of fused optimizers.
+    """
+    if grad_pooled is not None and grad_pooled.numel() == 0:
+        grad_pooled = None
+    return torch.ops.deepfm_fast.embedding_fm_backward.default(
+        grad_fm, grad_linear, grad_pooled, weight, indices, offsets, per_sample_weights, linear_weight,
+        num_fields, mode, pooling)
+
+
+def _embedding_fm_grads(ctx, grad_fm, grad_linear, grad_pooled, sparse):
+    weight, indices, offsets, per_sample_weights, linear_weight = ctx.saved_tensors
+    num_fields, mode, pooling = ctx.int_args
+    batch = (offsets.shape[0] - 1) // num_fields
+    if grad_fm is None:
+        grad_fm = weight.new_zeros(batch)
+    if grad_linear is None:
+        grad_linear = weight.new_zeros(batch)
+    unique_ids, row_grads, linear_row_grads, grad_psw = embedding_fm_backward(
+        grad_fm, grad_linear, grad_pooled, weight, indices, offsets, per_sample_weights, linear_weight,
+        num_fields, mode, pooling)
+    grad_weight = grad_linear_weight = None
+    if ctx.needs_input_grad[0]:
+        if sparse:
+            grad_weight = torch.sparse_coo_tensor(unique_ids.unsqueeze(0), row_grads, weight.shape,
+                                                  is_coalesced=True)
+        else:
+            grad_weight = weight.new_zeros(weight.shape).index_add_(0, unique_ids, row_grads)
+    if linear_weight is not None and ctx.needs_input_grad[4]:
+        if sparse:
+            grad_linear_weight = torch.sparse_coo_tensor(unique_ids.unsqueeze(0), linear_row_grads,
+                                                         linear_weight.shape, is_coalesced=True)
+        else:
+            grad_linear_weight = linear_weight.new_zeros(linear_weight.shape).index_add_(0, unique_ids,
+                                                                                          linear_row_grads)
+    if per_sample_weights is None or not ctx.needs_input_grad[3]:
+        grad_psw = None
+    return grad_weight, None, None, grad_psw, grad_linear_weight, None, None, None, None
+
+
+def _embedding_fm_setup_context(ctx, inputs, output):
+    weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode, pooling, _ = inputs
+    ctx.save_for_backward(weight, indices, offsets, per_sample_weights, linear_weight)
+    ctx.int_args = (num_fields, mode, pooling)
+
+
+class _EmbeddingFMSparseGrad(torch.autograd.Function):
+    """embedding_fm with coalesced sparse COO gradients for weight and linear_weight (eager only)."""
+
+    @staticmethod
+    def forward(weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode, pooling,
+                return_pooled):
+        return torch.ops.deepfm_fast.embedding_fm.default(weight, indices, offsets, per_sample_weights,
+                                                          linear_weight, num_fields, mode, pooling, return_pooled)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _embedding_fm_setup_context(ctx, inputs, output)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_fm, grad_linear, grad_pooled):
+        return _embedding_fm_grads(ctx, grad_fm, grad_linear, grad_pooled, sparse=True)
+
+
+def _register_embedding_fm():
+    lib = "deepfm_fast::"
+
+    def check(op, weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode, pooling):
+        torch._check(weight.dim() == 2, lambda: f"{op}: weight must be a 2-D tensor [num_embeddings, embedding_dim], got {weight.dim()}-D")
+        torch._check(weight.is_floating_point(), lambda: f"{op}: weight must be floating point, got {weight.dtype}")
+        for name, t in (("indices", indices), ("offsets", offsets)):
+            torch._check(t.dtype in (torch.int32, torch.int64), lambda: f"{op}: {name} must be an int32 or int64 tensor, got {t.dtype}")
+            torch._check(t.dim() == 1, lambda: f"{op}: {name} must be a 1-D tensor, got {t.dim()}-D")
+        tensors = [("indices", indices), ("offsets", offsets), ("per_sample_weights", per_sample_weights),
+                   ("linear_weight", linear_weight)]
+        for name, t in tensors:
+            if t is not None:
+                torch._check(t.device == weight.device, lambda: f"{op}: {name} is on {t.device} but weight is on {weight.device}; move them to the same device")
+        torch._check(num_fields >= 1, lambda: f"{op}: num_fields must be >= 1, got {num_fields}")
+        torch._check((offsets.shape[0] - 1) % num_fields == 0, lambda: f"{op}: offsets must have batch * num_fields + 1 entries (num_fields = {num_fields}), got {offsets.shape[0]}")
+        torch._check(mode in (0, 1), lambda: f"{op}: mode must be 0 (field) or 1 (feature), got {mode}")
+        torch._check(len(pooling) in (1, num_fields), lambda: f"{op}: pooling must have 1 or num_fields entries, got {len(pooling)}")
+        if per_sample_weights is not None:
+            torch._check(per_sample_weights.shape == indices.shape, lambda: f"{op}: per_sample_weights must have one value per index: expected {indices.shape[0]}, got {per_sample_weights.shape[0]}")
+            torch._check(per_sample_weights.dtype == weight.dtype, lambda: f"{op}: per_sample_weights has dtype {per_sample_weights.dtype} but weight has dtype {weight.dtype}")
+        if linear_weight is not None:
+            torch._check(linear_weight.shape == weight.shape[:1], lambda: f"{op}: linear_weight must have shape [{weight.shape[0]}], got {list(linear_weight.shape)}")
+            torch._check(linear_weight.dtype == weight.dtype, lambda: f"{op}: linear_weight has dtype {linear_weight.dtype} but weight has dtype {weight.dtype}")
+        return (offsets.shape[0] - 1) // num_fields
+
+    @torch.library.register_fake(lib + "embedding_fm")
+    def _(weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode, pooling, return_pooled):
+        batch = check("embedding_fm", weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode,
+                      pooling)
+        pooled_shape = (batch, num_fields, weight.shape[1]) if return_pooled else (0,)
+        return weight.new_empty(batch), weight.new_empty(batch), weight.new_empty(pooled_shape)
+
+    @torch.library.register_fake(lib + "embedding_fm_backward")
+    def _(grad_fm, grad_linear, grad_pooled, weight, indices, offsets, per_sample_weights, linear_weight,
+          num_fields, mode, pooling):
+        check("embedding_fm_backward", weight, indices, offsets, per_sample_weights, linear_weight, num_fields,
+              mode, pooling)
+        num_unique = torch.library.get_ctx().new_dynamic_size(max=max(indices.shape[0], 2))
+        return (indices.new_empty(num_unique, dtype=torch.int64), weight.new_empty(num_unique, weight.shape[1]),
+                weight.new_empty(num_unique if linear_weight is not None else 0),
+                weight.new_empty(indices.shape[0] if per_sample_weights is not None else 0))
+
+    def backward(ctx, grad_fm, grad_linear, grad_pooled):
+        return _embedding_fm_grads(ctx, grad_fm, grad_linear, grad_pooled, sparse=False)
+
+    torch.library.register_autograd(lib + "embedding_fm", backward, setup_context=_embedding_fm_setup_context)
+
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError("embedding_fm: double backward (differentiating the gradient, create_graph=True) is "
+                           "not supported")
+
+    torch.library.register_autograd(lib + "embedding_fm_backward", no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
 if _backend.compiled():
     _register_fm_interaction()
+    _register_embedding_fm()
