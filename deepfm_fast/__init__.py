@@ -5,8 +5,10 @@ modules below wrap them. `backend()` says whether the compiled kernels are in us
 """
 from . import _backend, ops, reference
 from ._backend import backend, cuda_kernels
+from .embedding import EmbeddingFM
 from .layers import FMInteraction
+from .reference import EmbeddingFMOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["FMInteraction", "backend", "cuda_kernels", "ops", "reference", "__version__"]
+__all__ = ["EmbeddingFM", "EmbeddingFMOutput", "FMInteraction", "backend", "cuda_kernels", "ops", "reference", "__version__"]

@@ -171,13 +171,13 @@ def _embedding_fm_grads(ctx, grad_fm, grad_linear, grad_pooled, sparse):
     if ctx.needs_input_grad[0]:
         if sparse:
             grad_weight = torch.sparse_coo_tensor(unique_ids.unsqueeze(0), row_grads, weight.shape,
-                                                  is_coalesced=True)
+                                                  is_coalesced=True, check_invariants=False)
         else:
             grad_weight = weight.new_zeros(weight.shape).index_add_(0, unique_ids, row_grads)
     if linear_weight is not None and ctx.needs_input_grad[4]:
         if sparse:
             grad_linear_weight = torch.sparse_coo_tensor(unique_ids.unsqueeze(0), linear_row_grads,
-                                                         linear_weight.shape, is_coalesced=True)
+                                                         linear_weight.shape, is_coalesced=True, check_invariants=False)
         else:
             grad_linear_weight = linear_weight.new_zeros(linear_weight.shape).index_add_(0, unique_ids,
                                                                                           linear_row_grads)

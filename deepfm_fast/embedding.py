@@ -1,0 +1,127 @@
+"""EmbeddingFM: the embedding table, first-order weights and bias of an FM / DeepFM, on one fused op."""
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops, reference
+
+
+class EmbeddingFM(nn.Module):
+    r"""Embedding lookup + FM logit (first and second order) in one kernel pass over the table rows.
+
+    A factorization machine (Rendle 2010) as used by DeepFM (Guo et al. 2017,
+    https://arxiv.org/abs/1703.04247), over fields that share one table with per-field row blocks::
+
+        local ids [B, F] --(+ field offsets)--> rows of V [N, K], w [N]
+             |
+             +--> pool each field: e_f = sum_i x_i V[j_i]  (or the mean)    --> pooled [B, F, K] (DNN)
+             +--> fm     = 0.5 * sum_k((sum_f e_f)^2 - sum_f e_f^2)
+             +--> linear = sum_i w[j_i] x_i
+             logit [B] = bias + linear + fm
+
+    Field ``f`` owns rows ``[off_f, off_f + field_dims[f])`` of ``weight`` with
+    ``off_f = sum(field_dims[:f])``; callers pass LOCAL ids ``0 <= id < field_dims[f]``.
+
+    Args:
+        field_dims: rows (vocabulary size) of each field; ``N = sum(field_dims)``.
+        embedding_dim: ``K``.
+        mode: ``"field"`` (FM over pooled field vectors; DeepCTR-Torch, pytorch-fm) or
+            ``"feature"`` (FM over every non-zero feature; libFM). Equal for one id per field.
+        pooling: ``"sum"``, ``"mean"``, or one per field (e.g. ``["sum", "sum", "mean"]`` for two
+            single-id fields and a genre list). An empty bag pools to zero.
+        sparse: give ``weight`` and ``linear_weight`` coalesced sparse gradients (like
+            ``nn.Embedding(sparse=True)``) for ``torch.optim.SGD``, ``Adagrad``, ``SparseAdam``.
+        init_std: ``weight ~ Normal(0, init_std)``; ``linear_weight`` and ``bias`` start at 0.
+        use_reference: run on the pure-PyTorch reference ops (same parameters, same results; the
+            table gradient of the reference is sparse for ``sparse=True``, the first-order one dense).
+
+    Shape:
+        - ``forward(indices)``: ``indices [B, F]`` int32/int64 local ids, one per field;
+          ``per_sample_weights [B, F]`` optional feature values.
+        - ``forward(indices, offsets, per_sample_weights)``: CSR bags, ``indices [nnz]``,
+          ``offsets [B*F + 1]`` (bag ``b*F + f``), ``per_sample_weights [nnz]``; local ids unless
+          ``global_ids=True`` (e.g. the output of ``deepfm_fast.data.to_csr``).
+        - Output: logit ``[B]``, or ``(logit [B], pooled [B, F, K])`` with ``return_pooled=True``.
+
+    Example:
+        >>> fm = EmbeddingFM([1000, 20, 7], 16, pooling=["sum", "mean", "sum"], sparse=True)
+        >>> ids = torch.tensor([[3, 0, 6], [999, 19, 0]])
+        >>> logit = fm(ids)                       # [2]
+        >>> logit, pooled = fm(ids, return_pooled=True)
+        >>> pooled.shape
+        torch.Size([2, 3, 16])
+        >>> torch.nn.functional.binary_cross_entropy_with_logits(logit, torch.ones(2)).backward()
+        >>> torch.optim.SGD(fm.parameters(), lr=0.1).step()   # sparse rows of weight updated
+    """
+
+    def __init__(self, field_dims: Sequence[int], embedding_dim: int, *, mode: str = "field",
+                 pooling: Union[str, Sequence[str]] = "sum", sparse: bool = False, init_std: float = 0.01,
+                 use_reference: bool = False):
+        super().__init__()
+        field_dims = [int(d) for d in field_dims]
+        if not field_dims or any(d < 1 for d in field_dims):
+            raise ValueError(f"EmbeddingFM: field_dims must be a non-empty list of sizes >= 1, got {field_dims}")
+        reference.mode_code(mode)
+        reference.pooling_codes(pooling, len(field_dims))
+        self.field_dims = field_dims
+        self.num_fields = len(field_dims)
+        self.embedding_dim = embedding_dim
+        self.mode = mode
+        self.pooling = pooling if isinstance(pooling, str) else list(pooling)
+        self.sparse = sparse
+        self.use_reference = use_reference
+        num_rows = sum(field_dims)
+        self.weight = nn.Parameter(torch.empty(num_rows, embedding_dim))
+        self.linear_weight = nn.Parameter(torch.zeros(num_rows))
+        self.bias = nn.Parameter(torch.zeros(()))
+        starts = torch.tensor([0] + field_dims[:-1]).cumsum(0)
+        self.register_buffer("field_offsets", starts, persistent=False)
+        self.register_buffer("_field_dims", torch.tensor(field_dims), persistent=False)
+        self.reset_parameters(init_std)
+
+    def reset_parameters(self, init_std: float = 0.01) -> None:
+        nn.init.normal_(self.weight, 0.0, init_std)
+        nn.init.zeros_(self.linear_weight)
+        nn.init.zeros_(self.bias)
+
+    def _check_local(self, ids: Tensor, field_of: Tensor) -> None:
+        bad = (ids < 0) | (ids >= self._field_dims[field_of])
+        if bool(bad.any()):
+            pos = ", ".join(str(i) for i in bad.nonzero()[0].tolist())
+            flat = int(bad.reshape(-1).nonzero()[0, 0])
+            f = int(field_of.reshape(-1)[flat])
+            raise IndexError(f"EmbeddingFM: id {int(ids.reshape(-1)[flat])} at indices[{pos}] is out of range for "
+                             f"field {f}, which has field_dims[{f}] = {self.field_dims[f]} ids (0..{self.field_dims[f] - 1})")
+
+    def to_global(self, indices: Tensor, offsets: Optional[Tensor] = None) -> Tensor:
+        """Local per-field ids -> global rows of ``weight`` (checked in eager mode)."""
+        if indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"EmbeddingFM: indices must be an int32 or int64 tensor, got {indices.dtype}")
+        if offsets is None:
+            if indices.dim() != 2 or indices.shape[1] != self.num_fields:
+                raise ValueError(f"EmbeddingFM: indices must be [batch, {self.num_fields}] (one id per field), "
+                                 f"got shape {tuple(indices.shape)}")
+            field_of = torch.arange(self.num_fields, device=indices.device).expand_as(indices)
+        else:
+            counts = (offsets[1:] - offsets[:-1]).long()
+            if not torch.compiler.is_compiling() and (bool((counts < 0).any()) or int(counts.sum()) != indices.numel()):
+                return indices  # malformed offsets: let the op raise its precise error
+            bags = torch.arange(counts.numel(), device=indices.device)
+            field_of = torch.repeat_interleave(bags % self.num_fields, counts, output_size=indices.numel())
+        if not torch.compiler.is_compiling():
+            self._check_local(indices, field_of)
+        return indices + self.field_offsets[field_of].to(indices.dtype)
+
+    def forward(self, indices: Tensor, offsets: Optional[Tensor] = None, per_sample_weights: Optional[Tensor] = None,
+                *, return_pooled: bool = False, global_ids: bool = False):
+        ids = indices if global_ids else self.to_global(indices, offsets)
+        fn = reference.embedding_fm if self.use_reference else ops.embedding_fm
+        out = fn(self.weight, ids, offsets, per_sample_weights, self.linear_weight, num_fields=self.num_fields,
+                 mode=self.mode, pooling=self.pooling, return_pooled=return_pooled, sparse=self.sparse)
+        logit = self.bias + out.linear + out.fm
+        return (logit, out.pooled) if return_pooled else logit
+
+    def extra_repr(self) -> str:
+        return (f"field_dims={self.field_dims}, embedding_dim={self.embedding_dim}, mode={self.mode!r}, "
+                f"pooling={self.pooling!r}, sparse={self.sparse}, use_reference={self.use_reference}")
