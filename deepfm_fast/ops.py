@@ -249,7 +249,7 @@ def _register_embedding_fm():
           num_fields, mode, pooling):
         check("embedding_fm_backward", weight, indices, offsets, per_sample_weights, linear_weight, num_fields,
               mode, pooling)
-        num_unique = torch.library.get_ctx().new_dynamic_size(max=max(indices.shape[0], 2))
+        num_unique = torch.library.get_ctx().new_dynamic_size()  # U <= nnz, known only at run time
         return (indices.new_empty(num_unique, dtype=torch.int64), weight.new_empty(num_unique, weight.shape[1]),
                 weight.new_empty(num_unique if linear_weight is not None else 0),
                 weight.new_empty(indices.shape[0] if per_sample_weights is not None else 0))
