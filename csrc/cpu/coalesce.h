@@ -20,6 +20,7 @@ struct CoalescedIds {
   std::vector<int64_t> unique;   // [U] sorted distinct ids
   std::vector<int64_t> segment;  // [U + 1] boundaries into order
   std::vector<int64_t> order;    // [nnz] positions of ids, grouped by id (ascending within a group)
+  std::vector<int64_t> rank;     // [nnz] inverse of order: occurrence p sits at rank[p] in the sorted list
   int64_t num_unique() const { return static_cast<int64_t>(unique.size()); }
 };
 
@@ -61,6 +62,8 @@ CoalescedIds coalesce_ids(const index_t* ids, int64_t nnz, int64_t num_rows) {
     pos.swap(pos_tmp);
   }
   out.order = std::move(pos);
+  out.rank.resize(nnz);
+  for (int64_t q = 0; q < nnz; ++q) out.rank[out.order[q]] = q;
   for (int64_t i = 0; i < nnz; ++i) {
     if (i == 0 || key[i] != key[i - 1]) {
       if (i > 0) out.segment.push_back(i);

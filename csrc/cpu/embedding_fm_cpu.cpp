@@ -152,11 +152,14 @@ void forward_kernel(const Inputs<scalar_t, index_t>& in, scalar_t* fm, scalar_t*
 }
 
 // Step 1 of the backward: per-occurrence row gradients occ_grad [nnz, dim], dL/dx grad_x [nnz]
-// (or nullptr) and first-order row gradients lin_occ [nnz] (or nullptr).
+// (or nullptr) and first-order row gradients lin_occ [nnz] (or nullptr). occ_grad and lin_occ are
+// written in sorted-id order (row rank[p] for occurrence p), so that step 2 reads them sequentially:
+// scattered stores do not stall the way scattered loads do.
 template <typename scalar_t, typename index_t, int64_t kStaticDim>
 void occurrence_grads_kernel(const Inputs<scalar_t, index_t>& in, const scalar_t* g_fm, const scalar_t* g_lin,
                              const scalar_t* g_pooled, at::opmath_type<scalar_t>* occ_grad,
-                             at::opmath_type<scalar_t>* grad_x, at::opmath_type<scalar_t>* lin_occ) {
+                             at::opmath_type<scalar_t>* grad_x, at::opmath_type<scalar_t>* lin_occ,
+                             const int64_t* rank) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = kStaticDim > 0 ? kStaticDim : in.dim;
   const int64_t fields = in.fields;
@@ -168,7 +171,7 @@ void occurrence_grads_kernel(const Inputs<scalar_t, index_t>& in, const scalar_t
       const acc_t gl = static_cast<acc_t>(g_lin[b]);
       for (int64_t p = off[0]; p < off[fields]; ++p) {
         const acc_t x = in.psw ? static_cast<acc_t>(in.psw[p]) : acc_t(1);
-        if (lin_occ != nullptr) lin_occ[p] = gl * x;
+        if (lin_occ != nullptr) lin_occ[rank[p]] = gl * x;
         if (grad_x != nullptr) grad_x[p] = in.lw ? gl * static_cast<acc_t>(in.lw[in.indices[p]]) : acc_t(0);
       }
       simd::for_each_tile<acc_t, tile_vectors<acc_t, kStaticDim>()>(dim, [&](int64_t k0, auto vectors, auto tag) {
@@ -212,7 +215,7 @@ void occurrence_grads_kernel(const Inputs<scalar_t, index_t>& in, const scalar_t
           for (int64_t p = off[f]; p < off[f + 1]; ++p) {
             const acc_t x = in.psw ? static_cast<acc_t>(in.psw[p]) : acc_t(1);
             const scalar_t* row = row_of(p);
-            acc_t* out = occ_grad + p * dim + k0;
+            acc_t* out = occ_grad + rank[p] * dim + k0;
             V dot = V{};
             for (int j = 0; j < nv; ++j) {
               const V v = simd::load<V>(row + j * lanes);
@@ -228,7 +231,7 @@ void occurrence_grads_kernel(const Inputs<scalar_t, index_t>& in, const scalar_t
   });
 }
 
-// Step 2: row_grads[u] = sum of occ_grad over the occurrences of unique id u, in position order.
+// Step 2: row_grads[u] = sum of the (sorted) occ_grad rows of unique id u, in position order.
 template <typename scalar_t, int64_t kStaticDim>
 void segment_reduce_kernel(const CoalescedIds& c, const at::opmath_type<scalar_t>* occ_grad, int64_t dynamic_dim,
                            const at::opmath_type<scalar_t>* lin_occ, scalar_t* row_grads,
@@ -245,14 +248,14 @@ void segment_reduce_kernel(const CoalescedIds& c, const at::opmath_type<scalar_t
         V acc[nv];
         for (int j = 0; j < nv; ++j) acc[j] = V{};
         for (int64_t q = first; q < last; ++q) {
-          const acc_t* src = occ_grad + c.order[q] * dim + k0;
+          const acc_t* src = occ_grad + q * dim + k0;
           for (int j = 0; j < nv; ++j) acc[j] += simd::load<V>(src + j * lanes);
         }
         for (int j = 0; j < nv; ++j) simd::store(row_grads + u * dim + k0 + j * lanes, acc[j]);
       });
       if (linear_row_grads != nullptr) {
         acc_t lin = 0;
-        for (int64_t q = first; q < last; ++q) lin += lin_occ[c.order[q]];
+        for (int64_t q = first; q < last; ++q) lin += lin_occ[q];
         linear_row_grads[u] = static_cast<scalar_t>(lin);
       }
     }
@@ -355,13 +358,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
     AT_DISPATCH_INDEX_TYPES(p.indices.scalar_type(), "embedding_fm_backward_cpu", [&] {
       const auto in = make_inputs<scalar, index_t>(p, num_fields, mode);
       dispatch_embedding_dim(dim, [&](auto static_dim) {
+        const CoalescedIds c = coalesce_ids(in.indices, nnz, p.weight.size(0));
         if (p.batch > 0) {
           occurrence_grads_kernel<scalar, index_t, static_dim.value>(
               in, grad_fm.const_data_ptr<scalar>(), grad_linear.const_data_ptr<scalar>(),
               has_grad_pooled ? grad_pooled.const_data_ptr<scalar>() : nullptr, occ_grad.mutable_data_ptr<acc_t>(),
-              p.psw ? grad_x.mutable_data_ptr<acc_t>() : nullptr, p.lw ? lin_occ.mutable_data_ptr<acc_t>() : nullptr);
+              p.psw ? grad_x.mutable_data_ptr<acc_t>() : nullptr, p.lw ? lin_occ.mutable_data_ptr<acc_t>() : nullptr,
+              c.rank.data());
         }
-        const CoalescedIds c = coalesce_ids(in.indices, nnz, p.weight.size(0));
         const int64_t num_unique = c.num_unique();
         unique_ids = at::empty({num_unique}, options.dtype(at::kLong));
         std::copy(c.unique.begin(), c.unique.end(), unique_ids.mutable_data_ptr<int64_t>());
