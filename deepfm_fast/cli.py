@@ -1,0 +1,530 @@
+"""``deepfm-fast``: train, evaluate and apply DeepFM / FM / LR models on CTR files; a demo.
+
+Examples::
+
+    deepfm-fast demo
+    deepfm-fast train --format libfm --train frappe.validation.libfm --valid-fraction 0.1 \\
+        --test frappe.test.libfm --model deepfm --embedding-dim 10 --hidden-units 400,400,400 \\
+        --batch-norm --dropout 0.2 --l2-embedding 0.05 --epochs 100 --patience 2 \\
+        --checkpoint-dir runs/frappe --metrics-out runs/frappe/metrics.json
+    deepfm-fast train --config frappe.yaml --seed 3          # flags override the config file
+    deepfm-fast evaluate --checkpoint runs/frappe --test frappe.test.libfm
+    deepfm-fast predict --checkpoint runs/frappe --input frappe.test.libfm --output probs.csv
+
+A config file (YAML or JSON) holds the same option names as the flags, with ``-`` or ``_``
+(``hidden_units: [400, 400, 400]``, ``batch-norm: true``). Bad input data stops with a one-line
+error naming the file and line (exit status 1), or is skipped and counted with
+``--skip-bad-lines``. Set ``DEEPFM_FAST_DEBUG=1`` to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+PROG = "deepfm-fast"
+
+
+class CLIError(Exception):
+    """A usage or input problem reported as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# options
+# ----------------------------------------------------------------------------------------------
+def _hidden_units(text: Any) -> List[int]:
+    if isinstance(text, (list, tuple)):
+        units = list(text)
+    else:
+        text = str(text).strip()
+        units = [] if text in ("", "none", "0") else text.replace("x", ",").split(",")
+    try:
+        out = [int(u) for u in units]
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"hidden units must be integers like 400,400,400, got {text!r}")
+    if any(u < 1 for u in out):
+        raise argparse.ArgumentTypeError(f"hidden units must be >= 1, got {text!r}")
+    return out
+
+
+# name -> (default, type used to coerce config-file values)
+TRAIN_DEFAULTS: Dict[str, Any] = {
+    "model": "deepfm", "format": None, "schema": None, "train": None, "valid": None,
+    "valid_fraction": 0.1, "test": None, "test_fraction": None, "split": "random", "split_by": None,
+    "epochs": 10, "batch_size": 4096, "lr": 1e-3, "embedding_dim": 10, "hidden_units": [400, 400, 400],
+    "activation": "relu", "dropout": 0.0, "batch_norm": False, "l2_embedding": 0.0, "patience": 2,
+    "seed": 2021, "checkpoint_dir": None, "resume": False, "metrics_out": None, "cache_dir": None,
+    "skip_bad_lines": False, "threads": None, "max_rows": None, "min_count": 1, "sparse": False,
+    "device": "cpu", "progress": True, "init_std": 1e-4,
+}
+_TYPES = {"valid_fraction": float, "test_fraction": float, "epochs": int, "batch_size": int, "lr": float,
+          "embedding_dim": int, "hidden_units": _hidden_units, "dropout": float, "l2_embedding": float,
+          "patience": int, "seed": int, "threads": int, "max_rows": int, "min_count": int,
+          "init_std": float}
+_BOOLS = ("batch_norm", "resume", "skip_bad_lines", "sparse", "progress")
+_PATHS = ("schema", "train", "valid", "test", "checkpoint_dir", "metrics_out", "cache_dir")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--format", choices=["criteo", "libfm", "csv"],
+                   help="criteo: label,I1..I13,C1..C26 (TSV or CSV with header); libfm: 'label id:value ...'; "
+                        "csv: header CSV described by --schema")
+    g.add_argument("--schema", help="csv: JSON/YAML file mapping column -> role, or 'sparrow_movielens'")
+    g.add_argument("--skip-bad-lines", action=argparse.BooleanOptionalAction, default=None,
+                   help="skip and count malformed rows instead of stopping")
+    g.add_argument("--cache-dir", help="cache the encoded arrays here and reuse them on the next run")
+    g.add_argument("--min-count", type=int, help="categorical values seen fewer times go to OOV (default 1)")
+
+
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model, evaluate every epoch, stop early, report metrics",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Train on --train, early stopping on --valid (or a --valid-fraction hold-out), "
+                                   "final metrics on --test. Options may come from --config.")
+    p.add_argument("--config", help="YAML or JSON file of options (same names as the flags); flags override it")
+    p.add_argument("--model", choices=["deepfm", "fm", "lr"], help="model (default deepfm)")
+    _add_data_args(p)
+    g = p.add_argument_group("splits")
+    g.add_argument("--train", help="training file")
+    g.add_argument("--valid", help="validation file for early stopping")
+    g.add_argument("--valid-fraction", type=float,
+                   help="without --valid: hold out this share of the training rows (default 0.1; 0 = none)")
+    g.add_argument("--test", help="test file for the final metrics")
+    g.add_argument("--test-fraction", type=float, help="without --test: hold out this share of the training rows")
+    g.add_argument("--split", choices=["random", "ordered"],
+                   help="how hold-outs are taken: random rows (default) or the tail in file/--split-by order")
+    g.add_argument("--split-by", help="ordered split: an extra ('keep') column to sort by, e.g. timestamp")
+    g.add_argument("--max-rows", type=int, help="use only the first N training rows (quick runs)")
+    g = p.add_argument_group("model")
+    g.add_argument("--embedding-dim", type=int, help="embedding size K (default 10)")
+    g.add_argument("--hidden-units", type=_hidden_units, help="DNN widths, e.g. 400,400,400 (default)")
+    g.add_argument("--activation", help="DNN activation (default relu)")
+    g.add_argument("--dropout", type=float, help="DNN dropout (default 0)")
+    g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help="DNN batch norm")
+    g.add_argument("--l2-embedding", type=float, help="L2 on the table rows used in each batch (default 0)")
+    g.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=None,
+                   help="sparse table gradients with SparseAdam")
+    g.add_argument("--init-std", type=float, help="embedding init std (default 1e-4, as FuxiCTR)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help="most epochs (default 10)")
+    g.add_argument("--batch-size", type=int, help="rows per step (default 4096)")
+    g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--patience", type=int, help="epochs without validation AUC gain before stopping (default 2)")
+    g.add_argument("--seed", type=int, help="seed (default 2021); same seed, same result on CPU")
+    g.add_argument("--checkpoint-dir", help="write last.pt (resume) and best.pt (evaluate/predict) here")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue from --checkpoint-dir/last.pt")
+    g.add_argument("--metrics-out", help="write final metrics as JSON to this file")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--device", help="cpu (default) or cuda")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="DeepFM / FM / LR for CTR prediction on fused kernels.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,demo}")
+    sub.required = True
+    _add_train_parser(sub)
+
+    for name, helptext in (("evaluate", "AUC and logloss of a checkpoint on a labelled file"),
+                           ("predict", "write the predicted click probabilities of a file to CSV")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--checkpoint", required=True, help="best.pt, or the --checkpoint-dir of a train run")
+        if name == "evaluate":
+            p.add_argument("--test", "--input", dest="input", required=True, help="labelled file to score")
+            p.add_argument("--metrics-out", help="write the metrics as JSON here")
+        else:
+            p.add_argument("--input", "--test", dest="input", required=True, help="file to score (same format)")
+            p.add_argument("--output", required=True, help="CSV to write: row,probability[,label]")
+        p.add_argument("--batch-size", type=int, default=16384)
+        p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed rows")
+        p.add_argument("--threads", type=int)
+
+    p = sub.add_parser("demo", help="train DeepFM on planted-truth synthetic data; fused vs reference step time",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--rows", type=int, default=250_000, help="synthetic rows (train+valid+test)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timing-steps", type=int, default=10, help="timed steps per backend")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--metrics-out", help="write the demo numbers as JSON here")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return parser
+
+
+def _load_config(path: str) -> Dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"config file {path} not found")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            cfg = yaml.safe_load(text)
+        else:
+            cfg = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
+        raise CLIError(f"config file {path}: cannot parse: {exc}") from None
+    if cfg is None:
+        cfg = {}
+    if not isinstance(cfg, dict):
+        raise CLIError(f"config file {path}: expected a mapping of option -> value, got {type(cfg).__name__}")
+    out = {}
+    base = p.resolve().parent
+    for key, value in cfg.items():
+        name = str(key).replace("-", "_")
+        if name not in TRAIN_DEFAULTS:
+            raise CLIError(f"config file {path}: unknown option {key!r}")
+        if value is not None and name in _TYPES:
+            try:
+                value = _TYPES[name](value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+                raise CLIError(f"config file {path}: option {key!r}: {exc}") from None
+        if value is not None and name in _BOOLS and not isinstance(value, bool):
+            raise CLIError(f"config file {path}: option {key!r} must be true or false, got {value!r}")
+        if value is not None and name in _PATHS and not (name == "schema" and value == "sparrow_movielens"):
+            value = str(base / Path(os.path.expanduser(str(value))))  # relative to the config file
+        out[name] = value
+    return out
+
+
+def resolve_train_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """Defaults < config file < flags."""
+    opts = dict(TRAIN_DEFAULTS)
+    if getattr(args, "config", None):
+        opts.update(_load_config(args.config))
+    for name in TRAIN_DEFAULTS:
+        value = getattr(args, name, None)
+        if value is not None:
+            opts[name] = value
+    return opts
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+def _make_format(spec: Dict[str, Any]):
+    from .data import CriteoFormat, CSVFormat, LibFMFormat
+
+    kind, kw = spec["format"], dict(spec["kwargs"])
+    if kind == "criteo":
+        return CriteoFormat(**kw)
+    if kind == "libfm":
+        layout = kw.pop("layout", None)
+        fmt = LibFMFormat(**kw)
+        if layout is not None:
+            fmt.set_layout(*layout)
+        return fmt
+    return CSVFormat(**kw)
+
+
+def _format_spec(opts: Dict[str, Any]) -> Dict[str, Any]:
+    kind = opts["format"]
+    if kind is None:
+        raise CLIError("--format is required (criteo, libfm or csv)")
+    if kind == "criteo":
+        return {"format": kind, "kwargs": {"min_count": opts["min_count"]}}
+    if kind == "libfm":
+        return {"format": kind, "kwargs": {"min_count": opts["min_count"]}}
+    schema = opts["schema"]
+    if schema is None:
+        raise CLIError("--format csv needs --schema (a JSON/YAML file, or 'sparrow_movielens')")
+    if schema == "sparrow_movielens":
+        from .data import SPARROW_MOVIELENS_SCHEMA
+
+        return {"format": kind, "kwargs": {"schema": SPARROW_MOVIELENS_SCHEMA}}
+    if not Path(schema).is_file():
+        raise CLIError(f"schema file {schema} not found")
+    from .data.readers import parse_schema
+    from dataclasses import asdict
+
+    # Store the parsed schema itself, so a checkpoint does not depend on the file.
+    return {"format": kind, "kwargs": {"schema": {n: asdict(c) for n, c in parse_schema(schema).items()}}}
+
+
+def _check_file(path: Optional[str], what: str) -> None:
+    if path is not None and not Path(path).is_file():
+        raise CLIError(f"{what} file {path} not found")
+
+
+def _hold_out(ds, fraction: float, opts: Dict[str, Any]):
+    if opts["split"] == "ordered":
+        return ds.ordered_split(fraction, by=opts["split_by"])
+    return ds.random_split(fraction, seed=opts["seed"])
+
+
+def load_train_data(opts: Dict[str, Any]):
+    """prepare_data + hold-outs; returns (prepared, train, valid, test, format spec)."""
+    from .data import prepare_data
+
+    if opts["train"] is None:
+        raise CLIError("--train is required")
+    for what in ("train", "valid", "test"):
+        _check_file(opts[what], what)
+    spec = _format_spec(opts)
+    fmt = _make_format(spec)
+    data = prepare_data(fmt, opts["train"], opts["valid"], opts["test"], cache_dir=opts["cache_dir"],
+                        skip_bad_lines=opts["skip_bad_lines"], progress=opts["progress"])
+    if spec["format"] == "libfm":
+        spec["kwargs"]["layout"] = list(fmt._mode(Path(opts["train"])))
+    train, valid, test = data.train, data.valid, data.test
+    if opts["max_rows"] is not None and len(train) > opts["max_rows"]:
+        import torch
+
+        train = train.subset(torch.arange(opts["max_rows"]))
+    if test is None and opts["test_fraction"]:
+        train, test = _hold_out(train, opts["test_fraction"], opts)
+    if valid is None and opts["valid_fraction"]:
+        train, valid = _hold_out(train, opts["valid_fraction"], opts)
+    return data, train, valid, test, spec
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------
+def _set_threads(n: Optional[int]) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _write_json(path: str, obj: Dict[str, Any]) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
+    os.replace(tmp, p)
+
+
+def _nan_to_none(x):
+    return None if isinstance(x, float) and x != x else x
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import backend
+    from .models import build_model
+    from .train import TrainConfig, Trainer, evaluate, seed_everything
+
+    opts = resolve_train_options(args)
+    _set_threads(opts["threads"])
+    if opts["resume"] and not opts["checkpoint_dir"]:
+        raise CLIError("--resume needs --checkpoint-dir")
+    data, train, valid, test, spec = load_train_data(opts)
+    for split, n in data.bad_lines.items():
+        if n:
+            print(f"skipped {n} bad line(s) in {split}", file=sys.stderr)
+    hparams = {"embedding_dim": opts["embedding_dim"], "hidden_units": opts["hidden_units"],
+               "activation": opts["activation"], "dropout": opts["dropout"], "batch_norm": opts["batch_norm"],
+               "l2_embedding": opts["l2_embedding"], "sparse": opts["sparse"], "init_std": opts["init_std"]}
+    seed_everything(opts["seed"])
+    model = build_model(opts["model"], data.fields, **hparams).to(opts["device"])
+    meta = {"model": model.config(), "format": spec, "encoder": data.encoder.to_dict()}
+    config = TrainConfig(epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
+                         patience=opts["patience"], seed=opts["seed"], checkpoint_dir=opts["checkpoint_dir"],
+                         resume=opts["resume"], progress=opts["progress"])
+    print(f"{opts['model']}: {len(data.fields)} fields, {sum(f.vocab_size for f in data.fields):,} table rows, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters; train {len(train):,} rows, "
+          f"valid {len(valid) if valid is not None else 0:,}, test {len(test) if test is not None else 0:,}; "
+          f"backend {backend()}", file=sys.stderr)
+    trainer = Trainer(model, config, meta)
+    result = trainer.fit(train, valid)
+    metrics: Dict[str, Any] = {
+        "model": opts["model"], "backend": backend(), "hparams": hparams, "seed": opts["seed"],
+        "lr": opts["lr"], "batch_size": opts["batch_size"],
+        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
+        "seconds_per_epoch": result.seconds_per_epoch, "train_rows_per_second": result.train_rows_per_second,
+        "valid_auc": result.best_valid.get("auc"), "valid_logloss": result.best_valid.get("logloss"),
+        "rows": {"train": len(train), "valid": len(valid) if valid is not None else 0,
+                 "test": len(test) if test is not None else 0},
+        "bad_lines": data.bad_lines, "history": result.history,
+        "test_auc": None, "test_logloss": None,
+    }
+    if test is not None and len(test):
+        m = evaluate(model, test, config.eval_batch_size)
+        metrics["test_auc"], metrics["test_logloss"] = _nan_to_none(m["auc"]), m["logloss"]
+        print(f"test AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  (best epoch {result.best_epoch}, "
+              f"{result.seconds_per_epoch:.1f} s/epoch, {result.train_rows_per_second:,.0f} rows/s)")
+    else:
+        print(f"no test set; best epoch {result.best_epoch}, valid {result.best_valid}")
+    if opts["metrics_out"]:
+        _write_json(opts["metrics_out"], metrics)
+    return 0
+
+
+def _load_for_inference(checkpoint: str):
+    from .data.encode import FeatureEncoder
+    from .models import build_model
+    from .train import load_checkpoint
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise CLIError(f"checkpoint {path} not found (train with --checkpoint-dir first)")
+    ckpt = load_checkpoint(path)
+    meta = ckpt.get("meta") or {}
+    if "model" not in meta or "encoder" not in meta:
+        raise CLIError(f"checkpoint {path} was not written by '{PROG} train' (no model/encoder metadata)")
+    cfg = dict(meta["model"])
+    model = build_model(cfg.pop("name"), cfg.pop("fields"), **cfg)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, _make_format(meta["format"]), FeatureEncoder.from_dict(meta["encoder"])
+
+
+def _encode_input(fmt, encoder, path: str, skip: bool):
+    from .data import encode_file
+
+    _check_file(path, "input")
+    return encode_file(fmt, encoder, path, skip_bad_lines=skip)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .train import evaluate
+
+    _set_threads(args.threads)
+    model, fmt, encoder = _load_for_inference(args.checkpoint)
+    ds = _encode_input(fmt, encoder, args.input, args.skip_bad_lines)
+    m = evaluate(model, ds, args.batch_size)
+    print(f"AUC {m['auc']:.6f}  logloss {m['logloss']:.6f}  rows {m['rows']}")
+    if args.metrics_out:
+        _write_json(args.metrics_out, {"auc": _nan_to_none(m["auc"]), "logloss": m["logloss"], "rows": m["rows"],
+                                       "input": str(args.input), "checkpoint": str(args.checkpoint)})
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .train import predict
+
+    _set_threads(args.threads)
+    model, fmt, encoder = _load_for_inference(args.checkpoint)
+    ds = _encode_input(fmt, encoder, args.input, args.skip_bad_lines)
+    probs = predict(model, ds, args.batch_size).numpy()
+    labels = ds.labels.numpy()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write("row,probability,label\n")
+        for i, (p, y) in enumerate(zip(probs, labels)):
+            fh.write(f"{i},{p:.8f},{int(y)}\n")
+    os.replace(tmp, out)
+    print(f"wrote {len(probs)} probabilities to {out}")
+    return 0
+
+
+def _time_steps(models_opts, batches, steps: int) -> List[List[float]]:
+    """Alternate one training step per (model, optimizer); per-model lists of seconds."""
+    import torch.nn.functional as F
+
+    times: List[List[float]] = [[] for _ in models_opts]
+    for i in range(steps + 2):  # the first two rounds are warm-up
+        batch = batches[i % len(batches)]
+        for j, (model, opt) in enumerate(models_opts):
+            t0 = time.perf_counter()
+            logits = model(batch)
+            loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            dt = time.perf_counter() - t0
+            if i >= 2:
+                times[j].append(dt)
+    return times
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import copy
+
+    import torch
+
+    from . import backend
+    from .data import iterate_batches, make_synthetic
+    from .models import DeepFM
+    from .train import TrainConfig, Trainer, seed_everything
+
+    _set_threads(args.threads)
+    t_start = time.perf_counter()
+    print(f"deepfm_fast demo: backend {backend()}, {torch.get_num_threads()} CPU thread(s)")
+    data = make_synthetic(args.rows, seed=args.seed)
+    print(f"synthetic data: {len(data.train):,} train / {len(data.valid):,} valid / {len(data.test):,} test rows, "
+          f"{len(data.fields)} fields ({sum(f.vocab_size for f in data.fields):,} ids), "
+          f"positive rate {data.positive_rate:.3f}; labels drawn from a planted DeepFM")
+    hp = dict(embedding_dim=10, hidden_units=(400, 400, 400), batch_norm=True, dropout=0.0, l2_embedding=0.0)
+    seed_everything(args.seed)
+    model = DeepFM(data.fields, **hp)
+    trainer = Trainer(model, TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                         seed=args.seed, patience=1, progress=args.progress))
+    result = trainer.fit(data.train, data.valid)
+    test = trainer.evaluate(data.test)
+    print(f"DeepFM (emb 10, DNN 400x3, batch norm), {result.epochs_run} epoch(s), "
+          f"{result.seconds_per_epoch:.1f} s/epoch, {result.train_rows_per_second:,.0f} train rows/s")
+    print(f"  test AUC     {test['auc']:.4f}   (best achievable {data.best_auc:.4f})")
+    print(f"  test logloss {test['logloss']:.4f}   (best achievable {data.best_logloss:.4f})")
+
+    # Step time: the same model (same weights) on the fused ops and on the reference ops,
+    # one step each in turn on the same batches, medians.
+    fused = copy.deepcopy(model).train()
+    ref = DeepFM(data.fields, **hp, use_reference=True).train()
+    ref.load_state_dict(fused.state_dict())
+    pairs = [(m, torch.optim.Adam(m.parameters(), lr=args.lr)) for m in (fused, ref)]
+    gen = torch.Generator().manual_seed(args.seed)
+    batches = [b for _, b in zip(range(4), iterate_batches(data.train, args.batch_size, shuffle=True,
+                                                            generator=gen))]
+    t_fused, t_ref = _time_steps(pairs, batches, args.timing_steps)
+    mf, mr = statistics.median(t_fused) * 1e3, statistics.median(t_ref) * 1e3
+    print(f"training step, batch {args.batch_size} (forward + backward + Adam), median of {args.timing_steps}:")
+    print(f"  fused ({backend()}): {mf:8.1f} ms")
+    print(f"  reference ops:     {mr:8.1f} ms")
+    print(f"  speed-up:          {mr / mf:8.2f}x")
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+    if args.metrics_out:
+        _write_json(args.metrics_out, {
+            "test_auc": test["auc"], "test_logloss": test["logloss"], "best_auc": data.best_auc,
+            "best_logloss": data.best_logloss, "best_epoch": result.best_epoch,
+            "seconds_per_epoch": result.seconds_per_epoch, "train_rows_per_second": result.train_rows_per_second,
+            "step_ms_fused": mf, "step_ms_reference": mr, "speedup": mr / mf, "backend": backend()})
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``deepfm-fast`` and ``python -m deepfm_fast``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .data import DataFormatError
+
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, DataFormatError, FileNotFoundError, ValueError, FloatingPointError) as exc:
+        if os.environ.get("DEEPFM_FAST_DEBUG"):
+            raise
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

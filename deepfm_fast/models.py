@@ -1,0 +1,341 @@
+"""CTR models built on the fused embedding + FM op: DeepFM, FM and LR, from feature specs.
+
+DeepFM (Guo et al., IJCAI 2017, arXiv:1703.04247) adds a DNN to a factorization machine; both
+read the SAME field embeddings::
+
+    fields ──> EmbeddingFM (one table V [N, K], w [N], b; one fused kernel) ──> y_FM = b + Σ w x + FM(e)
+                 │ pooled field embeddings e [B, F, K]
+                 └──> flatten [B, F*K] ──> MLP 400-400-400 (BN, ReLU, dropout) ──> y_DNN
+    logit = y_FM + y_DNN,   p = sigmoid(logit)
+
+Fields come from :mod:`deepfm_fast.features`: a :class:`SparseField` is one id, a
+:class:`MultiHotField` a bag pooled by sum or mean (the mean divides by the bag length, so an
+empty bag pools to zero), a :class:`NumericField` one table row times its value ``x`` (so it
+enters the FM as a weighted id and the DNN as ``x * v_f``, as FuxiCTR does).
+
+All three models take a :class:`deepfm_fast.data.Batch` and return logits ``[B]``;
+``forward(batch, return_penalty=True)`` also returns the L2 penalty on the embedding rows used
+by the batch (see :meth:`CTRModel.forward`). ``use_reference=True`` builds the same model on the
+pure-PyTorch reference ops; the parameters have the same names, so a ``state_dict`` moves
+between the two and gives the same logits and gradients.
+
+Example::
+
+    >>> from deepfm_fast.features import SparseField, MultiHotField, NumericField
+    >>> from deepfm_fast.data import make_synthetic, iterate_batches
+    >>> data = make_synthetic(2000)
+    >>> model = DeepFM(data.fields, embedding_dim=10, hidden_units=(64, 64), batch_norm=True)
+    >>> logits = model(next(iterate_batches(data.train, 256)))   # [256]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data.dataset import Batch, to_csr
+from .features import FieldSpec, MultiHotField, NumericField, SparseField, fields_from_dicts, fields_to_dicts
+
+__all__ = ["CTRModel", "DeepFM", "FM", "LR", "MLP", "build_model", "MODELS"]
+
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
+                "prelu": nn.PReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU}
+
+
+def _embedding_fm(field_dims, embedding_dim, *, sparse, init_std, use_reference):
+    from .embedding import EmbeddingFM
+
+    # Pooling is always "sum" here: the model divides the bag weights of mean-pooled fields by
+    # the bag length, so that the first-order term of such a field is a mean too (as in FuxiCTR,
+    # whose LR layer pools sequence fields like the embeddings). EmbeddingFM's own "mean" pooling
+    # averages the embeddings only and sums the first-order weights.
+    return EmbeddingFM(field_dims, embedding_dim, mode="field", pooling="sum", sparse=sparse,
+                       init_std=init_std, use_reference=use_reference)
+
+
+class MLP(nn.Module):
+    """``Linear -> [BatchNorm] -> activation -> [Dropout]`` per hidden layer, then ``Linear(., 1)``.
+
+    The layer order is FuxiCTR's ``DNN_Layer`` (the BARS DeepFM): batch norm before the activation.
+    """
+
+    def __init__(self, in_dim: int, hidden_units: Sequence[int], activation: str = "relu",
+                 dropout: float = 0.0, batch_norm: bool = False):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"MLP: activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MLP: dropout must be in [0, 1), got {dropout!r}")
+        layers = []
+        for units in hidden_units:
+            if units < 1:
+                raise ValueError(f"MLP: hidden units must be >= 1, got {list(hidden_units)}")
+            layers.append(nn.Linear(in_dim, units))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(units))
+            layers.append(_ACTIVATIONS[activation]())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            in_dim = units
+        layers.append(nn.Linear(in_dim, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).squeeze(1)
+
+
+class CTRModel(nn.Module):
+    """Shared base: one :class:`~deepfm_fast.EmbeddingFM` over all fields, inputs from a Batch.
+
+    Subclasses may add a DNN on the pooled field embeddings in :meth:`_head`.
+
+    Args:
+        fields: feature specs, in the order of the data's fields.
+        embedding_dim: ``K``.
+        l2_embedding: ``lambda`` of the penalty ``lambda / 2 * sum_{rows j used in the batch}
+            (||V_j||^2 + w_j^2)``; each used row counts once, however often it occurs. With a
+            batch that touches most of a table this is FuxiCTR's whole-table ``embedding_regularizer``.
+        use_reference: build on the reference ops (the test oracle) instead of the fused kernels.
+        sparse: the table emits sparse gradients (use ``torch.optim.SparseAdam`` on
+            :meth:`sparse_parameters`, another optimizer on :meth:`dense_parameters`).
+        init_std: standard deviation of the table's normal init.
+    """
+
+    name = "base"
+
+    def __init__(self, fields: Sequence[FieldSpec], embedding_dim: int = 10, *, l2_embedding: float = 0.0,
+                 use_reference: bool = False, sparse: bool = False, init_std: float = 1e-4):
+        super().__init__()
+        fields = list(fields)
+        if not fields:
+            raise ValueError(f"{type(self).__name__}: needs at least one field")
+        for f in fields:
+            if not isinstance(f, (SparseField, MultiHotField, NumericField)):
+                raise TypeError(f"{type(self).__name__}: fields must be SparseField, MultiHotField or "
+                                f"NumericField specs, got {f!r}")
+        if embedding_dim < 1:
+            raise ValueError(f"{type(self).__name__}: embedding_dim must be >= 1, got {embedding_dim}")
+        if l2_embedding < 0:
+            raise ValueError(f"{type(self).__name__}: l2_embedding must be >= 0, got {l2_embedding}")
+        self.fields = fields
+        self.embedding_dim = embedding_dim
+        self.l2_embedding = float(l2_embedding)
+        self.use_reference = use_reference
+        self.sparse = sparse
+        self.init_std = init_std
+        self.embedding = _embedding_fm([f.vocab_size for f in fields], embedding_dim, sparse=sparse,
+                                       init_std=init_std, use_reference=use_reference)
+        # Mean-pooled multi-hot fields: their bag weights get divided by the bag length.
+        self._mean_fields = [i for i, f in enumerate(fields)
+                             if isinstance(f, MultiHotField) and f.pooling == "mean"]
+        self._plain = all(isinstance(f, SparseField) for f in fields)
+        sizes = torch.tensor([f.vocab_size for f in fields], dtype=torch.int64)
+        self.register_buffer("field_offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)
+
+    # -- inputs ----------------------------------------------------------------------------
+    def _inputs(self, batch: Batch) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """``(ids [B, F] local, None, None)`` for all-sparse unweighted batches, else global CSR."""
+        device = self.embedding.weight.device
+        if self._plain and batch.sparse_weights is None:
+            return batch.sparse.to(device), None, None
+        indices, offsets, weights = to_csr(batch, self.fields)
+        if self._mean_fields:
+            b, nf = batch.labels.shape[0], len(self.fields)
+            counts = (offsets[1:] - offsets[:-1]).view(b, nf)
+            scale = torch.ones(b, nf)
+            mf = torch.tensor(self._mean_fields)
+            scale[:, mf] = 1.0 / counts[:, mf].clamp_min(1).to(torch.float32)
+            per_id = torch.repeat_interleave(scale.flatten(), offsets[1:] - offsets[:-1])
+            weights = per_id if weights is None else weights * per_id
+        return (indices.to(device), offsets.to(device),
+                None if weights is None else weights.to(device=device, dtype=self.embedding.weight.dtype))
+
+    def _used_rows(self, ids: Tensor, offsets: Optional[Tensor]) -> Tensor:
+        """Global table rows touched by the batch, each once."""
+        if offsets is None:
+            ids = ids + self.field_offsets.unsqueeze(0)
+        return torch.unique(ids.flatten())
+
+    def penalty(self, ids: Tensor, offsets: Optional[Tensor] = None) -> Tensor:
+        """``l2_embedding / 2 * sum`` over the used rows of ``||V_j||^2 + w_j^2`` (0-dim tensor)."""
+        rows = self._used_rows(ids, offsets)
+        emb = self.embedding
+        v = F.embedding(rows, emb.weight, sparse=self.sparse)
+        w = F.embedding(rows, emb.linear_weight.unsqueeze(1), sparse=self._sparse_linear)
+        return 0.5 * self.l2_embedding * (v.pow(2).sum() + w.pow(2).sum())
+
+    # -- forward ---------------------------------------------------------------------------
+    def _head(self, pooled: Optional[Tensor]) -> Optional[Tensor]:
+        return None
+
+    def forward(self, batch: Batch, return_penalty: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """Logits ``[B]`` of a :class:`~deepfm_fast.data.Batch`.
+
+        Args:
+            batch: a batch whose tensors match ``fields``.
+            return_penalty: also return the L2 penalty of the rows this batch uses (a 0-dim
+                tensor; zero when ``l2_embedding == 0``); add it to the loss.
+        """
+        ids, offsets, weights = self._inputs(batch)
+        need_pooled = self._needs_pooled
+        if offsets is None:
+            out = self.embedding(ids, return_pooled=need_pooled)
+        else:
+            out = self.embedding(ids, offsets, weights, return_pooled=need_pooled, global_ids=True)
+        if need_pooled:
+            logit, pooled = out
+            logit = logit + self._head(pooled)
+        else:
+            logit = out
+        if not return_penalty:
+            return logit
+        if self.l2_embedding > 0:
+            pen = self.penalty(ids, offsets)
+        else:
+            pen = logit.new_zeros(())
+        return logit, pen
+
+    _needs_pooled = False
+
+    # -- optimizers and config -------------------------------------------------------------
+    @property
+    def _sparse_linear(self) -> bool:
+        # The reference op gives linear_weight a dense gradient even with sparse=True.
+        return self.sparse and not self.use_reference
+
+    def sparse_parameters(self):
+        """The parameters with sparse gradients when ``sparse=True`` (for ``torch.optim.SparseAdam``).
+
+        ``V`` always; ``w`` too on the fused op (the reference op gives ``w`` a dense gradient).
+        """
+        if not self.sparse:
+            return []
+        return [self.embedding.weight] + ([self.embedding.linear_weight] if self._sparse_linear else [])
+
+    def dense_parameters(self):
+        ids = {id(p) for p in self.sparse_parameters()}
+        return [p for p in self.parameters() if id(p) not in ids]
+
+    def config(self) -> Dict[str, Any]:
+        """JSON-ready constructor arguments; ``build_model(**cfg)`` rebuilds the model."""
+        return {"name": self.name, "fields": fields_to_dicts(self.fields), "embedding_dim": self.embedding_dim,
+                "l2_embedding": self.l2_embedding, "sparse": self.sparse, "init_std": self.init_std}
+
+    def extra_repr(self) -> str:
+        return (f"fields={len(self.fields)}, rows={sum(f.vocab_size for f in self.fields)}, "
+                f"embedding_dim={self.embedding_dim}, l2_embedding={self.l2_embedding}, "
+                f"use_reference={self.use_reference}, sparse={self.sparse}")
+
+
+class FM(CTRModel):
+    """Factorization machine (Rendle 2010) in field mode: bias + first order + pairwise field FM.
+
+    Args: as :class:`CTRModel`.
+    """
+
+    name = "fm"
+
+
+class LR(CTRModel):
+    """Logistic regression: bias + first order, on the same fused op and the same inputs.
+
+    The op always computes the FM term too; LR keeps a one-column table frozen at zero, so the
+    second-order term is exactly 0 at the cost of one multiply-add per id.
+
+    Args: as :class:`CTRModel` (``embedding_dim`` is ignored; ``l2_embedding`` applies to ``w``).
+    """
+
+    name = "lr"
+
+    def __init__(self, fields: Sequence[FieldSpec], embedding_dim: int = 1, **kwargs):
+        super().__init__(fields, 1, **kwargs)
+        with torch.no_grad():
+            self.embedding.weight.zero_()
+        self.embedding.weight.requires_grad_(False)
+
+    def sparse_parameters(self):
+        return [self.embedding.linear_weight] if self._sparse_linear else []
+
+    def penalty(self, ids: Tensor, offsets: Optional[Tensor] = None) -> Tensor:
+        rows = self._used_rows(ids, offsets)
+        w = F.embedding(rows, self.embedding.linear_weight.unsqueeze(1), sparse=self._sparse_linear)
+        return 0.5 * self.l2_embedding * w.pow(2).sum()
+
+
+class DeepFM(CTRModel):
+    """DeepFM: FM (bias, first order, field FM) plus a DNN over the same pooled field embeddings.
+
+    Args:
+        fields: feature specs (:mod:`deepfm_fast.features`), in data order.
+        embedding_dim: ``K`` (BARS uses 10).
+        hidden_units: DNN widths, e.g. ``(400, 400, 400)``.
+        activation: ``"relu"`` (default), ``"tanh"``, ``"gelu"``, ...
+        dropout: DNN dropout after each hidden activation.
+        batch_norm: batch norm before each hidden activation.
+        l2_embedding: L2 on the table rows used in the batch (see :class:`CTRModel`).
+        use_reference: build on the reference ops.
+        sparse: sparse table gradients.
+        init_std: table init std.
+
+    Shape:
+        ``forward(batch)``: ``[B]`` logits; the DNN input is ``[B, F * K]``.
+
+    Example::
+
+        model = DeepFM(data.fields, 10, hidden_units=(400, 400, 400), dropout=0.2, batch_norm=True)
+        logits, penalty = model(batch, return_penalty=True)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels) + penalty
+    """
+
+    name = "deepfm"
+    _needs_pooled = True
+
+    def __init__(self, fields: Sequence[FieldSpec], embedding_dim: int = 10,
+                 hidden_units: Sequence[int] = (400, 400, 400), activation: str = "relu",
+                 dropout: float = 0.0, batch_norm: bool = False, l2_embedding: float = 0.0,
+                 use_reference: bool = False, sparse: bool = False, init_std: float = 1e-4):
+        super().__init__(fields, embedding_dim, l2_embedding=l2_embedding, use_reference=use_reference,
+                         sparse=sparse, init_std=init_std)
+        self.hidden_units = tuple(int(u) for u in hidden_units)
+        self.activation, self.dropout, self.batch_norm = activation, float(dropout), bool(batch_norm)
+        self.dnn = MLP(len(self.fields) * embedding_dim, self.hidden_units, activation, dropout, batch_norm)
+
+    def _head(self, pooled: Tensor) -> Tensor:
+        return self.dnn(pooled.reshape(pooled.shape[0], -1))
+
+    def config(self) -> Dict[str, Any]:
+        cfg = super().config()
+        cfg.update(hidden_units=list(self.hidden_units), activation=self.activation, dropout=self.dropout,
+                   batch_norm=self.batch_norm)
+        return cfg
+
+
+MODELS = {"deepfm": DeepFM, "fm": FM, "lr": LR}
+
+_MODEL_ONLY = {"deepfm": ("hidden_units", "activation", "dropout", "batch_norm")}
+
+
+def build_model(name: str, fields: Sequence[Union[FieldSpec, Dict[str, Any]]], **hparams) -> CTRModel:
+    """Build ``"deepfm"``, ``"fm"`` or ``"lr"`` from specs (or their dicts) and hyper-parameters.
+
+    Hyper-parameters a model does not use (e.g. ``hidden_units`` for ``fm``) are ignored, so one
+    option set serves every model.
+
+    Example::
+
+        model = build_model("deepfm", data.fields, embedding_dim=10, dropout=0.2, batch_norm=True)
+    """
+    if name not in MODELS:
+        raise ValueError(f"build_model: unknown model {name!r}; choose from {sorted(MODELS)}")
+    fields = list(fields)
+    if fields and isinstance(fields[0], dict):
+        fields = fields_from_dicts(fields)
+    hparams = {k: v for k, v in hparams.items() if k != "name"}
+    for other, keys in _MODEL_ONLY.items():
+        if other != name:
+            for k in keys:
+                hparams.pop(k, None)
+    return MODELS[name](fields, **hparams)

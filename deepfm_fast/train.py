@@ -1,0 +1,386 @@
+"""Training loop for the CTR models: Adam, BCE + embedding L2, BARS early stopping, exact resume.
+
+The protocol is the one of the BARS benchmark (FuxiCTR v1.1 ``checkpoint_and_earlystop``): after
+every epoch the validation AUC is computed; if it did not improve by ``min_delta`` the learning
+rate of every optimizer is multiplied by ``lr_decay`` (floor ``min_lr``) and a patience counter
+grows; training stops when the counter reaches ``patience``; the best epoch's weights are
+restored at the end.
+
+Checkpoints (``checkpoint_dir``) are written to a temporary file and moved into place with
+``os.replace``, so a crash never leaves a half-written file:
+
+* ``last.pt``: everything needed to continue exactly (model, optimizers, learning rates, epoch,
+  best metric, patience counter, history, the torch / numpy / python RNG states and the state of
+  the generator that shuffles the batches). ``resume=True`` continues from it: training 2 epochs
+  straight and training 1, stopping, and resuming for the second give the same weights on CPU.
+* ``best.pt``: the best model so far plus ``meta`` (what the CLI needs to rebuild model and data).
+
+Both load with ``torch.load(..., weights_only=True)``.
+
+Example::
+
+    from deepfm_fast.data import make_synthetic
+    from deepfm_fast.models import DeepFM
+    from deepfm_fast.train import TrainConfig, Trainer, seed_everything
+
+    data = make_synthetic(50_000)
+    seed_everything(0)
+    model = DeepFM(data.fields, 10, hidden_units=(400, 400, 400), batch_norm=True, dropout=0.2)
+    trainer = Trainer(model, TrainConfig(epochs=5, batch_size=4096, seed=0))
+    result = trainer.fit(data.train, data.valid)
+    print(trainer.evaluate(data.test))          # {'auc': ..., 'logloss': ..., 'rows': ...}
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data.dataset import EncodedDataset, iterate_batches
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "seed_everything", "evaluate", "predict",
+           "load_checkpoint", "atomic_save"]
+
+CHECKPOINT_VERSION = 1
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    """Load a checkpoint written by :class:`Trainer` (safe: ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _rng_state(gen: torch.Generator) -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # numpy / python states as tensors and ints, so weights_only loading accepts them.
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], torch.tensor(py_state[1], dtype=torch.int64), py_state[2]],
+        "batches": gen.get_state(),
+    }
+
+
+def _set_rng_state(state: Dict[str, Any], gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(x) for x in internal.tolist()), gauss))
+    gen.set_state(state["batches"])
+
+
+@dataclass
+class TrainConfig:
+    """Options of :class:`Trainer`.
+
+    Attributes:
+        epochs: most epochs to train (BARS: 100, early stopping ends far sooner).
+        batch_size: training rows per step (BARS: 4096).
+        lr: Adam learning rate (BARS: 1e-3).
+        patience: epochs without validation-AUC improvement before stopping (BARS: 2).
+        lr_decay: factor applied to the learning rate on each epoch without improvement.
+        min_lr: floor of the learning rate.
+        min_delta: smallest AUC gain that counts as an improvement.
+        seed: seeds python/numpy/torch at the start and the batch-shuffling generator.
+        checkpoint_dir: where ``last.pt`` / ``best.pt`` go (None: keep the best weights in memory).
+        resume: continue from ``checkpoint_dir/last.pt`` when it exists.
+        eval_batch_size: rows per evaluation batch.
+        progress: show tqdm bars (loss, rows/s) on stderr.
+    """
+
+    epochs: int = 10
+    batch_size: int = 4096
+    lr: float = 1e-3
+    patience: int = 2
+    lr_decay: float = 0.1
+    min_lr: float = 1e-6
+    min_delta: float = 1e-6
+    seed: int = 2021
+    checkpoint_dir: Optional[str] = None
+    resume: bool = False
+    eval_batch_size: int = 16384
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr}")
+        if self.patience < 1:
+            raise ValueError(f"TrainConfig: patience must be >= 1, got {self.patience}")
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns.
+
+    Attributes:
+        best_epoch: 1-based epoch with the best validation AUC (the last epoch without validation).
+        best_valid: validation metrics of that epoch (empty without validation).
+        epochs_run: epochs completed, including those before a resume.
+        stopped_early: patience ran out before ``epochs``.
+        history: one dict per epoch: epoch, loss, lr, valid_auc, valid_logloss, train_seconds,
+            eval_seconds, rows.
+        seconds_per_epoch: mean wall time per epoch (training + validation) of this run.
+        train_rows_per_second: training rows per second of training time, this run.
+    """
+
+    best_epoch: int
+    best_valid: Dict[str, float]
+    epochs_run: int
+    stopped_early: bool
+    history: List[Dict[str, float]] = field(default_factory=list)
+    seconds_per_epoch: float = float("nan")
+    train_rows_per_second: float = float("nan")
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, dataset: EncodedDataset, batch_size: int = 16384) -> torch.Tensor:
+    """Probabilities ``[R]`` (float64) of every row, in order, in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = [torch.sigmoid(model(b).double()).cpu() for b in iterate_batches(dataset, batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def evaluate(model: torch.nn.Module, dataset: EncodedDataset, batch_size: int = 16384) -> Dict[str, float]:
+    """``{"auc", "logloss", "rows"}`` of ``model`` on ``dataset`` (scikit-learn metrics).
+
+    AUC is NaN when the labels hold one class only.
+    """
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    probs = predict(model, dataset, batch_size).numpy()
+    labels = dataset.labels.numpy()
+    if len(labels) == 0:
+        raise ValueError("evaluate: the dataset is empty")
+    try:
+        auc = float(roc_auc_score(labels, probs))
+    except ValueError:  # one class only
+        auc = float("nan")
+    return {"auc": auc, "logloss": float(log_loss(labels, probs, labels=[0, 1])), "rows": int(len(labels))}
+
+
+class Trainer:
+    """Trains a :mod:`deepfm_fast.models` model (anything with ``forward(batch, return_penalty)``).
+
+    Optimizers: Adam on every parameter; with a ``sparse=True`` model, ``SparseAdam`` on its
+    ``sparse_parameters()`` and Adam on the rest.
+
+    Args:
+        model: the model (its parameters are trained in place).
+        config: a :class:`TrainConfig`.
+        meta: JSON-like dict saved in every checkpoint (e.g. model config, data encoder).
+    """
+
+    def __init__(self, model: torch.nn.Module, config: Optional[TrainConfig] = None,
+                 meta: Optional[Dict[str, Any]] = None):
+        self.model = model
+        self.config = config or TrainConfig()
+        self.meta = dict(meta or {})
+        self.optimizers = self._make_optimizers()
+        self.generator = torch.Generator()
+        self.ckpt_dir = Path(self.config.checkpoint_dir) if self.config.checkpoint_dir else None
+        self._best_state: Optional[Dict[str, torch.Tensor]] = None
+
+    def _make_optimizers(self) -> List[torch.optim.Optimizer]:
+        lr = self.config.lr
+        if getattr(self.model, "sparse", False):
+            sparse = [p for p in self.model.sparse_parameters() if p.requires_grad]
+            dense = [p for p in self.model.dense_parameters() if p.requires_grad]
+            opts: List[torch.optim.Optimizer] = [torch.optim.SparseAdam(sparse, lr=lr)] if sparse else []
+            if dense:
+                opts.append(torch.optim.Adam(dense, lr=lr))
+            return opts
+        return [torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=lr)]
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers[0].param_groups[0]["lr"]
+
+    def _decay_lr(self) -> float:
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = max(g["lr"] * self.config.lr_decay, self.config.min_lr)
+        return self.lr
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _state(self, epoch: int, best: Dict[str, Any], history: List[Dict[str, float]]) -> Dict[str, Any]:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "lr": self.lr,
+            "best": best,
+            "history": history,
+            "rng": _rng_state(self.generator),
+            "config": asdict(self.config),
+            "meta": self.meta,
+        }
+
+    def _save_best(self, epoch: int, metrics: Dict[str, float]) -> None:
+        if self.ckpt_dir is None:
+            self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            return
+        atomic_save({"version": CHECKPOINT_VERSION, "epoch": epoch, "model": self.model.state_dict(),
+                     "valid": metrics, "meta": self.meta}, self.ckpt_dir / "best.pt")
+
+    def _restore_best(self) -> None:
+        if self.ckpt_dir is not None and (self.ckpt_dir / "best.pt").is_file():
+            self.model.load_state_dict(load_checkpoint(self.ckpt_dir / "best.pt")["model"])
+        elif self._best_state is not None:
+            self.model.load_state_dict(self._best_state)
+
+    # -- the loop --------------------------------------------------------------------------
+    def train_step(self, batch) -> float:
+        """One optimisation step on ``batch``; returns the loss (BCE + penalty)."""
+        logits, penalty = self.model(batch, return_penalty=True)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels.to(logits.device)) + penalty
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in self.optimizers:
+            opt.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss is {value}; lower --lr or check the input values")
+        return value
+
+    def evaluate(self, dataset: EncodedDataset) -> Dict[str, float]:
+        return evaluate(self.model, dataset, self.config.eval_batch_size)
+
+    def predict(self, dataset: EncodedDataset) -> torch.Tensor:
+        return predict(self.model, dataset, self.config.eval_batch_size)
+
+    def fit(self, train: EncodedDataset, valid: Optional[EncodedDataset] = None) -> TrainResult:
+        """Train with early stopping on ``valid`` AUC; restore the best weights at the end.
+
+        Without ``valid`` every epoch runs and the last one counts as best.
+        """
+        from tqdm import tqdm
+
+        cfg = self.config
+        if len(train) == 0:
+            raise ValueError("fit: the training set is empty")
+        start_epoch, history = 0, []
+        best = {"epoch": 0, "auc": -math.inf, "metrics": {}, "stopping_steps": 0}
+        last = self.ckpt_dir / "last.pt" if self.ckpt_dir else None
+        if self.ckpt_dir is not None:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and last is not None and last.is_file():
+            state = load_checkpoint(last)
+            self.model.load_state_dict(state["model"])
+            for opt, s in zip(self.optimizers, state["optimizers"]):
+                opt.load_state_dict(s)
+            start_epoch, best, history = state["epoch"], state["best"], state["history"]
+            _set_rng_state(state["rng"], self.generator)
+            if best["stopping_steps"] >= cfg.patience:
+                start_epoch = cfg.epochs  # that run had already stopped early
+        else:
+            seed_everything(cfg.seed)
+            self.generator.manual_seed(cfg.seed)
+
+        n_batches = math.ceil(len(train) / cfg.batch_size)
+        train_time = eval_time = 0.0
+        rows_run = epochs_here = 0
+        stopped = best["stopping_steps"] >= cfg.patience
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            if stopped:
+                break
+            self.model.train()
+            t0 = time.perf_counter()
+            total, seen = 0.0, 0
+            bar = tqdm(iterate_batches(train, cfg.batch_size, shuffle=True, generator=self.generator),
+                       total=n_batches, desc=f"epoch {epoch}", unit="batch", disable=not cfg.progress,
+                       file=sys.stderr, leave=False, mininterval=0.5)
+            for batch in bar:
+                b = batch.labels.shape[0]
+                total += self.train_step(batch) * b
+                seen += b
+                if cfg.progress:
+                    bar.set_postfix(loss=f"{total / seen:.4f}",
+                                    rows_s=f"{seen / (time.perf_counter() - t0):,.0f}", refresh=False)
+            bar.close()
+            t1 = time.perf_counter()
+            train_time += t1 - t0
+            rows_run += seen
+            record = {"epoch": epoch, "loss": total / seen, "lr": self.lr, "train_seconds": t1 - t0,
+                      "rows": seen}
+            if valid is not None and len(valid):
+                m = self.evaluate(valid)
+                record.update(valid_auc=m["auc"], valid_logloss=m["logloss"])
+                improved = m["auc"] >= best["auc"] + cfg.min_delta
+            else:
+                m, improved = {}, True
+            t2 = time.perf_counter()
+            eval_time += t2 - t1
+            record["eval_seconds"] = t2 - t1
+            if improved:
+                best = {"epoch": epoch, "auc": m.get("auc", -math.inf), "metrics": m, "stopping_steps": 0}
+                self._save_best(epoch, m)
+            else:
+                best["stopping_steps"] += 1
+                record["lr_after"] = self._decay_lr()
+                stopped = best["stopping_steps"] >= cfg.patience
+            history.append(record)
+            epochs_here += 1
+            if cfg.progress:
+                msg = f"epoch {epoch}: loss {record['loss']:.4f}"
+                if m:
+                    msg += f", valid AUC {m['auc']:.4f}, logloss {m['logloss']:.4f}"
+                msg += f", {seen / (t1 - t0):,.0f} rows/s" + ("" if improved else f", lr -> {self.lr:g}")
+                tqdm.write(msg, file=sys.stderr)
+            if last is not None:
+                atomic_save(self._state(epoch, best, history), last)
+        self._restore_best()
+        return TrainResult(
+            best_epoch=int(best["epoch"]),
+            best_valid=dict(best["metrics"]),
+            epochs_run=len(history),
+            stopped_early=bool(stopped and len(history) < cfg.epochs),
+            history=history,
+            seconds_per_epoch=(train_time + eval_time) / epochs_here if epochs_here else float("nan"),
+            train_rows_per_second=rows_run / train_time if train_time > 0 else float("nan"),
+        )
