@@ -33,7 +33,6 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data.dataset import Batch, to_csr
@@ -43,6 +42,30 @@ __all__ = ["CTRModel", "DeepFM", "FM", "LR", "MLP", "build_model", "MODELS"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
                 "prelu": nn.PReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU}
+
+
+class _GatherRows(torch.autograd.Function):
+    """``param[rows]`` (``rows`` unique) whose gradient is a coalesced sparse tensor when asked.
+
+    ``F.embedding(sparse=True)`` cannot be used for the 1-D first-order weights: the sparse
+    gradient of a ``[N, 1]`` view cannot flow back through the view.
+    """
+
+    @staticmethod
+    def forward(ctx, param, rows, sparse):
+        ctx.save_for_backward(rows)
+        ctx.shape, ctx.sparse = param.shape, sparse
+        return param.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        if ctx.sparse:
+            g = torch.sparse_coo_tensor(rows.unsqueeze(0), grad, ctx.shape, is_coalesced=True,
+                                        check_invariants=False)
+        else:
+            g = grad.new_zeros(ctx.shape).index_add_(0, rows, grad)
+        return g, None, None
 
 
 def _embedding_fm(field_dims, embedding_dim, *, sparse, init_std, use_reference):
@@ -163,8 +186,8 @@ class CTRModel(nn.Module):
         """``l2_embedding / 2 * sum`` over the used rows of ``||V_j||^2 + w_j^2`` (0-dim tensor)."""
         rows = self._used_rows(ids, offsets)
         emb = self.embedding
-        v = F.embedding(rows, emb.weight, sparse=self.sparse)
-        w = F.embedding(rows, emb.linear_weight.unsqueeze(1), sparse=self._sparse_linear)
+        v = _GatherRows.apply(emb.weight, rows, self.sparse)
+        w = _GatherRows.apply(emb.linear_weight, rows, self._sparse_linear)
         return 0.5 * self.l2_embedding * (v.pow(2).sum() + w.pow(2).sum())
 
     # -- forward ---------------------------------------------------------------------------
@@ -261,7 +284,7 @@ class LR(CTRModel):
 
     def penalty(self, ids: Tensor, offsets: Optional[Tensor] = None) -> Tensor:
         rows = self._used_rows(ids, offsets)
-        w = F.embedding(rows, self.embedding.linear_weight.unsqueeze(1), sparse=self._sparse_linear)
+        w = _GatherRows.apply(self.embedding.linear_weight, rows, self._sparse_linear)
         return 0.5 * self.l2_embedding * w.pow(2).sum()
 
 

@@ -195,10 +195,10 @@ def evaluate(model: torch.nn.Module, dataset: EncodedDataset, batch_size: int = 
     labels = dataset.labels.numpy()
     if len(labels) == 0:
         raise ValueError("evaluate: the dataset is empty")
-    try:
+    if len(np.unique(labels)) < 2:
+        auc = float("nan")  # AUC is undefined with one class
+    else:
         auc = float(roc_auc_score(labels, probs))
-    except ValueError:  # one class only
-        auc = float("nan")
     return {"auc": auc, "logloss": float(log_loss(labels, probs, labels=[0, 1])), "rows": int(len(labels))}
 
 

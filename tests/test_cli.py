@@ -1,0 +1,124 @@
+"""The deepfm-fast command: train/evaluate/predict/demo, metrics JSON, config files, clean errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from deepfm_fast.cli import main
+
+
+def write_libfm(path, rows=600, seed=0, bad_line=None):
+    """Three fields (ids 0-19, 20-49, 50-54); the label follows field 0 (learnable)."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(rows):
+        a, b, c = rng.integers(0, 20), rng.integers(20, 50), rng.integers(50, 55)
+        p = 0.85 if a < 10 else 0.15
+        y = 1 if rng.random() < p else -1
+        lines.append(f"{y} {a}:1 {b}:1 {c}:1")
+    if bad_line is not None:
+        lines[bad_line - 1] = "1 3:1 oops 51:1"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    return write_libfm(tmp_path / "train.libfm"), write_libfm(tmp_path / "test.libfm", 200, seed=1)
+
+
+def train_args(train, test, tmp_path, *extra):
+    return ["train", "--format", "libfm", "--train", str(train), "--test", str(test), "--valid-fraction", "0.2",
+            "--epochs", "3", "--batch-size", "128", "--lr", "0.01", "--embedding-dim", "4", "--hidden-units", "16,16",
+            "--seed", "1", "--no-progress", "--checkpoint-dir", str(tmp_path / "ckpt"),
+            "--metrics-out", str(tmp_path / "m.json"), *extra]
+
+
+def test_train_evaluate_predict(files, tmp_path, capsys):
+    train, test = files
+    assert main(train_args(train, test, tmp_path, "--batch-norm", "--dropout", "0.1", "--l2-embedding", "1e-4")) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    for key in ("test_auc", "test_logloss", "best_epoch", "seconds_per_epoch", "train_rows_per_second",
+                "valid_auc", "valid_logloss", "model", "hparams", "backend", "history"):
+        assert key in m, key
+    assert m["model"] == "deepfm" and m["hparams"]["hidden_units"] == [16, 16] and m["hparams"]["batch_norm"]
+    assert m["rows"] == {"train": 480, "valid": 120, "test": 200}
+    assert 0.6 < m["test_auc"] <= 1 and 1 <= m["best_epoch"] <= 3
+    assert "test AUC" in capsys.readouterr().out
+
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "ckpt"), "--test", str(test),
+                 "--metrics-out", str(tmp_path / "e.json")]) == 0
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["rows"] == 200 and e["auc"] == pytest.approx(m["test_auc"], abs=1e-9)
+    assert "AUC" in capsys.readouterr().out
+
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--checkpoint", str(tmp_path / "ckpt" / "best.pt"), "--input", str(test),
+                 "--output", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "row,probability,label" and len(lines) == 201
+    probs = np.array([float(x.split(",")[1]) for x in lines[1:]])
+    assert ((probs > 0) & (probs < 1)).all()
+
+
+def test_same_seed_same_metrics_and_resume(files, tmp_path):
+    train, test = files
+    for model in ("fm", "lr"):
+        main(train_args(train, test, tmp_path / "a", "--model", model))
+        main(train_args(train, test, tmp_path / "b", "--model", model))
+        a = json.loads((tmp_path / "a" / "m.json").read_text())
+        b = json.loads((tmp_path / "b" / "m.json").read_text())
+        assert a["model"] == model and a["test_auc"] == b["test_auc"] and a["test_logloss"] == b["test_logloss"]
+    # 1 epoch, then --resume to 3 == 3 straight.
+    main(train_args(train, test, tmp_path / "c", "--model", "lr", "--epochs", "1"))
+    main(train_args(train, test, tmp_path / "c", "--model", "lr", "--resume"))
+    c = json.loads((tmp_path / "c" / "m.json").read_text())
+    assert c["test_auc"] == b["test_auc"] and c["test_logloss"] == b["test_logloss"]
+
+
+def test_config_file_and_flag_override(files, tmp_path):
+    train, test = files
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: fm\nformat: libfm\ntrain: {train}\ntest: {test}\nepochs: 2\nbatch-size: 100\n"
+                   "embedding_dim: 6\nl2_embedding: 0.001\nprogress: false\nhidden_units: [8, 8]\n")
+    assert main(["train", "--config", str(cfg), "--model", "deepfm", "--metrics-out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["model"] == "deepfm" and m["batch_size"] == 100 and len(m["history"]) <= 2
+    assert m["hparams"]["embedding_dim"] == 6 and m["hparams"]["hidden_units"] == [8, 8]
+    assert m["hparams"]["l2_embedding"] == 0.001
+    (tmp_path / "bad.json").write_text(json.dumps({"epochz": 3}))
+    assert main(["train", "--config", str(tmp_path / "bad.json")]) == 1
+
+
+def test_bad_data_is_a_clean_error_or_skipped(tmp_path, capsys):
+    train = write_libfm(tmp_path / "broken.libfm", 300, bad_line=7)
+    test = write_libfm(tmp_path / "t.libfm", 50, seed=2)
+    args = ["train", "--format", "libfm", "--train", str(train), "--test", str(test), "--epochs", "1",
+            "--hidden-units", "8", "--no-progress", "--metrics-out", str(tmp_path / "m.json")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "broken.libfm, line 7" in err and "oops" in err and "Traceback" not in err
+    assert main(args + ["--skip-bad-lines"]) == 0
+    assert "skipped 1 bad line(s) in train" in capsys.readouterr().err
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["bad_lines"]["train"] == 1 and m["rows"]["train"] + m["rows"]["valid"] == 299
+    assert main(["train", "--format", "libfm", "--train", str(tmp_path / "nope.libfm")]) == 1
+    assert "not found" in capsys.readouterr().err
+    assert main(["train", "--format", "csv", "--train", str(train)]) == 1
+    assert "--schema" in capsys.readouterr().err
+
+
+def test_python_m_and_demo(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "deepfm_fast", "demo", "--rows", "4000", "--epochs", "1",
+                           "--batch-size", "512", "--timing-steps", "2", "--no-progress",
+                           "--metrics-out", str(tmp_path / "d.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "best achievable" in proc.stdout and "reference ops" in proc.stdout and "speed-up" in proc.stdout
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert d["step_ms_fused"] > 0 and d["step_ms_reference"] > 0 and d["best_auc"] > d["test_auc"] - 0.05
+    bad = subprocess.run([sys.executable, "-m", "deepfm_fast", "train", "--model", "nope"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
