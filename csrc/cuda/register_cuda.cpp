@@ -7,6 +7,7 @@ namespace deepfm_fast {
 TORCH_LIBRARY_IMPL(deepfm_fast, CUDA, m) {
   m.impl("fm_interaction", &fm_interaction_cuda);
   m.impl("fm_interaction_backward", &fm_interaction_backward_cuda);
+  m.impl("fused_row_update", &fused_row_update_cuda);
 }
 
 }  // namespace deepfm_fast

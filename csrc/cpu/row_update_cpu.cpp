@@ -1,0 +1,85 @@
+// CPU kernel of fused_row_update: the optimizer step on the touched rows of a table, in place.
+// The ids are unique (sorted, as embedding_fm_backward returns them), so rows are split between
+// threads with no two threads on one row and no atomics.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "row_update_checks.h"
+
+namespace deepfm_fast {
+namespace {
+
+template <int64_t kOptimizer, typename scalar_t>
+void update_rows(scalar_t* weight, at::TensorList state, const int64_t* ids, const scalar_t* row_grads,
+                 int64_t num_ids, int64_t dim, const RowUpdateParams<at::opmath_type<scalar_t>>& params) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t* state0 = state.size() > 0 ? state[0].mutable_data_ptr<acc_t>() : nullptr;
+  acc_t* state1 = state.size() > 1 ? state[1].mutable_data_ptr<acc_t>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1));
+  at::parallel_for(0, num_ids, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t row = ids[u];
+      scalar_t* value = weight + row * dim;
+      const scalar_t* grad = row_grads + u * dim;
+      if constexpr (kOptimizer == kRowWiseAdagrad) {
+        acc_t sum_sq = acc_t(0);
+        for (int64_t k = 0; k < dim; ++k) {
+          const acc_t g = decayed_grad<acc_t>(grad[k], value[k], params);
+          sum_sq += g * g;
+        }
+        const acc_t multiplier = rowwise_adagrad_multiplier<acc_t>(state0 + row, sum_sq, dim, params);
+        for (int64_t k = 0; k < dim; ++k) {
+          const acc_t v = value[k];
+          value[k] = static_cast<scalar_t>(v - multiplier * decayed_grad<acc_t>(grad[k], v, params));
+        }
+      } else {
+        acc_t* s0 = state0 ? state0 + row * dim : nullptr;
+        acc_t* s1 = state1 ? state1 + row * dim : nullptr;
+        for (int64_t k = 0; k < dim; ++k) {
+          const acc_t v = value[k];
+          const acc_t g = decayed_grad<acc_t>(grad[k], v, params);
+          value[k] = static_cast<scalar_t>(
+              update_element<kOptimizer, acc_t>(v, g, s0 ? s0 + k : nullptr, s1 ? s1 + k : nullptr, params));
+        }
+      }
+    }
+  });
+}
+
+void fused_row_update_cpu(const at::Tensor& weight, at::TensorList state, const at::Tensor& ids,
+                          const at::Tensor& row_grads_in, int64_t optimizer, double lr, double eps, double beta1,
+                          double beta2, double weight_decay, int64_t step) {
+  check_fused_row_update_args(weight, state, ids, row_grads_in, optimizer, step);
+  const at::Tensor ids_c = ids.contiguous();
+  const at::Tensor row_grads = row_grads_in.contiguous();
+  const int64_t num_ids = ids_c.numel(), num_rows = weight.size(0), dim = weight.size(1);
+  const int64_t* id = ids_c.const_data_ptr<int64_t>();
+  // Unique and in range: one pass, before any row is written.
+  for (int64_t u = 0; u < num_ids; ++u) {
+    TORCH_CHECK(id[u] >= 0 && id[u] < num_rows, "fused_row_update: ids[", u, "] = ", id[u],
+                " is out of range for weight with ", num_rows, " rows");
+    TORCH_CHECK(u == 0 || id[u] > id[u - 1], "fused_row_update: ids must be sorted and unique (as ",
+                "embedding_fm_backward returns them), but ids[", u, "] = ", id[u], " follows ", id[u - 1]);
+  }
+  if (num_ids == 0 || dim == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fused_row_update_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto params = make_row_update_params<acc_t>(lr, eps, beta1, beta2, weight_decay, optimizer, step);
+    scalar_t* w = weight.mutable_data_ptr<scalar_t>();
+    const scalar_t* g = row_grads.const_data_ptr<scalar_t>();
+    switch (optimizer) {
+      case kSGD: return update_rows<kSGD>(w, state, id, g, num_ids, dim, params);
+      case kRowWiseAdagrad: return update_rows<kRowWiseAdagrad>(w, state, id, g, num_ids, dim, params);
+      case kAdagrad: return update_rows<kAdagrad>(w, state, id, g, num_ids, dim, params);
+      default: return update_rows<kAdam>(w, state, id, g, num_ids, dim, params);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deepfm_fast, CPU, m) { m.impl("fused_row_update", &fused_row_update_cpu); }
+
+}  // namespace deepfm_fast

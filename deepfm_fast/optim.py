@@ -1,0 +1,158 @@
+"""Fused sparse optimizers: the embedding-table update applied inside the backward pass.
+
+With ``EmbeddingFM(..., optimizer=deepfm_fast.optim.RowWiseAdagrad(lr=0.05))`` the backward of the
+fused op computes the coalesced gradient of the rows the batch touched and updates exactly those
+rows of the table ``V`` and the first-order weights ``w`` in place (FBGEMM's TBE does the same).
+There is no dense ``[N, K]`` gradient and no ``O(N)`` work per step, which is what makes
+10-million-row tables trainable on a CPU. The bias and every other parameter (the DNN) stay with
+any ordinary ``torch.optim`` optimizer.
+
+Semantics, per touched row ``r`` with summed gradient ``g_r`` (duplicate ids are coalesced first):
+
+- ``SGD(lr)``: ``V_r -= lr * g_r``; equals ``torch.optim.SGD`` on the sparse gradient.
+- ``RowWiseAdagrad(lr, eps=1e-8)``: one accumulator per row, ``G_r += mean_k(g_rk^2)``,
+  ``V_r -= lr * g_r / (sqrt(G_r) + eps)`` (FBGEMM's ``EXACT_ROWWISE_ADAGRAD``).
+- ``Adagrad(lr, eps=1e-10)``: per element, ``G += g^2``, ``V -= lr * g / (sqrt(G) + eps)``; equals
+  ``torch.optim.Adagrad`` on the sparse gradient.
+- ``Adam(lr=1e-3, betas=(0.9, 0.999), eps=1e-8)``: Adam moments of the touched rows only, with
+  bias correction from a step count shared by the table; equals ``torch.optim.SparseAdam``.
+
+``weight_decay`` (default 0) adds ``weight_decay * V_r`` to ``g_r`` of the TOUCHED rows only: rows
+that a batch does not use are neither decayed nor moved, unlike dense L2 on the whole table.
+
+Optimizer state is float32 (float64 for a float64 table), lives in the module's buffers, is saved
+in ``state_dict()``, and a reloaded module continues exactly. Every backward is one optimizer step
+of the tables: accumulating gradients over several backward calls is not possible for them.
+"""
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _backend
+
+
+class FusedOptimizer:
+    """Base of the fused optimizers: hyper-parameters, state layout and the reference update."""
+
+    code = -1  # the `optimizer` argument of fused_row_update (enum RowOptimizer in csrc/row_update.h)
+    num_states = 0
+    row_wise_state = False  # one state value per row instead of per element
+
+    def __init__(self, lr: float, *, eps: float = 0.0, betas: Tuple[float, float] = (0.0, 0.0),
+                 weight_decay: float = 0.0):
+        name = type(self).__name__
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"{name}: lr must be a finite number >= 0, got {lr}")
+        if not eps >= 0:
+            raise ValueError(f"{name}: eps must be >= 0, got {eps}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {betas}")
+        if not weight_decay >= 0:
+            raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
+        self.lr, self.eps, self.betas, self.weight_decay = float(lr), float(eps), tuple(betas), float(weight_decay)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(lr={self.lr}, eps={self.eps}, betas={self.betas}, weight_decay={self.weight_decay})"
+
+    def new_state(self, table: Tensor) -> List[Tensor]:
+        """Zero state tensors for `table` [N, D]: float32, or float64 for a float64 table."""
+        dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
+        shape = table.shape[:1] if self.row_wise_state else table.shape
+        return [torch.zeros(shape, dtype=dtype, device=table.device) for _ in range(self.num_states)]
+
+    def update(self, table: Tensor, state: Sequence[Tensor], ids: Tensor, row_grads: Tensor, step: int) -> None:
+        """Updates the rows `ids` (sorted, unique) of `table` [N, D] in place; `step` counts from 1."""
+        if _backend.compiled():
+            torch.ops.deepfm_fast.fused_row_update.default(table, list(state), ids, row_grads, self.code, self.lr,
+                                                           self.eps, self.betas[0], self.betas[1],
+                                                           self.weight_decay, step)
+        else:
+            self.reference_update(table, state, ids, row_grads, step)
+
+    @torch.no_grad()
+    def reference_update(self, table: Tensor, state: Sequence[Tensor], ids: Tensor, row_grads: Tensor,
+                         step: int) -> None:
+        """The same update in plain PyTorch: the oracle of the tests and the fallback without a build."""
+        acc_dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
+        rows = table[ids].to(acc_dtype)
+        grad = row_grads.to(acc_dtype) + self.weight_decay * rows
+        old_state = [s[ids] for s in state]
+        new_rows, new_state = self._new_rows(rows, grad, old_state, step)
+        table[ids] = new_rows.to(table.dtype)
+        for s, value in zip(state, new_state):
+            s[ids] = value
+
+    def _new_rows(self, rows: Tensor, grad: Tensor, state: List[Tensor], step: int):
+        raise NotImplementedError
+
+
+class SGD(FusedOptimizer):
+    """``V_r -= lr * g_r`` on the touched rows (``torch.optim.SGD`` on the sparse gradient)."""
+
+    code = 0
+
+    def __init__(self, lr: float, weight_decay: float = 0.0):
+        super().__init__(lr, weight_decay=weight_decay)
+
+    def _new_rows(self, rows, grad, state, step):
+        return rows - self.lr * grad, []
+
+
+class RowWiseAdagrad(FusedOptimizer):
+    """One accumulator per row: ``G_r += mean_k(g_rk^2)``, ``V_r -= lr * g_r / (sqrt(G_r) + eps)``."""
+
+    code = 1
+    num_states = 1
+    row_wise_state = True
+
+    def __init__(self, lr: float, eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(lr, eps=eps, weight_decay=weight_decay)
+
+    def _new_rows(self, rows, grad, state, step):
+        accumulator = state[0] + grad.pow(2).mean(dim=1)
+        return rows - (self.lr / (accumulator.sqrt() + self.eps)).unsqueeze(1) * grad, [accumulator]
+
+
+class Adagrad(FusedOptimizer):
+    """Per element: ``G += g^2``, ``V -= lr * g / (sqrt(G) + eps)`` (``torch.optim.Adagrad``)."""
+
+    code = 2
+    num_states = 1
+
+    def __init__(self, lr: float, eps: float = 1e-10, weight_decay: float = 0.0):
+        super().__init__(lr, eps=eps, weight_decay=weight_decay)
+
+    def _new_rows(self, rows, grad, state, step):
+        accumulator = state[0] + grad * grad
+        return rows - self.lr * (grad / (accumulator.sqrt() + self.eps)), [accumulator]
+
+
+class Adam(FusedOptimizer):
+    """Adam moments of the touched rows only, as ``torch.optim.SparseAdam``."""
+
+    code = 3
+    num_states = 2
+
+    def __init__(self, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(lr, eps=eps, betas=betas, weight_decay=weight_decay)
+
+    def _new_rows(self, rows, grad, state, step):
+        beta1, beta2 = self.betas
+        exp_avg = state[0] + (grad - state[0]) * (1 - beta1)
+        exp_avg_sq = state[1] + (grad * grad - state[1]) * (1 - beta2)
+        step_size = self.lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        return rows - step_size * (exp_avg / (exp_avg_sq.sqrt() + self.eps)), [exp_avg, exp_avg_sq]
+
+
+def _register_fake():
+    @torch.library.register_fake("deepfm_fast::fused_row_update")
+    def _(weight, state, ids, row_grads, optimizer, lr, eps, beta1, beta2, weight_decay, step):
+        torch._check(weight.dim() == 2, lambda: f"fused_row_update: weight must be 2-D, got {weight.dim()}-D")
+        return None
+
+
+if _backend.compiled():
+    _register_fake()
