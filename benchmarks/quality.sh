@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Quality on real data (BARS hyper-parameters): DeepFM, FM and LR, 3 seeds each, on
+#   * Frappe: train on frappe.validation.libfm (10 % held out for early stopping), test on frappe.test.libfm
+#   * the seed's MovieLens sample (sparrow_movielens/samples.csv): time-ordered 80/20 train/test split,
+#     the last 10 % (by time) of the train part held out for early stopping.
+# Writes one metrics JSON per run to $OUT, then benchmarks/results/quality.{md,json}.
+# Usage: benchmarks/quality.sh [DATA_DIR]   (default ../shared/data beside the repository)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:-$(cd .. && pwd)/shared/data}
+OUT=${OUT:-benchmarks/results/quality_runs}
+SEEDS=${SEEDS:-"2021 2022 2023"}
+if [ ! -f "$DATA/frappe/frappe.validation.libfm" ] || [ ! -f "$DATA/sparrow_movielens/samples.csv" ]; then
+  echo "quality.sh: real data not found under $DATA; skipping" >&2
+  exit 0
+fi
+mkdir -p "$OUT"
+COMMON="--embedding-dim 10 --batch-size 4096 --lr 1e-3 --epochs 100 --patience 2 --no-progress"
+DNN="--hidden-units 400,400,400 --batch-norm"
+for seed in $SEEDS; do
+  # Frappe. L2 (FuxiCTR embedding_regularizer / regularizer): DeepFM 0.05, FM 5e-6, LR 1e-5.
+  F="--format libfm --train $DATA/frappe/frappe.validation.libfm --valid-fraction 0.1 --test $DATA/frappe/frappe.test.libfm"
+  python -m deepfm_fast train $F $COMMON --model deepfm $DNN --dropout 0.2 --l2-embedding 0.05 --seed $seed --metrics-out $OUT/frappe_deepfm_$seed.json
+  python -m deepfm_fast train $F $COMMON --model fm --l2-embedding 5e-6 --seed $seed --metrics-out $OUT/frappe_fm_$seed.json
+  python -m deepfm_fast train $F $COMMON --model lr --l2-embedding 1e-5 --seed $seed --metrics-out $OUT/frappe_lr_$seed.json
+  # MovieLens sample. L2: DeepFM 0.01, FM 5e-6, LR 5e-6.
+  M="--format csv --schema sparrow_movielens --train $DATA/sparrow_movielens/samples.csv --split ordered --split-by timestamp --test-fraction 0.2 --valid-fraction 0.1"
+  python -m deepfm_fast train $M $COMMON --model deepfm $DNN --dropout 0.3 --l2-embedding 0.01 --seed $seed --metrics-out $OUT/movielens_deepfm_$seed.json
+  python -m deepfm_fast train $M $COMMON --model fm --l2-embedding 5e-6 --seed $seed --metrics-out $OUT/movielens_fm_$seed.json
+  python -m deepfm_fast train $M $COMMON --model lr --l2-embedding 5e-6 --seed $seed --metrics-out $OUT/movielens_lr_$seed.json
+done
+python benchmarks/quality_table.py "$OUT"
