@@ -1,0 +1,94 @@
+"""W2 and W3 with the fused optimizers (issue 4): one training step on the large tables.
+
+W2, the FM-only step: fused row-wise Adagrad and SGD against FBGEMM's TBE (EXACT_ROWWISE_ADAGRAD,
+EXACT_SGD; fbgemm-gpu-cpu==1.8.0, skipped if not installed) and nn.Embedding(sparse=True) + SGD.
+W3, the DeepFM step (DNN 400x3 with batch norm, Adam for the dense parameters): fused Adam on the
+tables against a plain PyTorch DeepFM with dense gradients + Adam and with sparse gradients +
+SparseAdam. One process, one thread, variants alternating round by round, first logits checked
+against each other before timing. Run:
+
+    OMP_WAIT_POLICY=PASSIVE python -m pytest benchmarks/bench_fused_optim.py --benchmark-only \
+        --benchmark-json benchmarks/results/fused_optim_cpu.json
+
+Peak memory of each variant run alone: benchmarks/peak_rss.py.
+"""
+import gc
+import itertools
+import os
+
+import pytest
+import torch
+
+import workloads as W
+from conftest import alternating_medians
+
+ROWS = W.TABLE_ROWS[os.environ.get("DEEPFM_FAST_BENCH_TABLE", "large")]
+W2_CASES = [(16, 4096, "uniform"), (16, 4096, "zipf"), (16, 512, "uniform"), (16, 512, "zipf"),
+            (64, 4096, "uniform"), (64, 512, "uniform")]
+W3_CASES = [(16, 4096, "uniform"), (16, 512, "uniform"), (64, 4096, "uniform")]
+# Every variant of a case lives in memory at once: at K=64 a 10.4 M-row table is 2.7 GB, so the
+# K=64 cases compare fewer variants (the dense-gradient DeepFM alone needs 4 copies of the table).
+W2_AT_K64 = ["fused_RowWiseAdagrad", "fbgemm_tbe_EXACT_ROWWISE_ADAGRAD", "embedding_sparse_SGD"]
+W3_AT_K64 = ["fused_Adam", "plain_sparse_SparseAdam"]
+
+
+def build(variants, names, dim):
+    built = {}
+    for name in names:
+        if name.startswith("fbgemm") and not W.has_fbgemm():
+            continue
+        built[name] = variants[name](ROWS, dim)
+    fused = next(iter(built.values()))
+    deepfm = isinstance(fused.model, torch.nn.ModuleList)  # W3: [table, DNN]
+    table = fused.model[0] if deepfm else fused.model
+    for name, variant in built.items():
+        if variant is not fused:
+            W.copy_tables(table.weight, table.linear_weight, variant)
+            if deepfm:
+                variant.model[1].load_state_dict(fused.model[1].state_dict())
+    return built
+
+
+def check_first_logits(variants, ids, labels):
+    """All variants start from the same tables: their first logits (computed before any update) agree."""
+    logits = {name: v.step(ids, labels).detach() for name, v in variants.items()}
+    first = next(iter(logits.values()))
+    for name, logit in logits.items():
+        torch.testing.assert_close(logit, first, atol=1e-4, rtol=1e-4, msg=f"{name} disagrees")
+
+
+def run_case(benchmark, workload, variants, batch, dim, dist, rounds):
+    batches = W.make_batches(ROWS, dist, batch)
+    check_first_logits(variants, *batches[0])
+    cycle = {name: itertools.cycle(batches) for name in variants}
+    steps = {name: (lambda v=v, c=cycle[name]: v.step(*next(c))) for name, v in variants.items()}
+    medians = alternating_medians(steps, rounds=rounds, warmup=2)
+    fused = next(iter(variants))
+    unique_rows = sum(int(torch.unique(ids + torch.arange(W.FIELDS) * ROWS).numel()) for ids, _ in batches) / len(batches)
+    benchmark.group = f"{workload} K={dim} B={batch} {dist}"
+    benchmark.extra_info.update(
+        workload=workload, rows=ROWS * W.FIELDS, dim=dim, batch=batch, dist=dist, threads=torch.get_num_threads(),
+        unique_rows_per_step=unique_rows,
+        alternating_median_ms={name: round(m * 1e3, 3) for name, m in medians.items()},
+        speedup_of_fused_vs={name: round(m / medians[fused], 2) for name, m in medians.items() if name != fused},
+    )
+    benchmark.pedantic(steps[fused], rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("dim,batch,dist", W2_CASES, ids=lambda v: str(v))
+def test_w2_fm_step(benchmark, dim, batch, dist):
+    names = list(W.W2_VARIANTS) if dim == 16 else W2_AT_K64
+    variants = build(W.W2_VARIANTS, names, dim)
+    run_case(benchmark, "W2 FM-only step", variants, batch, dim, dist, rounds=15)
+    del variants
+    gc.collect()
+
+
+@pytest.mark.parametrize("dim,batch,dist", W3_CASES, ids=lambda v: str(v))
+def test_w3_deepfm_step(benchmark, dim, batch, dist):
+    names = list(W.W3_VARIANTS) if dim == 16 else W3_AT_K64
+    variants = build(W.W3_VARIANTS, names, dim)
+    # The dense-gradient Adam step costs seconds on a 10.4 M-row table: fewer rounds.
+    run_case(benchmark, "W3 DeepFM step", variants, batch, dim, dist, rounds=5)
+    del variants
+    gc.collect()

@@ -1,0 +1,227 @@
+"""The W2/W3 workloads of ../shared/docs/benchmarks.md, shared by the benchmarks and peak_rss.py.
+
+Criteo-shaped: 26 single-id fields of ROWS rows each ("large": 26 x 400,000 = 10.4 M rows),
+ids uniform or Zipf(1.05) per field. Every variant is one training step: forward, BCE with
+logits, backward, optimizer update. Fused variants use deepfm_fast; baselines are what users
+run today: plain PyTorch (nn.Embedding, dense or sparse gradients) and FBGEMM's TBE.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepfm_fast import EmbeddingFM, optim
+
+FIELDS = 26
+TABLE_ROWS = {"small": 10_000, "large": 400_000}
+LR = 0.01
+
+
+def sample_ids(rows, dist, n, generator):
+    """n ids of one field: uniform, or Zipf(1.05) ranks scattered over the field's rows."""
+    if dist == "uniform":
+        return torch.randint(0, rows, (n,), generator=generator)
+    rank = torch.arange(1, rows + 1, dtype=torch.float64)
+    ranks = torch.multinomial(rank.pow(-1.05), n, replacement=True, generator=generator)
+    return (ranks * 2654435761) % rows
+
+
+def make_batches(rows, dist, batch, count=4, seed=1):
+    """`count` batches of LOCAL ids [B, 26] and labels, cycled through by the timed steps."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.stack([sample_ids(rows, dist, batch, generator) for _ in range(FIELDS)], 1)
+        batches.append((ids, torch.randint(0, 2, (batch,), generator=generator).float()))
+    return batches
+
+
+def fm_logit(emb, linear, bias):
+    """The FM-only logit in plain PyTorch: bias + first order + the square-of-sum second order."""
+    return bias + linear + 0.5 * (emb.sum(1).pow(2) - emb.pow(2).sum(1)).sum(1)
+
+
+def dnn(in_features, hidden=(400, 400, 400)):
+    layers = []
+    for width in hidden:
+        layers += [nn.Linear(in_features, width), nn.BatchNorm1d(width), nn.ReLU()]
+        in_features = width
+    return nn.Sequential(*layers, nn.Linear(in_features, 1))
+
+
+class Variant:
+    """One model + optimizers; `step(ids, labels)` runs one training step and returns the logits."""
+
+    def __init__(self, name, model, step_fn, optimizers=()):
+        self.name, self.model, self._step, self.optimizers = name, model, step_fn, list(optimizers)
+
+    def state_bytes(self):
+        """Bytes of the tables, parameters, buffers and optimizer states (not gradients)."""
+        seen, total = set(), 0
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        for opt in self.optimizers:
+            tensors += [t for state in opt.state.values() for t in state.values() if torch.is_tensor(t)]
+        for t in tensors:
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        return total
+
+    def step(self, ids, labels):
+        return self._step(ids, labels)
+
+
+def fused_fm(rows, dim, optimizer):
+    model = EmbeddingFM([rows] * FIELDS, dim, optimizer=optimizer, init_std=0.01)
+    bias_opt = torch.optim.SGD([model.bias], lr=LR)
+
+    def step(ids, labels):
+        logit = model(ids)
+        F.binary_cross_entropy_with_logits(logit, labels).backward()
+        bias_opt.step()
+        bias_opt.zero_grad(set_to_none=True)
+        return logit
+
+    return Variant(f"fused_{type(optimizer).__name__}", model, step, [bias_opt])
+
+
+class PlainFM(nn.Module):
+    """Plain PyTorch FM over one table with field offsets (nn.Embedding for V and for w)."""
+
+    def __init__(self, rows, dim, sparse):
+        super().__init__()
+        self.register_buffer("field_offsets", torch.arange(FIELDS) * rows)
+        self.emb = nn.Embedding(rows * FIELDS, dim, sparse=sparse)
+        self.lin = nn.Embedding(rows * FIELDS, 1, sparse=sparse)
+        nn.init.normal_(self.emb.weight, 0, 0.01)
+        nn.init.zeros_(self.lin.weight)
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def embed(self, ids):
+        rows = ids + self.field_offsets
+        return self.emb(rows), self.lin(rows).sum((1, 2))
+
+    def forward(self, ids):
+        emb, linear = self.embed(ids)
+        return fm_logit(emb, linear, self.bias)
+
+
+def plain_fm_sparse_sgd(rows, dim):
+    model = PlainFM(rows, dim, sparse=True)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+
+    def step(ids, labels):
+        logit = model(ids)
+        F.binary_cross_entropy_with_logits(logit, labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return logit
+
+    return Variant("embedding_sparse_SGD", model, step, [opt])
+
+
+def tbe_fm(rows, dim, optimizer_name):
+    """FBGEMM TBE (26 tables, one per field) with the update fused in its backward, FM in PyTorch.
+
+    TBE has no first-order term; this baseline leaves it out, so it does less work than ours.
+    """
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
+
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU) for _ in range(FIELDS)],
+        optimizer=getattr(EmbOptimType, optimizer_name), learning_rate=LR, eps=1e-8)
+    bias = nn.Parameter(torch.zeros(()))
+    bias_opt = torch.optim.SGD([bias], lr=LR)
+
+    def step(ids, labels):
+        batch = ids.shape[0]
+        indices = ids.t().reshape(-1)  # TBE is table-major: all of field 0, then field 1, ...
+        offsets = torch.arange(FIELDS * batch + 1, dtype=torch.long)
+        emb = tbe(indices, offsets).view(batch, FIELDS, dim)
+        logit = fm_logit(emb, 0.0, bias)
+        F.binary_cross_entropy_with_logits(logit, labels).backward()
+        bias_opt.step()
+        bias_opt.zero_grad(set_to_none=True)
+        return logit
+
+    return Variant(f"fbgemm_tbe_{optimizer_name}", nn.ModuleList([tbe, nn.ParameterList([bias])]), step, [bias_opt])
+
+
+def fused_deepfm(rows, dim, hidden=(400, 400, 400)):
+    table = EmbeddingFM([rows] * FIELDS, dim, optimizer=optim.Adam(1e-3), init_std=0.01)
+    net = dnn(FIELDS * dim, hidden)
+    opt = torch.optim.Adam(list(net.parameters()) + [table.bias], lr=1e-3)
+
+    def step(ids, labels):
+        fm, pooled = table(ids, return_pooled=True)
+        logit = fm + net(pooled.flatten(1)).squeeze(1)
+        F.binary_cross_entropy_with_logits(logit, labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return logit
+
+    return Variant("fused_Adam", nn.ModuleList([table, net]), step, [opt])
+
+
+def plain_deepfm(rows, dim, sparse, hidden=(400, 400, 400)):
+    """Minimal plain-PyTorch DeepFM: dense gradients + Adam, or sparse gradients + SparseAdam."""
+    fm = PlainFM(rows, dim, sparse=sparse)
+    net = dnn(FIELDS * dim, hidden)
+    dense_params = list(net.parameters()) + [fm.bias]
+    if sparse:
+        opts = [torch.optim.SparseAdam([fm.emb.weight, fm.lin.weight], lr=1e-3), torch.optim.Adam(dense_params, lr=1e-3)]
+    else:
+        opts = [torch.optim.Adam(list(fm.parameters()) + list(net.parameters()), lr=1e-3)]
+
+    def step(ids, labels):
+        emb, linear = fm.embed(ids)
+        logit = fm_logit(emb, linear, fm.bias) + net(emb.flatten(1)).squeeze(1)
+        F.binary_cross_entropy_with_logits(logit, labels).backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return logit
+
+    return Variant("plain_sparse_SparseAdam" if sparse else "plain_dense_Adam", nn.ModuleList([fm, net]), step, opts)
+
+
+def copy_tables(src_weight, src_linear, variant):
+    """Gives a baseline the fused variant's starting tables, so their first logits can be compared."""
+    with torch.no_grad():
+        model = variant.model
+        if isinstance(model, nn.ModuleList):
+            model = model[0]
+        if isinstance(model, PlainFM):
+            model.emb.weight.copy_(src_weight)
+            model.lin.weight.copy_(src_linear.view(-1, 1))
+        elif isinstance(model, EmbeddingFM):
+            model.weight.copy_(src_weight)
+            model.linear_weight.copy_(src_linear)
+        else:  # FBGEMM TBE: one table per field, in its flat weights buffer (table-major)
+            model.weights_host.copy_(src_weight.reshape(-1))
+
+
+W2_VARIANTS = {
+    "fused_RowWiseAdagrad": lambda rows, dim: fused_fm(rows, dim, optim.RowWiseAdagrad(LR)),
+    "fused_SGD": lambda rows, dim: fused_fm(rows, dim, optim.SGD(LR)),
+    "fbgemm_tbe_EXACT_ROWWISE_ADAGRAD": lambda rows, dim: tbe_fm(rows, dim, "EXACT_ROWWISE_ADAGRAD"),
+    "fbgemm_tbe_EXACT_SGD": lambda rows, dim: tbe_fm(rows, dim, "EXACT_SGD"),
+    "embedding_sparse_SGD": plain_fm_sparse_sgd,
+}
+W3_VARIANTS = {
+    "fused_Adam": fused_deepfm,
+    "plain_sparse_SparseAdam": lambda rows, dim: plain_deepfm(rows, dim, sparse=True),
+    "plain_dense_Adam": lambda rows, dim: plain_deepfm(rows, dim, sparse=False),
+}
+
+
+def has_fbgemm():
+    try:
+        import fbgemm_gpu  # noqa: F401
+    except Exception:  # ImportError, or an fbgemm built for another torch
+        return False
+    return True
+
