@@ -10,7 +10,8 @@ against each other before timing. Run:
     OMP_WAIT_POLICY=PASSIVE python -m pytest benchmarks/bench_fused_optim.py --benchmark-only \
         --benchmark-json benchmarks/results/fused_optim_cpu.json
 
-Peak memory of each variant run alone: benchmarks/peak_rss.py.
+Peak memory of each variant run alone: benchmarks/peak_rss.py. DEEPFM_FAST_BENCH_DEVICE=cuda runs
+the same steps on the GPU (without the FBGEMM CPU baselines).
 """
 import gc
 import itertools
@@ -23,9 +24,14 @@ import workloads as W
 from conftest import alternating_medians
 
 ROWS = W.TABLE_ROWS[os.environ.get("DEEPFM_FAST_BENCH_TABLE", "large")]
-W2_CASES = [(16, 4096, "uniform"), (16, 4096, "zipf"), (16, 512, "uniform"), (16, 512, "zipf"),
-            (64, 4096, "uniform"), (64, 512, "uniform")]
-W3_CASES = [(16, 4096, "uniform"), (16, 512, "uniform"), (64, 4096, "uniform")]
+DEVICE = os.environ.get("DEEPFM_FAST_BENCH_DEVICE", "cpu")
+if DEVICE == "cuda":  # the GPU workloads of ../shared/docs/benchmarks.md
+    W2_CASES = [(16, 4096, "uniform"), (16, 65536, "uniform"), (16, 65536, "zipf"), (64, 65536, "uniform")]
+    W3_CASES = [(16, 4096, "uniform"), (16, 65536, "uniform")]
+else:
+    W2_CASES = [(16, 4096, "uniform"), (16, 4096, "zipf"), (16, 512, "uniform"), (16, 512, "zipf"),
+                (64, 4096, "uniform"), (64, 512, "uniform")]
+    W3_CASES = [(16, 4096, "uniform"), (16, 512, "uniform"), (64, 4096, "uniform")]
 # Every variant of a case lives in memory at once: at K=64 a 10.4 M-row table is 2.7 GB, so the
 # K=64 cases compare fewer variants (the dense-gradient DeepFM alone needs 4 copies of the table).
 W2_AT_K64 = ["fused_RowWiseAdagrad", "fbgemm_tbe_EXACT_ROWWISE_ADAGRAD", "embedding_sparse_SGD"]
@@ -35,9 +41,10 @@ W3_AT_K64 = ["fused_Adam", "plain_sparse_SparseAdam"]
 def build(variants, names, dim):
     built = {}
     for name in names:
-        if name.startswith("fbgemm") and not W.has_fbgemm():
+        if name.startswith("fbgemm") and (DEVICE != "cpu" or not W.has_fbgemm()):
             continue
         built[name] = variants[name](ROWS, dim)
+        built[name].model.to(DEVICE)  # in place: the optimizers keep their parameters
     fused = next(iter(built.values()))
     deepfm = isinstance(fused.model, torch.nn.ModuleList)  # W3: [table, DNN]
     table = fused.model[0] if deepfm else fused.model
@@ -58,21 +65,24 @@ def check_first_logits(variants, ids, labels):
 
 
 def run_case(benchmark, workload, variants, batch, dim, dist, rounds):
-    batches = W.make_batches(ROWS, dist, batch)
+    batches = [(ids.to(DEVICE), labels.to(DEVICE)) for ids, labels in W.make_batches(ROWS, dist, batch)]
     check_first_logits(variants, *batches[0])
     cycle = {name: itertools.cycle(batches) for name in variants}
     steps = {name: (lambda v=v, c=cycle[name]: v.step(*next(c))) for name, v in variants.items()}
-    medians = alternating_medians(steps, rounds=rounds, warmup=2)
+    medians = alternating_medians(steps, rounds=rounds, warmup=2, device=DEVICE)
     fused = next(iter(variants))
-    unique_rows = sum(int(torch.unique(ids + torch.arange(W.FIELDS) * ROWS).numel()) for ids, _ in batches) / len(batches)
-    benchmark.group = f"{workload} K={dim} B={batch} {dist}"
+    offsets = torch.arange(W.FIELDS, device=DEVICE) * ROWS
+    unique_rows = sum(int(torch.unique(ids + offsets).numel()) for ids, _ in batches) / len(batches)
+    benchmark.group = f"{workload} K={dim} B={batch} {dist} {DEVICE}"
     benchmark.extra_info.update(
-        workload=workload, rows=ROWS * W.FIELDS, dim=dim, batch=batch, dist=dist, threads=torch.get_num_threads(),
+        workload=workload, rows=ROWS * W.FIELDS, dim=dim, batch=batch, dist=dist, device=DEVICE,
+        threads=torch.get_num_threads(),
         unique_rows_per_step=unique_rows,
         alternating_median_ms={name: round(m * 1e3, 3) for name, m in medians.items()},
         speedup_of_fused_vs={name: round(m / medians[fused], 2) for name, m in medians.items() if name != fused},
     )
-    benchmark.pedantic(steps[fused], rounds=5, warmup_rounds=1)
+    synchronize = (lambda: torch.cuda.synchronize()) if DEVICE == "cuda" else (lambda: None)
+    benchmark.pedantic(lambda: (steps[fused](), synchronize()), rounds=5, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("dim,batch,dist", W2_CASES, ids=lambda v: str(v))

@@ -139,7 +139,7 @@ def tbe_fm(rows, dim, optimizer_name):
     def step(ids, labels):
         batch = ids.shape[0]
         indices = ids.t().reshape(-1)  # TBE is table-major: all of field 0, then field 1, ...
-        offsets = torch.arange(FIELDS * batch + 1, dtype=torch.long)
+        offsets = torch.arange(FIELDS * batch + 1, dtype=torch.long, device=ids.device)
         emb = tbe(indices, offsets).view(batch, FIELDS, dim)
         logit = fm_logit(emb, 0.0, bias)
         F.binary_cross_entropy_with_logits(logit, labels).backward()
