@@ -90,20 +90,28 @@ struct Inputs {
   const uint8_t* mean;  // [fields], 1 where the field is mean-pooled
 };
 
+// Random rows of a large table are bound by memory latency (one miss per row): the gathers
+// prefetch the row of the occurrence kPrefetchAhead positions ahead (and its first-order weight),
+// which keeps that many misses in flight instead of the few the out-of-order core finds itself.
+constexpr int64_t kPrefetchAhead = 16;
+
+template <typename scalar_t, typename index_t>
+inline void prefetch_row(const Inputs<scalar_t, index_t>& in, int64_t id, bool with_linear = false) {
+  const char* row = reinterpret_cast<const char*>(in.weight + id * in.dim);
+  const int64_t bytes = in.dim * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(row + at);
+  if (with_linear && in.lw != nullptr) __builtin_prefetch(in.lw + id);
+}
+
 template <typename scalar_t, typename index_t, int64_t kStaticDim>
 void forward_kernel(const Inputs<scalar_t, index_t>& in, scalar_t* fm, scalar_t* linear, scalar_t* pooled) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = kStaticDim > 0 ? kStaticDim : in.dim;
   const int64_t fields = in.fields;
+  const int64_t nnz = static_cast<int64_t>(in.offsets[in.batch * fields]);
   at::parallel_for(0, in.batch, grain_size(fields * dim), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const index_t* off = in.offsets + b * fields;
-      if (in.lw != nullptr) {
-        acc_t lin = 0;
-        for (int64_t p = off[0]; p < off[fields]; ++p)
-          lin += static_cast<acc_t>(in.lw[in.indices[p]]) * (in.psw ? static_cast<acc_t>(in.psw[p]) : acc_t(1));
-        linear[b] = static_cast<scalar_t>(lin);
-      }
       acc_t total = 0;
       simd::for_each_tile<acc_t, tile_vectors<acc_t, kStaticDim>()>(dim, [&](int64_t k0, auto vectors, auto tag) {
         using V = typename decltype(tag)::type;
@@ -116,6 +124,7 @@ void forward_kernel(const Inputs<scalar_t, index_t>& in, scalar_t* fm, scalar_t*
           V e[nv];
           for (int j = 0; j < nv; ++j) e[j] = V{};
           for (int64_t p = start; p < stop; ++p) {
+            if (k0 == 0 && p + kPrefetchAhead < nnz) prefetch_row(in, in.indices[p + kPrefetchAhead], true);
             const acc_t x = in.psw ? static_cast<acc_t>(in.psw[p]) : acc_t(1);
             const scalar_t* row = in.weight + static_cast<int64_t>(in.indices[p]) * dim + k0;
             for (int j = 0; j < nv; ++j) {
@@ -147,6 +156,13 @@ void forward_kernel(const Inputs<scalar_t, index_t>& in, scalar_t* fm, scalar_t*
         total += simd::horizontal_sum(terms);
       });
       fm[b] = static_cast<scalar_t>(total);
+      // After the gathers, which prefetched these first-order weights.
+      if (in.lw != nullptr) {
+        acc_t lin = 0;
+        for (int64_t p = off[0]; p < off[fields]; ++p)
+          lin += static_cast<acc_t>(in.lw[in.indices[p]]) * (in.psw ? static_cast<acc_t>(in.psw[p]) : acc_t(1));
+        linear[b] = static_cast<scalar_t>(lin);
+      }
     }
   });
 }
@@ -163,6 +179,7 @@ void occurrence_grads_kernel(const Inputs<scalar_t, index_t>& in, const scalar_t
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = kStaticDim > 0 ? kStaticDim : in.dim;
   const int64_t fields = in.fields;
+  const int64_t nnz = static_cast<int64_t>(in.offsets[in.batch * fields]);
   at::parallel_for(0, in.batch, grain_size(2 * fields * dim), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> field_vectors(in.feature_mode ? 0 : fields * dim);
     for (int64_t b = begin; b < end; ++b) {
@@ -189,6 +206,7 @@ void occurrence_grads_kernel(const Inputs<scalar_t, index_t>& in, const scalar_t
           V e[nv];
           for (int j = 0; j < nv; ++j) e[j] = V{};
           for (int64_t p = off[f]; p < off[f + 1]; ++p) {
+            if (k0 == 0 && p + kPrefetchAhead < nnz) prefetch_row(in, in.indices[p + kPrefetchAhead]);
             const acc_t x = in.psw ? static_cast<acc_t>(in.psw[p]) : acc_t(1);
             const scalar_t* row = row_of(p);
             for (int j = 0; j < nv; ++j) e[j] += x * simd::load<V>(row + j * lanes);
