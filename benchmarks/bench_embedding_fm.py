@@ -4,17 +4,23 @@ against the reference before it is timed; fused and baseline share a pytest-benc
 
     OMP_WAIT_POLICY=PASSIVE python -m pytest benchmarks/bench_embedding_fm.py --benchmark-only \
         --benchmark-json benchmarks/results/embedding_fm_cpu.json -q
+
+DEEPFM_FAST_BENCH_DEVICE=cuda runs W2 (forward and step) on the GPU (W4 stays on the CPU).
 """
 import functools
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import synchronize
 from deepfm_fast import EmbeddingFM, ops, reference
 
 torch.set_num_threads(1)
+DEVICE = os.environ.get("DEEPFM_FAST_BENCH_DEVICE", "cpu")
+ON = "" if DEVICE == "cpu" else f" {DEVICE}"  # suffix of the benchmark groups
 
 B, FIELDS, K = 4096, 26, 16
 TABLES = {"small": 10_000, "large": 400_000}  # rows per field
@@ -38,7 +44,7 @@ def w2_model(table):
     torch.manual_seed(0)
     model = EmbeddingFM([TABLES[table]] * FIELDS, K, sparse=True, init_std=0.05)
     nn.init.normal_(model.linear_weight, 0, 0.05)
-    return model
+    return model.to(DEVICE)
 
 
 @functools.lru_cache(maxsize=4)
@@ -46,7 +52,7 @@ def w2_batch(table, dist):
     gen = torch.Generator().manual_seed(1)
     local = torch.stack([sample_ids(TABLES[table], dist, B, gen) for _ in range(FIELDS)], 1)
     labels = torch.randint(0, 2, (B,), generator=gen).float()
-    return w2_model(table).to_global(local), labels
+    return w2_model(table).to_global(local.to(DEVICE)), labels.to(DEVICE)
 
 
 class BaselineFM(nn.Module):
@@ -62,7 +68,7 @@ class BaselineFM(nn.Module):
 
     def forward(self, ids):
         batch, fields = ids.shape
-        offsets = torch.arange(0, batch * fields, dtype=ids.dtype)
+        offsets = torch.arange(0, batch * fields, dtype=ids.dtype, device=ids.device)
         e = self.emb(ids.reshape(-1), offsets).view(batch, fields, -1)
         fm = 0.5 * (e.sum(1).pow(2) - e.pow(2).sum(1)).sum(1)
         return self.bias + self.lin(ids).squeeze(1) + fm
@@ -91,8 +97,8 @@ def test_w2_forward(benchmark, table, dist, impl):
         got = fn(model.weight, ids, linear_weight=model.linear_weight)
         assert_close(got.fm, expected.fm)
         assert_close(got.linear, expected.linear)
-        benchmark.group = f"W2 forward {table} {dist}"
-        benchmark.pedantic(fn, args=(model.weight, ids), kwargs=dict(linear_weight=model.linear_weight),
+        benchmark.group = f"W2 forward {table} {dist}{ON}"
+        benchmark.pedantic(lambda: (fn(model.weight, ids, linear_weight=model.linear_weight), synchronize(DEVICE)),
                            rounds=30, warmup_rounds=3)
 
 
@@ -107,8 +113,8 @@ def test_w2_step_sparse_sgd(benchmark, table, dist, impl):
     net = model if impl == "fused" else baseline
     # lr=0: the tables stay as they are across rounds (the update still runs over every touched row).
     optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
-    benchmark.group = f"W2 step (fwd, BCE, bwd, sparse SGD) {table} {dist}"
-    benchmark.pedantic(step, args=(net, ids, labels, optimizer), rounds=15, warmup_rounds=2)
+    benchmark.group = f"W2 step (fwd, BCE, bwd, sparse SGD) {table} {dist}{ON}"
+    benchmark.pedantic(lambda: (step(net, ids, labels, optimizer), synchronize(DEVICE)), rounds=15, warmup_rounds=2)
     assert (model.weight if impl == "fused" else baseline.emb.weight).grad.is_sparse
 
 

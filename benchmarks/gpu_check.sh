@@ -36,4 +36,9 @@ for dtype in float32 bfloat16; do
     "$PY" -m pytest benchmarks/bench_fm_interaction.py --benchmark-only -q -p no:cacheprovider \
     --benchmark-json "$OUT/w1_cuda_$dtype.json"
 done
+# W2 (B=4096, 26 fields, K=16; 10K and 400K rows per field): embedding_fm forward vs the reference,
+# and the sparse-SGD step vs nn.EmbeddingBag(sparse=True), on the GPU, float32.
+step bench_w2_cuda 150 env DEEPFM_FAST_BENCH_DEVICE=cuda \
+  "$PY" -m pytest benchmarks/bench_embedding_fm.py -k w2 --benchmark-only -q -p no:cacheprovider \
+  --benchmark-json "$OUT/w2_cuda.json"
 exit $status

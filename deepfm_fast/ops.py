@@ -4,6 +4,8 @@ Fake (meta) kernels and autograd are registered here, in Python, as PyTorch reco
 ops: that is what lets `torch.compile(fullgraph=True)` and `torch.export` trace through them.
 Without the compiled extension every wrapper runs the `deepfm_fast.reference` implementation.
 """
+import ctypes
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -116,7 +118,17 @@ def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor] = No
     Returns:
         ``EmbeddingFMOutput(fm [B], linear [B], pooled [B, F, K] or an empty tensor)``.
 
-    Every id is bounds-checked (an out-of-range id raises, naming its position and value).
+    Bounds checks: on the CPU every id and offset is checked before any row is read (an error names
+    the argument, the offending value and its position; the check costs no synchronisation). On
+    CUDA, `set_cuda_bounds_check` chooses, FBGEMM-style: ``"error"`` (default) checks the same things
+    on the GPU and raises the same errors, at the cost of ONE device->host synchronisation per
+    forward call (the backward folds its check into the one sync it needs anyway to size its
+    output); ``"clamp"`` and ``"off"`` skip the check and the sync. No mode ever reads out of bounds.
+
+    Determinism: the backward on CPU and CUDA is deterministic by default and by construction (no
+    floating-point atomics: the ids are sorted stably and each row's gradient is summed by one thread
+    in position order), so ``torch.use_deterministic_algorithms(True)`` changes nothing and raises
+    nothing. The CUDA backward makes one device->host synchronisation (the number of unique rows).
 
     Example:
         >>> V, w = torch.randn(1000, 16, requires_grad=True), torch.zeros(1000, requires_grad=True)
@@ -139,6 +151,56 @@ def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor] = No
     if sparse and needs_grad:
         return EmbeddingFMOutput(*_EmbeddingFMSparseGrad.apply(*args))
     return EmbeddingFMOutput(*torch.ops.deepfm_fast.embedding_fm.default(*args))
+
+
+_CUDA_BOUNDS_CHECK_MODES = ("error", "clamp", "off")  # the codes 0, 1, 2 of embedding_fm_cuda.cu
+_cuda_bounds_check = "error"
+
+
+def set_cuda_bounds_check(mode: str) -> None:
+    """How the CUDA kernels of `embedding_fm` (and its backward) treat bad ids and offsets.
+
+    - ``"error"`` (default): ids in ``[0, N)``, ``offsets[0] == 0``, ``offsets[-1] == nnz`` and
+      non-decreasing offsets are checked on the GPU; then one device->host synchronisation per
+      forward call raises the CPU's error, naming the argument, the value and its position.
+    - ``"clamp"``: no check, no sync. An out-of-range id reads (and gets the gradient of) the nearest
+      valid row, 0 or N-1; a bag with negative, decreasing or past-nnz offsets pools to zero. The
+      results for the samples concerned are wrong and nothing says so: a warning is issued when this
+      mode is set.
+    - ``"off"``: no check, no sync. An out-of-range id reads as a zero row and gets no gradient;
+      malformed bags are read as empty.
+
+    In every mode the kernels never read or write out of bounds; with malformed offsets in the
+    ``"clamp"`` and ``"off"`` modes the results are unspecified. During CUDA graph capture, where no
+    sync is allowed, ``"error"`` behaves as ``"off"``. The setting is process-wide and read at each
+    call (it is not part of a traced graph). The CPU kernels always check: there it costs no sync.
+    """
+    global _cuda_bounds_check
+    if mode not in _CUDA_BOUNDS_CHECK_MODES:
+        raise ValueError(f"set_cuda_bounds_check: mode must be one of {_CUDA_BOUNDS_CHECK_MODES}, got {mode!r}")
+    setter = _cuda_bounds_check_setter()
+    if setter is not None and setter(_CUDA_BOUNDS_CHECK_MODES.index(mode)) != 0:
+        raise RuntimeError(f"set_cuda_bounds_check: the compiled kernels rejected mode {mode!r}")
+    _cuda_bounds_check = mode
+    if mode == "clamp":
+        warnings.warn("deepfm_fast: CUDA bounds check 'clamp': out-of-range ids read the nearest valid row and "
+                      "malformed bags pool to zero, without an error; the results for those rows are wrong",
+                      RuntimeWarning, stacklevel=2)
+
+
+def get_cuda_bounds_check() -> str:
+    """The current CUDA bounds-check mode of `embedding_fm`: ``"error"``, ``"clamp"`` or ``"off"``."""
+    return _cuda_bounds_check
+
+
+def _cuda_bounds_check_setter():
+    """The C setter in deepfm_fast._C (a process-wide setting, not an op), or None without CUDA kernels."""
+    if not _backend.cuda_kernels():
+        return None
+    setter = getattr(ctypes.CDLL(_backend._C.__file__), "deepfm_fast_set_cuda_bounds_check", None)
+    if setter is not None:
+        setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+    return setter
 
 
 def embedding_fm_backward(grad_fm, grad_linear, grad_pooled, weight, indices, offsets, per_sample_weights,

@@ -1,5 +1,9 @@
 """embedding_fm and EmbeddingFM against the pure-PyTorch reference: values, every gradient (dense and
 sparse), optimizer steps, opcheck, torch.compile, and the errors bad input gets."""
+import contextlib
+import ctypes
+import warnings
+
 import pytest
 import torch
 
@@ -330,3 +334,184 @@ def test_module_local_id_out_of_range():
     with pytest.raises(IndexError, match=r"id -1 at indices\[0, 0\]"):
         model(torch.tensor([[-1, 0]]))
     assert model(torch.tensor([[4, 2]])).shape == (1,)
+
+
+# ---- determinism, wide rows, and the CUDA bounds-check modes ---------------------------------------
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_is_bitwise_deterministic_under_deterministic_algorithms(device, mode):
+    # 512 samples x 6 fields, bags of 0..6 ids from a 7-row table: every row has ~1500 occurrences.
+    # K = 70: two chunks of 64 dimensions on CUDA (grad_x accumulates over chunks).
+    indices, offsets = make_csr(512, 6, 7, 6, torch.int64, device, seed=3)
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(7, 70, generator=g).to(device)
+    psw = torch.rand(indices.numel(), generator=g).to(device)
+    lw = torch.randn(7, generator=g).to(device)
+    pooling = ["mean", "sum", "mean", "sum", "mean", "sum"]
+    grads = [torch.randn(512, generator=g).to(device) for _ in range(2)] + [
+        torch.randn(512, 6, 70, generator=g).to(device)]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [outputs_and_grads(ops.embedding_fm, weight, indices, offsets, psw, lw, 6, mode, pooling)
+                for _ in range(2)]
+        coalesced = [ops.embedding_fm_backward(*grads, weight, indices, offsets, psw, lw, 6,
+                                               reference.mode_code(mode), reference.pooling_codes(pooling, 6))
+                     for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    (out0, grads0), (out1, grads1) = runs
+    for a, b in zip(out0 + grads0 + list(coalesced[0]), out1 + grads1 + list(coalesced[1])):
+        assert torch.equal(a, b)
+    assert torch.equal(coalesced[0][0].cpu(), torch.unique(indices.cpu()))
+    ref_out, ref_grads = outputs_and_grads(reference.embedding_fm, weight.double(), indices, offsets, psw.double(),
+                                           lw.double(), 6, mode, pooling)
+    for a, e in zip(out0 + grads0, ref_out + ref_grads):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("mode", MODES)
+def test_many_fields_wide_rows_mixed_index_dtypes(device, mode):
+    # 70 fields with per-field pooling (more than a 64-bit mask holds), K = 130 (three chunks of 64 on
+    # CUDA), int32 indices with int64 offsets, weighted, with first order and pooled output.
+    fields, rows, dim = 70, 50, 130
+    indices, offsets = make_csr(5, fields, rows, 3, torch.int64, device, seed=5)
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(rows, dim, generator=g, dtype=torch.float64).to(device)
+    psw = torch.randn(indices.numel(), generator=g, dtype=torch.float64).to(device)
+    lw = torch.randn(rows, generator=g, dtype=torch.float64).to(device)
+    pooling = pooling_for("mixed", fields)
+    out, grads = outputs_and_grads(ops.embedding_fm, weight, indices.int(), offsets, psw, lw, fields, mode, pooling)
+    ref_out, ref_grads = outputs_and_grads(reference.embedding_fm, weight, indices, offsets, psw, lw, fields, mode,
+                                           pooling)
+    for a, e in zip(out + grads, ref_out + ref_grads):
+        assert_close(a, e)
+
+
+@contextlib.contextmanager
+def cuda_bounds_check(mode):
+    """Sets deepfm_fast.ops.set_cuda_bounds_check(mode) for the block, then restores the previous mode."""
+    previous = ops.get_cuda_bounds_check()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the warning of "clamp" has its own test
+        ops.set_cuda_bounds_check(mode)
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ops.set_cuda_bounds_check(previous)
+
+
+def test_set_cuda_bounds_check():
+    with pytest.raises(ValueError, match="must be one of"):
+        ops.set_cuda_bounds_check("warn")
+    assert ops.get_cuda_bounds_check() == "error"
+    with pytest.warns(RuntimeWarning, match="results for those rows are wrong"), cuda_bounds_check("error"):
+        ops.set_cuda_bounds_check("clamp")
+    for mode, code in [("off", 2), ("clamp", 1), ("error", 0)]:
+        with cuda_bounds_check(mode):
+            assert ops.get_cuda_bounds_check() == mode
+            if deepfm_fast.cuda_kernels():  # the compiled kernels see the setting
+                lib = ctypes.CDLL(deepfm_fast._backend._C.__file__)
+                assert lib.deepfm_fast_get_cuda_bounds_check() == code
+            # The CPU kernels check in every mode.
+            with pytest.raises(RuntimeError, match=r"indices\[2\] = 10 is out of range"):
+                call(indices=torch.tensor([1, 2, 10, 4]))
+    assert ops.get_cuda_bounds_check() == "error"
+
+
+CSR_VALUE_ERRORS = [
+    (dict(indices=[1, 2, 10, 4]),
+     r"indices\[2\] = 10 is out of range for weight with 10 rows \(valid ids are 0\.\.9\)"),
+    (dict(indices=[1, -3, 2, 4]), r"indices\[1\] = -3 is out of range"),
+    (dict(offsets=[0, 2, 1, 3, 4]), r"non-decreasing, but offsets\[1\] = 2 > offsets\[2\] = 1"),
+    (dict(offsets=[0, 1, 2, 3, 3]), r"offsets\[-1\] must equal the number of indices \(nnz = 4\), got offsets\[-1\] = "
+                                    r"offsets\[4\] = 3"),
+    (dict(offsets=[1, 1, 2, 3, 4]), r"offsets\[0\] must be 0, got 1"),
+]
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("index_dtype", index_dtypes)
+@pytest.mark.parametrize("bad,message", CSR_VALUE_ERRORS)
+def test_bounds_check_error_mode_names_the_culprit(device, index_dtype, bad, message):
+    # "error" (the CUDA default, and the CPU's only behaviour): forward and backward raise the same error.
+    args = dict(dict(indices=[1, 2, 3, 4], offsets=[0, 1, 2, 3, 4]), **bad)
+    indices, offsets = (torch.tensor(args[k], dtype=index_dtype, device=device) for k in ("indices", "offsets"))
+    weight = torch.randn(10, 4, device=device)
+    with cuda_bounds_check("error"):
+        with pytest.raises(RuntimeError, match=message):
+            ops.embedding_fm(weight, indices, offsets, num_fields=2)
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.deepfm_fast.embedding_fm_backward.default(
+                torch.ones(2, device=device), torch.ones(2, device=device), None, weight, indices, offsets, None,
+                None, 2, 0, [0])
+
+
+def bad_id_case(device):
+    """B=2, F=2 bags of two ids from a 10-row table; ids -3, 12 and 10 are out of range."""
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(10, 8, generator=g, dtype=torch.float64).to(device)
+    lw = torch.randn(10, generator=g, dtype=torch.float64).to(device)
+    psw = torch.rand(8, generator=g, dtype=torch.float64).to(device)
+    indices = torch.tensor([1, -3, 12, 4, 9, 10, 0, 2], device=device)
+    offsets = torch.tensor([0, 2, 4, 6, 8], device=device)
+    return weight, indices, offsets, psw, lw
+
+
+@pytest.mark.parametrize("device", device_params(["cuda"]))
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_bounds_check_clamp_reads_the_nearest_row(device, mode):
+    weight, indices, offsets, psw, lw = bad_id_case(device)
+    with cuda_bounds_check("clamp"):
+        out, grads = outputs_and_grads(ops.embedding_fm, weight, indices, offsets, psw, lw, 2, mode, ["mean", "sum"])
+    # Exactly the op on the clamped ids: values, and the gradients land on rows 0 and 9.
+    ref_out, ref_grads = outputs_and_grads(reference.embedding_fm, weight, indices.clamp(0, 9), offsets, psw, lw, 2,
+                                           mode, ["mean", "sum"])
+    for a, e in zip(out + grads, ref_out + ref_grads):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("device", device_params(["cuda"]))
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_bounds_check_off_reads_a_zero_row(device, mode):
+    weight, indices, offsets, psw, lw = bad_id_case(device)
+    with cuda_bounds_check("off"):
+        out, grads = outputs_and_grads(ops.embedding_fm, weight, indices, offsets, psw, lw, 2, mode, ["mean", "sum"])
+    # The reference on a table with an extra zero row (10) that every bad id reads; it gets no gradient.
+    zero_row = torch.where((indices >= 0) & (indices < 10), indices, torch.full_like(indices, 10))
+    weight_ext = torch.cat([weight, weight.new_zeros(1, 8)])
+    ref_out, (ref_w, ref_x, ref_l) = outputs_and_grads(reference.embedding_fm, weight_ext, zero_row, offsets, psw,
+                                                       torch.cat([lw, lw.new_zeros(1)]), 2, mode, ["mean", "sum"])
+    for a, e in zip(out + grads, ref_out + [ref_w[:10], ref_x, ref_l[:10]]):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("device", device_params(["cuda"]))
+@pytest.mark.parametrize("bounds", ["clamp", "off"])
+def test_cuda_bounds_check_malformed_bag_pools_to_zero(device, bounds):
+    weight, indices, offsets, psw, lw = bad_id_case(device)
+    indices = indices.clamp(0, 9)
+    bad_offsets = torch.tensor([0, 2, 4, 6, 9], device=device)  # the last bag ends past nnz = 8
+    with cuda_bounds_check(bounds):
+        out, (grad_w, grad_x, grad_l) = outputs_and_grads(ops.embedding_fm, weight, indices, bad_offsets, psw, lw, 2,
+                                                          "field", "sum")
+    # As if the last bag were empty: its two ids are read by no bag and get no gradient.
+    ref_out, (ref_w, ref_x, ref_l) = outputs_and_grads(reference.embedding_fm, weight, indices[:6],
+                                                       torch.tensor([0, 2, 4, 6, 6], device=device), psw[:6], lw, 2,
+                                                       "field", "sum")
+    for a, e in zip(out + [grad_w, grad_x, grad_l], ref_out + [ref_w, torch.cat([ref_x, ref_x.new_zeros(2)]), ref_l]):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("device", device_params(["cuda"]))
+def test_cuda_table_on_another_device_is_named(device):
+    ids, offsets = torch.tensor([1, 2], device=device), torch.tensor([0, 1, 2], device=device)
+    with pytest.raises(RuntimeError, match=r"indices is on cuda.* but weight is on cpu"):
+        ops.embedding_fm(torch.randn(10, 4), ids, offsets, num_fields=2)
+    with pytest.raises(RuntimeError, match=r"linear_weight is on cpu but weight is on cuda"):
+        ops.embedding_fm(torch.randn(10, 4, device=device), ids, offsets, linear_weight=torch.randn(10), num_fields=2)

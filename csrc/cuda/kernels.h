@@ -3,6 +3,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
 
 namespace deepfm_fast {
 
@@ -12,5 +15,16 @@ at::Tensor fm_interaction_backward_cuda(const at::Tensor& grad_out, const at::Te
 void fused_row_update_cuda(const at::Tensor& weight, at::TensorList state, const at::Tensor& ids,
                            const at::Tensor& row_grads, int64_t optimizer, double lr, double eps, double beta1,
                            double beta2, double weight_decay, int64_t step);
+
+// embedding_fm_cuda.cu: the fused embedding gather + FM forward and its coalesced backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_fm_cuda(
+    const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& offsets,
+    const c10::optional<at::Tensor>& per_sample_weights, const c10::optional<at::Tensor>& linear_weight,
+    int64_t num_fields, int64_t mode, at::IntArrayRef pooling, bool return_pooled);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward_cuda(
+    const at::Tensor& grad_fm, const at::Tensor& grad_linear, const c10::optional<at::Tensor>& grad_pooled,
+    const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& offsets,
+    const c10::optional<at::Tensor>& per_sample_weights, const c10::optional<at::Tensor>& linear_weight,
+    int64_t num_fields, int64_t mode, at::IntArrayRef pooling);
 
 }  // namespace deepfm_fast

@@ -1,0 +1,657 @@
+// CUDA kernels of embedding_fm and embedding_fm_backward (issue 3); the CPU kernels in
+// cpu/embedding_fm_cpu.cpp are the contract they match, output for output.
+//
+// Forward: ONE launch. A group of kLanes threads (a power of two <= 32) handles one sample; lane l
+// owns the dimensions k = k0 + l + j * kLanes (j < kPer) of each chunk of kLanes * kPer dimensions,
+// so that the lanes of a group read consecutive addresses of every table row. The group walks the
+// sample's F bags: gathers the rows, pools them (sum or mean per field), accumulates S = sum and
+// Q = sum of squares of the field vectors (field mode) or of every x_i V[j_i] (feature mode) in
+// float32 (float64 for double), writes the pooled vectors when asked, and reduces
+// 0.5 * sum_k(S^2 - Q) over the lanes with shuffles. Lane 0 sums the first order w[j_i] x_i.
+//
+// Backward: deterministic by construction, with or without torch.use_deterministic_algorithms:
+// no floating-point atomics anywhere; every float output element is summed by ONE thread in a
+// fixed order.
+//   (a) occurrence_grads_kernel, a group per sample: the gradient of every occurrence's row
+//       x_i * D_i into a float32 (float64) [nnz, K] buffer, dL/dx_i and g_lin * x_i per occurrence,
+//       and the occurrence's row as a sort key (D_i as in the CPU kernel, mean scaling included);
+//   (b) at::sort(stable=true) of the keys: the occurrences of each row, in position order;
+//   (c) segment heads (a flag kernel + at::cumsum over int32 flags) give each unique row its
+//       index u and its first sorted position; one device->host copy reads U (and, in "error"
+//       mode, the result of the argument checks: one sync in all);
+//   (d) segment_reduce_kernel, a group per unique row: sums the row's occurrence gradients in
+//       sorted (= position) order, writes row_grads[u] and linear_row_grads[u].
+// The only atomics are integer atomicMin in the argument check (order-independent results).
+//
+// Bounds checks (FBGEMM-style), chosen process-wide by deepfm_fast.ops.set_cuda_bounds_check:
+//   error (default): the values of indices and offsets are checked on the device, then one
+//          device->host copy raises the CPU kernel's error (argument, value, position);
+//   clamp: no check, no sync; a bad id reads (and gets the gradient of) the nearest valid row;
+//   off:   no check, no sync; a bad id reads as a zero row and gets no gradient.
+// In every mode the kernels never read out of bounds: an id outside [0, N) is never used as a
+// row, a bag whose offsets are negative, decreasing or past nnz is read as empty. (Malformed
+// offsets in clamp/off mode give unspecified, but memory-safe, results.) During CUDA graph capture
+// "error" cannot sync and behaves as "off".
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+#include "checks.h"
+#include "cuda/cuda_utils.cuh"
+#include "cuda/kernels.h"
+
+namespace deepfm_fast {
+namespace {
+
+enum BoundsCheck : int { kBoundsError = 0, kBoundsClamp = 1, kBoundsOff = 2 };
+
+std::atomic<int> g_bounds_check{kBoundsError};
+
+// The mode of this call; must run after the device guard (it asks the current stream).
+int bounds_check_mode() {
+  const int mode = g_bounds_check.load(std::memory_order_relaxed);
+  if (mode == kBoundsError &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None)
+    return kBoundsOff;  // a graph being captured cannot sync; the kernels stay in bounds
+  return mode;
+}
+
+// ---- device helpers -----------------------------------------------------------------------------
+
+// The lanes of the caller's group inside its warp. Shuffles use this mask, not the whole warp's:
+// the groups of one warp run loops of different lengths (bag sizes), so they never meet at a
+// shuffle, and a group past the batch may return early.
+template <int kLanes>
+__device__ __forceinline__ unsigned group_mask() {
+  if constexpr (kLanes == 32) {
+    return 0xffffffffu;
+  } else {
+    const unsigned first_lane = (threadIdx.x % 32u) / kLanes * kLanes;
+    return ((1u << kLanes) - 1u) << first_lane;
+  }
+}
+
+// Sum over the kLanes lanes of a group (a fixed butterfly: deterministic).
+template <int kLanes, typename T>
+__device__ __forceinline__ T group_sum(T value, unsigned mask) {
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(mask, value, offset, kLanes);
+  return value;
+}
+
+// The row an id reads: itself when in [0, rows); otherwise the nearest row in clamp mode, else -1
+// (read as a zero row, no gradient).
+__device__ __forceinline__ int64_t row_of(int64_t id, int64_t rows, bool clamp) {
+  if (id >= 0 && id < rows) return id;
+  if (clamp && rows > 0) return id < 0 ? 0 : rows - 1;
+  return -1;
+}
+
+// The occurrences [start, stop) of bag `bag`; a malformed bag (negative, decreasing or past-nnz
+// offsets) is empty. Valid CSR input never takes that branch.
+template <typename index_t>
+__device__ __forceinline__ void bag_range(const index_t* offsets, int64_t bag, int64_t nnz, int64_t& start,
+                                          int64_t& stop) {
+  start = static_cast<int64_t>(offsets[bag]);
+  stop = static_cast<int64_t>(offsets[bag + 1]);
+  if (start < 0 || start > stop || stop > nnz) start = stop = 0;
+}
+
+// Per-field pooling: one flag for all fields, a bitmask (<= 64 fields), or a device array.
+struct PoolingFlags {
+  int uniform;           // 0: every field sums, 1: every field averages, -1: per field (below)
+  uint64_t bits;         // bit f: field f averages (num_fields <= 64, flags == nullptr)
+  const uint8_t* flags;  // [num_fields] on the device, 1 = average (num_fields > 64)
+  __device__ __forceinline__ bool is_mean(int64_t f) const {
+    if (uniform >= 0) return uniform != 0;
+    if (flags != nullptr) return flags[f] != 0;
+    return ((bits >> f) & 1u) != 0;
+  }
+};
+
+template <typename scalar_t, typename index_t>
+struct Inputs {
+  const scalar_t* weight;  // [rows, dim]
+  const index_t* indices;  // [nnz]
+  const index_t* offsets;  // [batch * fields + 1]
+  const scalar_t* psw;     // [nnz] or nullptr (every x_i = 1)
+  const scalar_t* lw;      // [rows] or nullptr (no first order)
+  int64_t rows, dim, nnz, batch, fields;
+  bool feature_mode, clamp;
+  PoolingFlags pooling;
+
+  __device__ __forceinline__ at::opmath_type<scalar_t> x(int64_t p) const {
+    using acc_t = at::opmath_type<scalar_t>;
+    return psw != nullptr ? static_cast<acc_t>(psw[p]) : acc_t(1);
+  }
+  __device__ __forceinline__ int64_t row(int64_t p) const {
+    return row_of(static_cast<int64_t>(indices[p]), rows, clamp);
+  }
+  __device__ __forceinline__ at::opmath_type<scalar_t> value(int64_t row, int64_t k) const {
+    using acc_t = at::opmath_type<scalar_t>;
+    return row >= 0 && k < dim ? static_cast<acc_t>(weight[row * dim + k]) : acc_t(0);
+  }
+  // 1/n for a mean-pooled bag of n > 1 ids, else 1 (an empty bag pools to 0 either way).
+  __device__ __forceinline__ at::opmath_type<scalar_t> scale(int64_t f, int64_t n) const {
+    using acc_t = at::opmath_type<scalar_t>;
+    return pooling.is_mean(f) && n > 1 ? acc_t(1) / static_cast<acc_t>(n) : acc_t(1);
+  }
+};
+
+template <int kLanes>
+__device__ __forceinline__ int64_t group_index() {
+  return static_cast<int64_t>(blockIdx.x) * (blockDim.x / kLanes) + threadIdx.x / kLanes;
+}
+
+// ---- forward ------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename index_t, int kLanes, int kPer>
+__global__ void forward_kernel(const Inputs<scalar_t, index_t> in, scalar_t* __restrict__ fm,
+                               scalar_t* __restrict__ linear, scalar_t* __restrict__ pooled) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t b = group_index<kLanes>();
+  if (b >= in.batch) return;  // the whole group leaves together
+  const int lane = threadIdx.x % kLanes;
+  const unsigned mask = group_mask<kLanes>();
+  constexpr int64_t kChunk = int64_t(kLanes) * kPer;
+  const int64_t chunks = in.dim > kChunk ? (in.dim + kChunk - 1) / kChunk : 1;  // one pass even for dim 0
+  acc_t fm_part = acc_t(0), lin = acc_t(0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t k0 = c * kChunk + lane;
+    acc_t sum[kPer], sq[kPer];
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) sum[j] = sq[j] = acc_t(0);
+    for (int64_t f = 0; f < in.fields; ++f) {
+      const int64_t bag = b * in.fields + f;
+      int64_t start, stop;
+      bag_range(in.offsets, bag, in.nnz, start, stop);
+      acc_t e[kPer];
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) e[j] = acc_t(0);
+      for (int64_t p = start; p < stop; ++p) {
+        const int64_t row = in.row(p);
+        const acc_t x = in.x(p);
+        if (c == 0 && lane == 0 && in.lw != nullptr && row >= 0) lin += static_cast<acc_t>(in.lw[row]) * x;
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+          const acc_t u = x * in.value(row, k0 + j * kLanes);
+          e[j] += u;
+          if (in.feature_mode) {
+            sum[j] += u;
+            sq[j] += u * u;
+          }
+        }
+      }
+      const acc_t s = in.scale(f, stop - start);
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        e[j] *= s;
+        if (!in.feature_mode) {
+          sum[j] += e[j];
+          sq[j] += e[j] * e[j];
+        }
+        const int64_t k = k0 + j * kLanes;
+        if (pooled != nullptr && k < in.dim) pooled[bag * in.dim + k] = static_cast<scalar_t>(e[j]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) fm_part += acc_t(0.5) * (sum[j] * sum[j] - sq[j]);
+  }
+  fm_part = group_sum<kLanes>(fm_part, mask);
+  if (lane == 0) {
+    fm[b] = static_cast<scalar_t>(fm_part);
+    if (linear != nullptr) linear[b] = static_cast<scalar_t>(lin);
+  }
+}
+
+// ---- backward -----------------------------------------------------------------------------------
+
+// Step (a). For each occurrence p of sample b (in bag f): occ[p] = x_p * D_p with
+//   field mode:   D_p = s_f * (g_fm * (S - e_f) + g_pooled[f])
+//   feature mode: D_p = g_fm * (S - x_p V_p) + s_f * g_pooled[f]
+// grad_x[p] = V_p . D_p + g_lin * w[j_p], lin_occ[p] = g_lin * x_p and key[p] = the row (or
+// `rows`, a sentinel that sorts last and is dropped, for an id that reads as a zero row).
+// Occurrences outside every valid bag keep the sentinel key set by the host and a zero grad_x.
+template <typename scalar_t, typename index_t, int kLanes, int kPer>
+__global__ void occurrence_grads_kernel(const Inputs<scalar_t, index_t> in, const scalar_t* __restrict__ g_fm,
+                                        const scalar_t* __restrict__ g_lin, const scalar_t* __restrict__ g_pooled,
+                                        at::opmath_type<scalar_t>* __restrict__ occ,
+                                        at::opmath_type<scalar_t>* __restrict__ grad_x,
+                                        at::opmath_type<scalar_t>* __restrict__ lin_occ, int32_t* __restrict__ keys32,
+                                        int64_t* __restrict__ keys64) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t b = group_index<kLanes>();
+  if (b >= in.batch) return;
+  const int lane = threadIdx.x % kLanes;
+  const unsigned mask = group_mask<kLanes>();
+  const acc_t g = static_cast<acc_t>(g_fm[b]);
+  const acc_t gl = static_cast<acc_t>(g_lin[b]);
+  constexpr int64_t kChunk = int64_t(kLanes) * kPer;
+  const int64_t chunks = in.dim > kChunk ? (in.dim + kChunk - 1) / kChunk : 1;  // one pass even for dim 0
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t k0 = c * kChunk + lane;
+    // Pass 1: S, the sum of the sample's vectors (scaled field vectors, or every x_i V_i).
+    acc_t S[kPer];
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) S[j] = acc_t(0);
+    for (int64_t f = 0; f < in.fields; ++f) {
+      int64_t start, stop;
+      bag_range(in.offsets, b * in.fields + f, in.nnz, start, stop);
+      acc_t e[kPer];
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) e[j] = acc_t(0);
+      for (int64_t p = start; p < stop; ++p) {
+        const int64_t row = in.row(p);
+        const acc_t x = in.x(p);
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) e[j] += x * in.value(row, k0 + j * kLanes);
+      }
+      const acc_t s = in.feature_mode ? acc_t(1) : in.scale(f, stop - start);
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) S[j] += s * e[j];
+    }
+    // Pass 2: the gradient of every occurrence (the rows come from cache the second time).
+    for (int64_t f = 0; f < in.fields; ++f) {
+      const int64_t bag = b * in.fields + f;
+      int64_t start, stop;
+      bag_range(in.offsets, bag, in.nnz, start, stop);
+      const acc_t s = in.scale(f, stop - start);
+      acc_t gp[kPer], D[kPer];
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const int64_t k = k0 + j * kLanes;
+        gp[j] = g_pooled != nullptr && k < in.dim ? static_cast<acc_t>(g_pooled[bag * in.dim + k]) : acc_t(0);
+        D[j] = acc_t(0);
+      }
+      if (!in.feature_mode) {
+        acc_t e[kPer];
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) e[j] = acc_t(0);
+        for (int64_t p = start; p < stop; ++p) {
+          const int64_t row = in.row(p);
+          const acc_t x = in.x(p);
+#pragma unroll
+          for (int j = 0; j < kPer; ++j) e[j] += x * in.value(row, k0 + j * kLanes);
+        }
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) D[j] = s * (g * (S[j] - s * e[j]) + gp[j]);
+      }
+      for (int64_t p = start; p < stop; ++p) {
+        const int64_t row = in.row(p);
+        const acc_t x = in.x(p);
+        acc_t dot = acc_t(0);
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+          const int64_t k = k0 + j * kLanes;
+          const acc_t v = in.value(row, k);
+          const acc_t d = in.feature_mode ? g * (S[j] - x * v) + s * gp[j] : D[j];
+          if (k < in.dim) occ[p * in.dim + k] = x * d;
+          dot += v * d;  // v is 0 for k >= dim
+        }
+        if (grad_x != nullptr) {
+          dot = group_sum<kLanes>(dot, mask);  // every lane of the group is here: same p loop
+          if (lane == 0) {
+            const acc_t first = in.lw != nullptr && row >= 0 ? gl * static_cast<acc_t>(in.lw[row]) : acc_t(0);
+            grad_x[p] = (c == 0 ? first : grad_x[p]) + dot;  // the same thread wrote it in chunk c - 1
+          }
+        }
+        if (c == 0 && lane == 0) {
+          if (lin_occ != nullptr) lin_occ[p] = gl * x;
+          const int64_t key = row >= 0 ? row : in.rows;
+          if (keys32 != nullptr) keys32[p] = static_cast<int32_t>(key);
+          else keys64[p] = key;
+        }
+      }
+    }
+  }
+}
+
+// Step (c): head[q] = 1 where sorted position q starts the segment of a valid row.
+template <typename key_t>
+__global__ void mark_segments_kernel(const key_t* __restrict__ sorted, int64_t nnz, int64_t sentinel,
+                                     int32_t* __restrict__ head) {
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < nnz;
+       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t key = static_cast<int64_t>(sorted[q]);
+    head[q] = key != sentinel && (q == 0 || key != static_cast<int64_t>(sorted[q - 1])) ? 1 : 0;
+  }
+}
+
+// unique_ids[u] and seg_start[u] (u = seg[q] - 1 at each head), and seg_start[U] = the end of the
+// last valid segment (written by the last position whose key is not the sentinel).
+template <typename key_t>
+__global__ void segment_starts_kernel(const key_t* __restrict__ sorted, const int32_t* __restrict__ head,
+                                      const int64_t* __restrict__ seg, int64_t nnz, int64_t sentinel,
+                                      int64_t* __restrict__ unique_ids, int64_t* __restrict__ seg_start) {
+  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < nnz;
+       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t key = static_cast<int64_t>(sorted[q]);
+    if (key == sentinel) continue;
+    if (head[q]) {
+      unique_ids[seg[q] - 1] = key;
+      seg_start[seg[q] - 1] = q;
+    }
+    if (q + 1 == nnz || static_cast<int64_t>(sorted[q + 1]) == sentinel) seg_start[seg[q]] = q + 1;
+  }
+}
+
+// Step (d): a group per unique row sums its occurrences in sorted (= position) order.
+template <typename scalar_t, int kLanes>
+__global__ void segment_reduce_kernel(const at::opmath_type<scalar_t>* __restrict__ occ,
+                                      const at::opmath_type<scalar_t>* __restrict__ lin_occ,
+                                      const int64_t* __restrict__ order, const int64_t* __restrict__ seg_start,
+                                      int64_t num_unique, int64_t dim, scalar_t* __restrict__ row_grads,
+                                      scalar_t* __restrict__ linear_row_grads) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t u = group_index<kLanes>();
+  if (u >= num_unique) return;
+  const int lane = threadIdx.x % kLanes;
+  const int64_t first = seg_start[u], last = seg_start[u + 1];
+  for (int64_t k = lane; k < dim; k += kLanes) {
+    acc_t acc = acc_t(0);
+    for (int64_t q = first; q < last; ++q) acc += occ[order[q] * dim + k];
+    row_grads[u * dim + k] = static_cast<scalar_t>(acc);
+  }
+  if (linear_row_grads != nullptr && lane == 0) {
+    acc_t acc = acc_t(0);
+    for (int64_t q = first; q < last; ++q) acc += lin_occ[order[q]];
+    linear_row_grads[u] = static_cast<scalar_t>(acc);
+  }
+}
+
+// ---- argument values ----------------------------------------------------------------------------
+
+// stats (int64, pre-filled with -1 = "none"): [0] first i with offsets[i] > offsets[i + 1],
+// [1] first position of an id outside [0, rows), [2] offsets[0], [3] offsets[-1].
+template <typename index_t>
+__global__ void check_csr_kernel(const index_t* __restrict__ indices, int64_t nnz, const index_t* __restrict__ offsets,
+                                 int64_t num_offsets, int64_t rows, int64_t* __restrict__ stats) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    stats[2] = static_cast<int64_t>(offsets[0]);
+    stats[3] = static_cast<int64_t>(offsets[num_offsets - 1]);
+  }
+  auto* first_bad = reinterpret_cast<unsigned long long*>(stats);  // -1 reads as the largest value
+  const int64_t n = nnz > num_offsets - 1 ? nnz : num_offsets - 1;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (i < num_offsets - 1 && offsets[i] > offsets[i + 1]) atomicMin(first_bad, static_cast<unsigned long long>(i));
+    if (i < nnz) {
+      const int64_t id = static_cast<int64_t>(indices[i]);
+      if (id < 0 || id >= rows) atomicMin(first_bad + 1, static_cast<unsigned long long>(i));
+    }
+  }
+}
+
+int64_t grid_for(int64_t n) {
+  return std::min<int64_t>(std::max<int64_t>(cuda::ceil_div(n, cuda::kThreadsPerBlock), 1), 4096);
+}
+
+// Groups of lanes for an embedding dimension: kLanes >= dim up to a warp, then two dimensions per
+// lane (dim <= 64) and chunks of 64 beyond.
+template <typename Fn>
+void dispatch_group(int64_t dim, Fn&& fn) {
+  using std::integral_constant;
+  if (dim <= 4) return fn(integral_constant<int, 4>{}, integral_constant<int, 1>{});
+  if (dim <= 8) return fn(integral_constant<int, 8>{}, integral_constant<int, 1>{});
+  if (dim <= 16) return fn(integral_constant<int, 16>{}, integral_constant<int, 1>{});
+  if (dim <= 32) return fn(integral_constant<int, 32>{}, integral_constant<int, 1>{});
+  return fn(integral_constant<int, 32>{}, integral_constant<int, 2>{});
+}
+
+struct Prepared {
+  at::Tensor weight, indices, offsets;
+  c10::optional<at::Tensor> psw, lw;
+  at::Tensor mean_flags;  // device copy of the per-field pooling, only for > 64 mixed fields
+  PoolingFlags pooling{0, 0, nullptr};
+  int64_t batch = 0;
+};
+
+// Checks everything that needs no tensor data, then returns contiguous tensors with indices and
+// offsets of one dtype (the wider of the two), and the pooling flags.
+Prepared prepare(const char* op, const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& offsets,
+                 const c10::optional<at::Tensor>& psw, const c10::optional<at::Tensor>& lw, int64_t num_fields,
+                 int64_t mode, at::IntArrayRef pooling) {
+  check_embedding_fm_args(op, weight, indices, offsets, psw, lw, num_fields, mode, pooling);
+  Prepared p;
+  p.weight = weight.contiguous();
+  const bool wide = indices.scalar_type() == at::kLong || offsets.scalar_type() == at::kLong;
+  const auto index_type = wide ? at::kLong : at::kInt;
+  p.indices = indices.to(index_type).contiguous();
+  p.offsets = offsets.to(index_type).contiguous();
+  if (psw.has_value()) p.psw = psw->contiguous();
+  if (lw.has_value()) p.lw = lw->contiguous();
+  p.batch = (offsets.numel() - 1) / num_fields;
+  const bool uniform = std::all_of(pooling.begin(), pooling.end(), [&](int64_t v) { return v == pooling[0]; });
+  if (uniform) {
+    p.pooling.uniform = static_cast<int>(pooling[0]);
+  } else if (num_fields <= 64) {
+    p.pooling.uniform = -1;
+    for (int64_t f = 0; f < num_fields; ++f)
+      if (pooling[f] == 1) p.pooling.bits |= uint64_t(1) << f;
+  } else {
+    p.pooling.uniform = -1;
+    at::Tensor host = at::empty({num_fields}, at::TensorOptions().dtype(at::kByte));
+    uint8_t* flags = host.mutable_data_ptr<uint8_t>();
+    for (int64_t f = 0; f < num_fields; ++f) flags[f] = pooling[f] == 1 ? 1 : 0;
+    // From pageable memory, so the copy is staged before this returns: no sync, no lifetime issue.
+    p.mean_flags = host.to(weight.device(), at::kByte, /*non_blocking=*/true);
+    p.pooling.flags = p.mean_flags.const_data_ptr<uint8_t>();
+  }
+  return p;
+}
+
+template <typename scalar_t, typename index_t>
+Inputs<scalar_t, index_t> make_inputs(const Prepared& p, int64_t num_fields, int64_t mode, int bounds) {
+  return Inputs<scalar_t, index_t>{p.weight.const_data_ptr<scalar_t>(),
+                                   p.indices.const_data_ptr<index_t>(),
+                                   p.offsets.const_data_ptr<index_t>(),
+                                   p.psw ? p.psw->const_data_ptr<scalar_t>() : nullptr,
+                                   p.lw ? p.lw->const_data_ptr<scalar_t>() : nullptr,
+                                   p.weight.size(0),
+                                   p.weight.size(1),
+                                   p.indices.numel(),
+                                   p.batch,
+                                   num_fields,
+                                   mode == 1,
+                                   bounds == kBoundsClamp,
+                                   p.pooling};
+}
+
+// "error" mode: fills stats[0..3] on the device (stats: int64 [5], -1 everywhere).
+void launch_csr_check(const Prepared& p, const at::Tensor& stats, cudaStream_t stream) {
+  const int64_t nnz = p.indices.numel(), num_offsets = p.offsets.numel();
+  AT_DISPATCH_INDEX_TYPES(p.indices.scalar_type(), "embedding_fm_check_cuda", [&] {
+    check_csr_kernel<index_t><<<grid_for(std::max(nnz, num_offsets - 1)), cuda::kThreadsPerBlock, 0, stream>>>(
+        p.indices.const_data_ptr<index_t>(), nnz, p.offsets.const_data_ptr<index_t>(), num_offsets,
+        p.weight.size(0), stats.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Raises the CPU kernel's error for the first problem that stats (on the host) records. Reading
+// the offending values costs more copies, on the error path only.
+void raise_on_bad_csr(const char* op, const int64_t* stats, const Prepared& p) {
+  const int64_t nnz = p.indices.numel(), num_offsets = p.offsets.numel(), rows = p.weight.size(0);
+  TORCH_CHECK(stats[2] == 0, op, ": offsets[0] must be 0, got ", stats[2]);
+  TORCH_CHECK(stats[3] == nnz, op, ": offsets[-1] must equal the number of indices (nnz = ", nnz,
+              "), got offsets[-1] = offsets[", num_offsets - 1, "] = ", stats[3]);
+  if (stats[0] >= 0) {
+    const at::Tensor pair = p.offsets.narrow(0, stats[0], 2).to(at::kLong).cpu();
+    const int64_t* v = pair.const_data_ptr<int64_t>();
+    TORCH_CHECK(false, op, ": offsets must be non-decreasing, but offsets[", stats[0], "] = ", v[0], " > offsets[",
+                stats[0] + 1, "] = ", v[1]);
+  }
+  if (stats[1] >= 0) {
+    const at::Tensor id = p.indices.narrow(0, stats[1], 1).to(at::kLong).cpu();
+    TORCH_CHECK(false, op, ": indices[", stats[1], "] = ", id.const_data_ptr<int64_t>()[0],
+                " is out of range for weight with ", rows, " rows (valid ids are 0..", rows - 1, ")");
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_fm_cuda(
+    const at::Tensor& weight_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
+    const c10::optional<at::Tensor>& psw_in, const c10::optional<at::Tensor>& lw_in, int64_t num_fields,
+    int64_t mode, at::IntArrayRef pooling, bool return_pooled) {
+  constexpr const char* op = "embedding_fm";
+  // Checks first: a table on the CPU gets the error that says so, not the guard's.
+  const Prepared p = prepare(op, weight_in, indices_in, offsets_in, psw_in, lw_in, num_fields, mode, pooling);
+  const c10::cuda::CUDAGuard device_guard(p.weight.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int bounds = bounds_check_mode();
+  if (bounds == kBoundsError) {  // the one device->host sync of the forward
+    const at::Tensor stats = at::full({5}, -1, p.weight.options().dtype(at::kLong));
+    launch_csr_check(p, stats, stream);
+    const at::Tensor host = stats.cpu();
+    raise_on_bad_csr(op, host.const_data_ptr<int64_t>(), p);
+  }
+  const int64_t batch = p.batch, dim = p.weight.size(1);
+  const auto options = p.weight.options();
+  at::Tensor fm = at::empty({batch}, options);
+  at::Tensor linear = p.lw ? at::empty({batch}, options) : at::zeros({batch}, options);
+  at::Tensor pooled = return_pooled ? at::empty({batch, num_fields, dim}, options) : at::empty({0}, options);
+  if (batch == 0) return {fm, linear, pooled};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.weight.scalar_type(), "embedding_fm_cuda", [&] {
+    using scalar = scalar_t;
+    AT_DISPATCH_INDEX_TYPES(p.indices.scalar_type(), "embedding_fm_cuda", [&] {
+      const auto in = make_inputs<scalar, index_t>(p, num_fields, mode, bounds);
+      dispatch_group(dim, [&](auto lanes, auto per) {
+        constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
+        const auto grid = cuda::ceil_div(batch, cuda::kThreadsPerBlock / kLanes);
+        forward_kernel<scalar, index_t, kLanes, kPer><<<grid, cuda::kThreadsPerBlock, 0, stream>>>(
+            in, fm.mutable_data_ptr<scalar>(), p.lw ? linear.mutable_data_ptr<scalar>() : nullptr,
+            return_pooled ? pooled.mutable_data_ptr<scalar>() : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return {fm, linear, pooled};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward_cuda(
+    const at::Tensor& grad_fm_in, const at::Tensor& grad_linear_in, const c10::optional<at::Tensor>& grad_pooled_in,
+    const at::Tensor& weight_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
+    const c10::optional<at::Tensor>& psw_in, const c10::optional<at::Tensor>& lw_in, int64_t num_fields, int64_t mode,
+    at::IntArrayRef pooling) {
+  constexpr const char* op = "embedding_fm_backward";
+  const Prepared p = prepare(op, weight_in, indices_in, offsets_in, psw_in, lw_in, num_fields, mode, pooling);
+  check_embedding_fm_backward_args(grad_fm_in, grad_linear_in, grad_pooled_in, p.weight, p.batch, num_fields);
+  const c10::cuda::CUDAGuard device_guard(p.weight.device());
+  const at::Tensor grad_fm = grad_fm_in.contiguous();
+  const at::Tensor grad_linear = grad_linear_in.contiguous();
+  const bool has_grad_pooled = grad_pooled_in.has_value() && grad_pooled_in->numel() > 0;
+  const at::Tensor grad_pooled = has_grad_pooled ? grad_pooled_in->contiguous() : at::Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int bounds = bounds_check_mode();
+  const int64_t nnz = p.indices.numel(), dim = p.weight.size(1), rows = p.weight.size(0);
+  const auto options = p.weight.options();
+  const auto long_options = options.dtype(at::kLong);
+  const auto acc_type = at::toOpMathType(p.weight.scalar_type());
+
+  // [0..3] the argument checks ("error" mode), [4] the number of unique rows U.
+  const at::Tensor stats = at::full({5}, -1, long_options);
+  if (bounds == kBoundsError) launch_csr_check(p, stats, stream);
+
+  at::Tensor grad_x = p.psw ? at::zeros({nnz}, options.dtype(acc_type)) : at::Tensor();
+  at::Tensor occ, lin_occ, order, sorted, head, seg;
+  const bool narrow_keys = rows < std::numeric_limits<int32_t>::max();  // the sentinel `rows` fits
+  if (nnz > 0) {
+    occ = at::empty({nnz, dim}, options.dtype(acc_type));
+    lin_occ = p.lw ? at::empty({nnz}, options.dtype(acc_type)) : at::Tensor();
+    at::Tensor keys = at::full({nnz}, rows, options.dtype(narrow_keys ? at::kInt : at::kLong));
+    if (p.batch > 0) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.weight.scalar_type(), "embedding_fm_backward_cuda",
+                                      [&] {
+        using scalar = scalar_t;
+        using acc_t = at::opmath_type<scalar>;
+        AT_DISPATCH_INDEX_TYPES(p.indices.scalar_type(), "embedding_fm_backward_cuda", [&] {
+          const auto in = make_inputs<scalar, index_t>(p, num_fields, mode, bounds);
+          dispatch_group(dim, [&](auto lanes, auto per) {
+            constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
+            const auto grid = cuda::ceil_div(p.batch, cuda::kThreadsPerBlock / kLanes);
+            occurrence_grads_kernel<scalar, index_t, kLanes, kPer><<<grid, cuda::kThreadsPerBlock, 0, stream>>>(
+                in, grad_fm.const_data_ptr<scalar>(), grad_linear.const_data_ptr<scalar>(),
+                has_grad_pooled ? grad_pooled.const_data_ptr<scalar>() : nullptr, occ.mutable_data_ptr<acc_t>(),
+                p.psw ? grad_x.mutable_data_ptr<acc_t>() : nullptr, p.lw ? lin_occ.mutable_data_ptr<acc_t>() : nullptr,
+                narrow_keys ? keys.mutable_data_ptr<int32_t>() : nullptr,
+                narrow_keys ? nullptr : keys.mutable_data_ptr<int64_t>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        });
+      });
+    }
+    // Stable radix sort (deterministic): the occurrences of each row, in position order.
+    std::tie(sorted, order) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    head = at::empty({nnz}, options.dtype(at::kInt));
+    AT_DISPATCH_INDEX_TYPES(sorted.scalar_type(), "embedding_fm_segments_cuda", [&] {
+      mark_segments_kernel<index_t><<<grid_for(nnz), cuda::kThreadsPerBlock, 0, stream>>>(
+          sorted.const_data_ptr<index_t>(), nnz, rows, head.mutable_data_ptr<int32_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    seg = at::cumsum(head, 0, at::kLong);  // seg[q] = 1 + the index of q's unique row
+    stats.narrow(0, 4, 1).copy_(seg.narrow(0, nnz - 1, 1));
+  }
+
+  int64_t num_unique = 0;
+  if (nnz > 0 || bounds == kBoundsError) {  // the one device->host sync of the backward
+    const at::Tensor host = stats.cpu();
+    const int64_t* s = host.const_data_ptr<int64_t>();
+    if (bounds == kBoundsError) raise_on_bad_csr(op, s, p);
+    num_unique = nnz > 0 ? s[4] : 0;
+  }
+
+  at::Tensor unique_ids = at::empty({num_unique}, long_options);
+  at::Tensor row_grads = at::empty({num_unique, dim}, options);
+  at::Tensor linear_row_grads = at::empty({p.lw ? num_unique : 0}, options);
+  if (num_unique > 0) {
+    at::Tensor seg_start = at::empty({num_unique + 1}, long_options);
+    AT_DISPATCH_INDEX_TYPES(sorted.scalar_type(), "embedding_fm_segments_cuda", [&] {
+      segment_starts_kernel<index_t><<<grid_for(nnz), cuda::kThreadsPerBlock, 0, stream>>>(
+          sorted.const_data_ptr<index_t>(), head.const_data_ptr<int32_t>(), seg.const_data_ptr<int64_t>(), nnz, rows,
+          unique_ids.mutable_data_ptr<int64_t>(), seg_start.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.weight.scalar_type(), "embedding_fm_reduce_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      cuda::dispatch_lanes(cuda::lanes_for_dim(dim), [&](auto lanes) {
+        constexpr int kLanes = decltype(lanes)::value;
+        const auto grid = cuda::ceil_div(num_unique, cuda::kThreadsPerBlock / kLanes);
+        segment_reduce_kernel<scalar_t, kLanes><<<grid, cuda::kThreadsPerBlock, 0, stream>>>(
+            occ.const_data_ptr<acc_t>(), p.lw ? lin_occ.const_data_ptr<acc_t>() : nullptr,
+            order.const_data_ptr<int64_t>(), seg_start.const_data_ptr<int64_t>(), num_unique, dim,
+            row_grads.mutable_data_ptr<scalar_t>(), p.lw ? linear_row_grads.mutable_data_ptr<scalar_t>() : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  at::Tensor grad_psw = p.psw ? grad_x.to(p.weight.scalar_type()) : at::empty({0}, options);
+  return {unique_ids, row_grads, linear_row_grads, grad_psw};
+}
+
+}  // namespace deepfm_fast
+
+// Process-wide bounds-check mode of the CUDA kernels (0 error, 1 clamp, 2 off), set from Python by
+// deepfm_fast.ops.set_cuda_bounds_check through ctypes: a setting, not an op, so no schema and no
+// graph node. Returns 0, or -1 for an unknown mode (left unchanged).
+extern "C" __attribute__((visibility("default"))) int deepfm_fast_set_cuda_bounds_check(int mode) {
+  if (mode < deepfm_fast::kBoundsError || mode > deepfm_fast::kBoundsOff) return -1;
+  deepfm_fast::g_bounds_check.store(mode, std::memory_order_relaxed);
+  return 0;
+}
+
+extern "C" __attribute__((visibility("default"))) int deepfm_fast_get_cuda_bounds_check() {
+  return deepfm_fast::g_bounds_check.load(std::memory_order_relaxed);
+}
