@@ -3,19 +3,27 @@
 #   * Frappe: train on frappe.validation.libfm (10 % held out for early stopping), test on frappe.test.libfm
 #   * the seed's MovieLens sample (sparrow_movielens/samples.csv): time-ordered 80/20 train/test split,
 #     the last 10 % (by time) of the train part held out for early stopping.
-# Writes one metrics JSON per run to $OUT, then benchmarks/results/quality.{md,json}.
+# Every run uses the CLI defaults for what BARS does not fix: fused Adam on the table rows each batch
+# touches (--table-optimizer adam, table lr = --lr), early stopping on validation AUC - logloss
+# (--monitor auc-logloss, FuxiCTR's monitor {AUC: 1, logloss: -1}), batch-norm statistics recomputed
+# before each validation (--precise-bn-batches 16), embedding init N(0, 1e-2) (see quality.md).
+# Writes one metrics JSON per run to $OUT, then benchmarks/results/quality.{md,json} via quality_table.py.
 # Usage: benchmarks/quality.sh [DATA_DIR]   (default ../shared/data beside the repository)
+#        env SEEDS="2021 2022 2023" OUT=dir THREADS=n
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-$(cd .. && pwd)/shared/data}
 OUT=${OUT:-benchmarks/results/quality_runs}
 SEEDS=${SEEDS:-"2021 2022 2023"}
+THREADS=${THREADS:+--threads $THREADS}
+export OMP_WAIT_POLICY=PASSIVE
 if [ ! -f "$DATA/frappe/frappe.validation.libfm" ] || [ ! -f "$DATA/sparrow_movielens/samples.csv" ]; then
   echo "quality.sh: real data not found under $DATA; skipping" >&2
   exit 0
 fi
 mkdir -p "$OUT"
-COMMON="--embedding-dim 10 --batch-size 4096 --lr 1e-3 --epochs 100 --patience 2 --no-progress"
+COMMON="--embedding-dim 10 --batch-size 4096 --lr 1e-3 --epochs 100 --patience 2 --init-std 1e-2
+        --table-optimizer adam --monitor auc-logloss --precise-bn-batches 16 --no-progress $THREADS"
 DNN="--hidden-units 400,400,400 --batch-norm"
 for seed in $SEEDS; do
   # Frappe. L2 (FuxiCTR embedding_regularizer / regularizer): DeepFM 0.05, FM 5e-6, LR 1e-5.

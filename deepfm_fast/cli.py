@@ -63,14 +63,24 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "activation": "relu", "dropout": 0.0, "batch_norm": False, "l2_embedding": 0.0, "patience": 2,
     "seed": 2021, "checkpoint_dir": None, "resume": False, "metrics_out": None, "cache_dir": None,
     "skip_bad_lines": False, "threads": None, "max_rows": None, "min_count": 1, "sparse": False,
-    "device": "cpu", "progress": True, "init_std": 1e-4,
+    "device": "cpu", "progress": True, "init_std": 1e-2, "table_optimizer": "adam", "table_lr": None,
+    "monitor": "auc-logloss", "precise_bn_batches": 16,
 }
+_CHOICES = {"table_optimizer": ("adam", "rowwise_adagrad", "adagrad", "sgd", "sparse_adam", "dense"),
+            "monitor": ("auc-logloss", "auc"), "model": ("deepfm", "fm", "lr")}
 _TYPES = {"valid_fraction": float, "test_fraction": float, "epochs": int, "batch_size": int, "lr": float,
+          "table_lr": float, "precise_bn_batches": int,
           "embedding_dim": int, "hidden_units": _hidden_units, "dropout": float, "l2_embedding": float,
           "patience": int, "seed": int, "threads": int, "max_rows": int, "min_count": int,
           "init_std": float}
 _BOOLS = ("batch_norm", "resume", "skip_bad_lines", "sparse", "progress")
 _PATHS = ("schema", "train", "valid", "test", "checkpoint_dir", "metrics_out", "cache_dir")
+
+
+# `deepfm-fast demo` defaults: about a minute on 2 cores, within ~0.025 AUC of the planted truth
+# (the default make_synthetic data: 600k rows, 3,851 Zipf ids, planted rank-4 DeepFM).
+DEMO: Dict[str, Any] = {"rows": 600_000, "epochs": 3, "batch_size": 4096, "lr": 3e-3, "table_lr": 2e-2,
+                        "init_std": 1e-2, "embedding_dim": 10, "hidden_units": [256, 256], "dropout": 0.0}
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -111,14 +121,31 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--dropout", type=float, help="DNN dropout (default 0)")
     g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help="DNN batch norm")
     g.add_argument("--l2-embedding", type=float, help="L2 on the table rows used in each batch (default 0)")
+    g.add_argument("--table-optimizer", choices=_CHOICES["table_optimizer"],
+                   help="how the embedding table (and first-order weights) is trained: adam (default; fused "
+                        "Adam on the rows each batch touches, inside the backward = SparseAdam semantics, "
+                        "fastest), rowwise_adagrad / adagrad / sgd (fused), sparse_adam (sparse gradients + "
+                        "torch SparseAdam), dense (dense gradients + Adam: the slow baseline). The DNN, bias "
+                        "and batch norm always use torch Adam")
+    g.add_argument("--table-lr", type=float, help="learning rate of the table optimizer (default: --lr)")
     g.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=None,
-                   help="sparse table gradients with SparseAdam")
-    g.add_argument("--init-std", type=float, help="embedding init std (default 1e-4, as FuxiCTR)")
+                   help="old spelling of --table-optimizer sparse_adam")
+    g.add_argument("--init-std", type=float,
+                   help="embedding init std (default 1e-2; FuxiCTR uses 1e-4, which leaves the FM term "
+                        "inactive for many epochs when an epoch is only a few steps)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="most epochs (default 10)")
     g.add_argument("--batch-size", type=int, help="rows per step (default 4096)")
     g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
-    g.add_argument("--patience", type=int, help="epochs without validation AUC gain before stopping (default 2)")
+    g.add_argument("--patience", type=int,
+                   help="epochs without gain of the monitored validation score before stopping (default 2)")
+    g.add_argument("--precise-bn-batches", type=int,
+                   help="before each validation, recompute the batch-norm statistics over this many training "
+                        "batches with the current weights (PreciseBN; default 16; 0 = plain running averages, "
+                        "which lag badly with few steps per epoch)")
+    g.add_argument("--monitor", choices=_CHOICES["monitor"],
+                   help="early-stopping score: auc-logloss (default; validation AUC - logloss, as the BARS "
+                        "configs' monitor {AUC: 1, logloss: -1}) or auc")
     g.add_argument("--seed", type=int, help="seed (default 2021); same seed, same result on CPU")
     g.add_argument("--checkpoint-dir", help="write last.pt (resume) and best.pt (evaluate/predict) here")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
@@ -154,12 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train DeepFM on planted-truth synthetic data; fused vs reference step time",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--rows", type=int, default=250_000, help="synthetic rows (train+valid+test)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rows", type=int, default=DEMO["rows"], help="synthetic rows (train+valid+test)")
+    p.add_argument("--epochs", type=int, default=DEMO["epochs"])
+    p.add_argument("--batch-size", type=int, default=DEMO["batch_size"])
+    p.add_argument("--lr", type=float, default=DEMO["lr"], help="Adam learning rate of the DNN and bias")
+    p.add_argument("--table-lr", type=float, default=DEMO["table_lr"], help="learning rate of the fused table optimizer")
+    p.add_argument("--init-std", type=float, default=DEMO["init_std"], help="embedding init std")
+    p.add_argument("--embedding-dim", type=int, default=DEMO["embedding_dim"])
+    p.add_argument("--hidden-units", type=_hidden_units, default=DEMO["hidden_units"])
+    p.add_argument("--dropout", type=float, default=DEMO["dropout"])
+    p.add_argument("--table-optimizer", choices=("adam", "rowwise_adagrad", "adagrad", "sgd"), default="adam",
+                   help="fused table optimizer of the trained model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timing-steps", type=int, default=10, help="timed steps per backend")
+    p.add_argument("--timing-steps", type=int, default=10, help="timed steps per model")
+    p.add_argument("--timing-batch-size", type=int, default=4096, help="batch of the timed steps")
     p.add_argument("--threads", type=int)
     p.add_argument("--metrics-out", help="write the demo numbers as JSON here")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
@@ -195,6 +230,8 @@ def _load_config(path: str) -> Dict[str, Any]:
                 value = _TYPES[name](value)
             except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
                 raise CLIError(f"config file {path}: option {key!r}: {exc}") from None
+        if value is not None and name in _CHOICES and value not in _CHOICES[name]:
+            raise CLIError(f"config file {path}: option {key!r} must be one of {list(_CHOICES[name])}, got {value!r}")
         if value is not None and name in _BOOLS and not isinstance(value, bool):
             raise CLIError(f"config file {path}: option {key!r} must be true or false, got {value!r}")
         if value is not None and name in _PATHS and not (name == "schema" and value == "sparrow_movielens"):
@@ -331,24 +368,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     for split, n in data.bad_lines.items():
         if n:
             print(f"skipped {n} bad line(s) in {split}", file=sys.stderr)
+    table_optimizer = "sparse_adam" if opts["sparse"] else opts["table_optimizer"]
+    table_lr = opts["table_lr"] if opts["table_lr"] is not None else opts["lr"]
     hparams = {"embedding_dim": opts["embedding_dim"], "hidden_units": opts["hidden_units"],
                "activation": opts["activation"], "dropout": opts["dropout"], "batch_norm": opts["batch_norm"],
-               "l2_embedding": opts["l2_embedding"], "sparse": opts["sparse"], "init_std": opts["init_std"]}
+               "l2_embedding": opts["l2_embedding"], "init_std": opts["init_std"],
+               "table_optimizer": table_optimizer, "table_lr": table_lr}
     seed_everything(opts["seed"])
     model = build_model(opts["model"], data.fields, **hparams).to(opts["device"])
     meta = {"model": model.config(), "format": spec, "encoder": data.encoder.to_dict()}
-    config = TrainConfig(epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
-                         patience=opts["patience"], seed=opts["seed"], checkpoint_dir=opts["checkpoint_dir"],
-                         resume=opts["resume"], progress=opts["progress"])
+    config = TrainConfig(epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"], table_lr=table_lr,
+                         patience=opts["patience"], monitor=opts["monitor"], seed=opts["seed"],
+                         precise_bn_batches=opts["precise_bn_batches"],
+                         checkpoint_dir=opts["checkpoint_dir"], resume=opts["resume"], progress=opts["progress"])
     print(f"{opts['model']}: {len(data.fields)} fields, {sum(f.vocab_size for f in data.fields):,} table rows, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters; train {len(train):,} rows, "
           f"valid {len(valid) if valid is not None else 0:,}, test {len(test) if test is not None else 0:,}; "
-          f"backend {backend()}", file=sys.stderr)
+          f"backend {backend()}, table optimizer {table_optimizer} (lr {table_lr:g}), monitor {opts['monitor']}",
+          file=sys.stderr)
     trainer = Trainer(model, config, meta)
     result = trainer.fit(train, valid)
     metrics: Dict[str, Any] = {
         "model": opts["model"], "backend": backend(), "hparams": hparams, "seed": opts["seed"],
-        "lr": opts["lr"], "batch_size": opts["batch_size"],
+        "lr": opts["lr"], "batch_size": opts["batch_size"], "monitor": opts["monitor"],
+        "precise_bn_batches": opts["precise_bn_batches"],
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
         "seconds_per_epoch": result.seconds_per_epoch, "train_rows_per_second": result.train_rows_per_second,
         "valid_auc": result.best_valid.get("auc"), "valid_logloss": result.best_valid.get("logloss"),
@@ -431,20 +474,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _time_steps(models_opts, batches, steps: int) -> List[List[float]]:
-    """Alternate one training step per (model, optimizer); per-model lists of seconds."""
+def _time_steps(runs, batches, steps: int) -> List[List[float]]:
+    """Alternate one training step per (model, optimizers); per-model lists of seconds."""
     import torch.nn.functional as F
 
-    times: List[List[float]] = [[] for _ in models_opts]
+    times: List[List[float]] = [[] for _ in runs]
     for i in range(steps + 2):  # the first two rounds are warm-up
         batch = batches[i % len(batches)]
-        for j, (model, opt) in enumerate(models_opts):
+        for j, (model, opts) in enumerate(runs):
             t0 = time.perf_counter()
             logits = model(batch)
             loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()  # a fused table optimizer updates the touched rows here
+            for opt in opts:
+                opt.step()
             dt = time.perf_counter() - t0
             if i >= 2:
                 times[j].append(dt)
@@ -466,42 +511,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"deepfm_fast demo: backend {backend()}, {torch.get_num_threads()} CPU thread(s)")
     data = make_synthetic(args.rows, seed=args.seed)
     print(f"synthetic data: {len(data.train):,} train / {len(data.valid):,} valid / {len(data.test):,} test rows, "
-          f"{len(data.fields)} fields ({sum(f.vocab_size for f in data.fields):,} ids), "
+          f"{len(data.fields)} fields ({sum(f.vocab_size for f in data.fields):,} ids, Zipf), "
           f"positive rate {data.positive_rate:.3f}; labels drawn from a planted DeepFM")
-    hp = dict(embedding_dim=10, hidden_units=(400, 400, 400), batch_norm=True, dropout=0.0, l2_embedding=0.0)
+    hidden = tuple(args.hidden_units)
+    hp = dict(embedding_dim=args.embedding_dim, hidden_units=hidden, batch_norm=True, dropout=args.dropout,
+              l2_embedding=0.0)
     seed_everything(args.seed)
-    model = DeepFM(data.fields, **hp)
+    model = DeepFM(data.fields, **hp, init_std=args.init_std, table_optimizer=args.table_optimizer,
+                   table_lr=args.table_lr)
     trainer = Trainer(model, TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                         table_lr=args.table_lr,
                                          seed=args.seed, patience=1, progress=args.progress))
     result = trainer.fit(data.train, data.valid)
     test = trainer.evaluate(data.test)
-    print(f"DeepFM (emb 10, DNN 400x3, batch norm), {result.epochs_run} epoch(s), "
+    dnn = "x".join(map(str, hidden)) if len(set(hidden)) > 1 else f"{hidden[0]}x{len(hidden)}"
+    print(f"DeepFM (emb {args.embedding_dim}, DNN {dnn}, batch norm; DNN: Adam lr {args.lr:g}; table: fused "
+          f"{args.table_optimizer} lr {args.table_lr:g}), {result.epochs_run} epoch(s), best epoch {result.best_epoch}, "
           f"{result.seconds_per_epoch:.1f} s/epoch, {result.train_rows_per_second:,.0f} train rows/s")
-    print(f"  test AUC     {test['auc']:.4f}   (best achievable {data.best_auc:.4f})")
+    print(f"  test AUC     {test['auc']:.4f}   (best achievable {data.best_auc:.4f}, gap {data.best_auc - test['auc']:.4f})")
     print(f"  test logloss {test['logloss']:.4f}   (best achievable {data.best_logloss:.4f})")
 
-    # Step time: the same model (same weights) on the fused ops and on the reference ops,
-    # one step each in turn on the same batches, medians.
+    # Step time: the same model (same weights) with the fused op + fused table optimizer, and on the
+    # reference ops with dense table gradients + torch Adam on everything (what plain PyTorch users
+    # write); one step each in turn on the same batches, medians.
     fused = copy.deepcopy(model).train()
-    ref = DeepFM(data.fields, **hp, use_reference=True).train()
-    ref.load_state_dict(fused.state_dict())
-    pairs = [(m, torch.optim.Adam(m.parameters(), lr=args.lr)) for m in (fused, ref)]
+    ref = DeepFM(data.fields, **hp, use_reference=True, table_optimizer="dense").train()
+    ref.load_state_dict(fused.state_dict(), strict=False)  # strict=False: no fused-optimizer buffers
+    runs = [(fused, [torch.optim.Adam([p for p in fused.parameters() if p.requires_grad], lr=args.lr)]),
+            (ref, [torch.optim.Adam(ref.parameters(), lr=args.lr)])]  # the lr does not change the step time
     gen = torch.Generator().manual_seed(args.seed)
-    batches = [b for _, b in zip(range(4), iterate_batches(data.train, args.batch_size, shuffle=True,
+    batches = [b for _, b in zip(range(4), iterate_batches(data.train, args.timing_batch_size, shuffle=True,
                                                             generator=gen))]
-    t_fused, t_ref = _time_steps(pairs, batches, args.timing_steps)
+    t_fused, t_ref = _time_steps(runs, batches, args.timing_steps)
     mf, mr = statistics.median(t_fused) * 1e3, statistics.median(t_ref) * 1e3
-    print(f"training step, batch {args.batch_size} (forward + backward + Adam), median of {args.timing_steps}:")
-    print(f"  fused ({backend()}): {mf:8.1f} ms")
-    print(f"  reference ops:     {mr:8.1f} ms")
-    print(f"  speed-up:          {mr / mf:8.2f}x")
-    print(f"total {time.perf_counter() - t_start:.0f} s")
+    print(f"training step, batch {args.timing_batch_size} (forward + backward + update), median of "
+          f"{args.timing_steps} alternating steps, same model and weights:")
+    print(f"  fused ops ({backend()}), table: fused {args.table_optimizer} in the backward, "
+          f"DNN: torch Adam: {mf:8.1f} ms")
+    print(f"  reference ops, table: dense gradient + torch Adam (plain PyTorch):    {mr:8.1f} ms")
+    print(f"  speed-up: {mr / mf:.2f}x")
+    total = time.perf_counter() - t_start
+    print(f"total {total:.0f} s")
     if args.metrics_out:
         _write_json(args.metrics_out, {
             "test_auc": test["auc"], "test_logloss": test["logloss"], "best_auc": data.best_auc,
-            "best_logloss": data.best_logloss, "best_epoch": result.best_epoch,
+            "best_logloss": data.best_logloss, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
             "seconds_per_epoch": result.seconds_per_epoch, "train_rows_per_second": result.train_rows_per_second,
-            "step_ms_fused": mf, "step_ms_reference": mr, "speedup": mr / mf, "backend": backend()})
+            "step_ms_fused": mf, "step_ms_reference": mr, "speedup": mr / mf, "backend": backend(),
+            "table_optimizer_fused": args.table_optimizer, "table_optimizer_reference": "dense gradient + Adam",
+            "timing_batch_size": args.timing_batch_size, "total_seconds": total,
+            "rows": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)}})
     return 0
 
 

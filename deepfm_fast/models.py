@@ -19,6 +19,22 @@ by the batch (see :meth:`CTRModel.forward`). ``use_reference=True`` builds the s
 pure-PyTorch reference ops; the parameters have the same names, so a ``state_dict`` moves
 between the two and gives the same logits and gradients.
 
+How the table (``V`` and the first-order ``w``) is trained is chosen by ``table_optimizer``:
+
+* ``None`` / ``"dense"``: dense gradients, for any torch optimizer (the slow baseline: Adam then
+  touches every row each step);
+* ``"sparse_adam"``: coalesced sparse gradients, for ``torch.optim.SparseAdam`` on
+  :meth:`CTRModel.sparse_parameters`;
+* ``"adam"``, ``"rowwise_adagrad"``, ``"adagrad"``, ``"sgd"``: the fused optimizers of
+  :mod:`deepfm_fast.optim`, applied to the touched rows inside the backward (``"adam"`` has the
+  semantics of ``SparseAdam``). ``V`` and ``w`` then get no gradient; the bias and the DNN still
+  need a torch optimizer. ``l2_embedding`` becomes the fused optimizer's ``weight_decay`` (the same
+  gradient as the penalty: ``lambda * V_j`` on each row used in the batch, once), so
+  ``return_penalty`` gives 0. The optimizer state and step count are buffers of
+  ``model.embedding``, so ``state_dict`` carries them; the learning rate is
+  ``model.embedding.optimizer.lr`` (a plain attribute; :class:`~deepfm_fast.train.Trainer` sets
+  and decays it).
+
 Example::
 
     >>> from deepfm_fast.features import SparseField, MultiHotField, NumericField
@@ -38,7 +54,8 @@ from torch import Tensor, nn
 from .data.dataset import Batch, to_csr
 from .features import FieldSpec, MultiHotField, NumericField, SparseField, fields_from_dicts, fields_to_dicts
 
-__all__ = ["CTRModel", "DeepFM", "FM", "LR", "MLP", "build_model", "MODELS"]
+__all__ = ["CTRModel", "DeepFM", "FM", "LR", "MLP", "build_model", "MODELS", "TABLE_OPTIMIZERS",
+           "FUSED_TABLE_OPTIMIZERS", "make_fused_optimizer"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
                 "prelu": nn.PReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU}
@@ -68,7 +85,22 @@ class _GatherRows(torch.autograd.Function):
         return g, None, None
 
 
-def _embedding_fm(field_dims, embedding_dim, *, sparse, init_std, use_reference):
+TABLE_OPTIMIZERS = ("adam", "rowwise_adagrad", "adagrad", "sgd", "sparse_adam", "dense")
+FUSED_TABLE_OPTIMIZERS = ("adam", "rowwise_adagrad", "adagrad", "sgd")
+
+
+def make_fused_optimizer(name: str, lr: float, weight_decay: float = 0.0):
+    """The :mod:`deepfm_fast.optim` optimizer called ``name`` (one of ``FUSED_TABLE_OPTIMIZERS``)."""
+    from . import optim
+
+    classes = {"adam": optim.Adam, "rowwise_adagrad": optim.RowWiseAdagrad, "adagrad": optim.Adagrad,
+               "sgd": optim.SGD}
+    if name not in classes:
+        raise ValueError(f"unknown fused table optimizer {name!r}; choose from {sorted(classes)}")
+    return classes[name](lr=lr, weight_decay=weight_decay)
+
+
+def _embedding_fm(field_dims, embedding_dim, *, sparse, init_std, use_reference, optimizer=None):
     from .embedding import EmbeddingFM
 
     # Pooling is always "sum" here: the model divides the bag weights of mean-pooled fields by
@@ -76,7 +108,7 @@ def _embedding_fm(field_dims, embedding_dim, *, sparse, init_std, use_reference)
     # whose LR layer pools sequence fields like the embeddings). EmbeddingFM's own "mean" pooling
     # averages the embeddings only and sums the first-order weights.
     return EmbeddingFM(field_dims, embedding_dim, mode="field", pooling="sum", sparse=sparse,
-                       init_std=init_std, use_reference=use_reference)
+                       init_std=init_std, use_reference=use_reference, optimizer=optimizer)
 
 
 class MLP(nn.Module):
@@ -124,14 +156,30 @@ class CTRModel(nn.Module):
         use_reference: build on the reference ops (the test oracle) instead of the fused kernels.
         sparse: the table emits sparse gradients (use ``torch.optim.SparseAdam`` on
             :meth:`sparse_parameters`, another optimizer on :meth:`dense_parameters`).
-        init_std: standard deviation of the table's normal init.
+        init_std: standard deviation of the table's normal init (default 1e-2; FuxiCTR uses 1e-4,
+            which with few steps per epoch leaves the FM term inactive for many epochs).
+        table_optimizer: how the table is trained (see the module docs): ``None``/``"dense"``,
+            ``"sparse_adam"`` (same as ``sparse=True``), or a fused ``"adam"``,
+            ``"rowwise_adagrad"``, ``"adagrad"``, ``"sgd"``.
+        table_lr: initial learning rate of a fused table optimizer.
     """
 
     name = "base"
 
     def __init__(self, fields: Sequence[FieldSpec], embedding_dim: int = 10, *, l2_embedding: float = 0.0,
-                 use_reference: bool = False, sparse: bool = False, init_std: float = 1e-4):
+                 use_reference: bool = False, sparse: bool = False, init_std: float = 1e-2,
+                 table_optimizer: Optional[str] = None, table_lr: float = 1e-3):
         super().__init__()
+        if table_optimizer is not None and table_optimizer not in TABLE_OPTIMIZERS:
+            raise ValueError(f"{type(self).__name__}: table_optimizer must be one of {list(TABLE_OPTIMIZERS)} "
+                             f"or None, got {table_optimizer!r}")
+        if table_optimizer in FUSED_TABLE_OPTIMIZERS and sparse:
+            raise ValueError(f"{type(self).__name__}: sparse=True and the fused table optimizer "
+                             f"{table_optimizer!r} exclude each other")
+        if table_optimizer == "sparse_adam":
+            sparse = True
+        elif table_optimizer is None:
+            table_optimizer = "sparse_adam" if sparse else "dense"
         fields = list(fields)
         if not fields:
             raise ValueError(f"{type(self).__name__}: needs at least one field")
@@ -149,8 +197,12 @@ class CTRModel(nn.Module):
         self.use_reference = use_reference
         self.sparse = sparse
         self.init_std = init_std
+        self.table_optimizer = table_optimizer
+        self.table_lr = float(table_lr)
+        fused = (make_fused_optimizer(table_optimizer, table_lr, self.l2_embedding)
+                 if table_optimizer in FUSED_TABLE_OPTIMIZERS else None)
         self.embedding = _embedding_fm([f.vocab_size for f in fields], embedding_dim, sparse=sparse,
-                                       init_std=init_std, use_reference=use_reference)
+                                       init_std=init_std, use_reference=use_reference, optimizer=fused)
         # Mean-pooled multi-hot fields: their bag weights get divided by the bag length.
         self._mean_fields = [i for i, f in enumerate(fields)
                              if isinstance(f, MultiHotField) and f.pooling == "mean"]
@@ -215,7 +267,7 @@ class CTRModel(nn.Module):
             logit = out
         if not return_penalty:
             return logit
-        if self.l2_embedding > 0:
+        if self.l2_embedding > 0 and not self.fused:  # fused: the optimizer's weight_decay does it
             pen = self.penalty(ids, offsets)
         else:
             pen = logit.new_zeros(())
@@ -224,6 +276,11 @@ class CTRModel(nn.Module):
     _needs_pooled = False
 
     # -- optimizers and config -------------------------------------------------------------
+    @property
+    def fused(self) -> bool:
+        """The table is updated by a fused optimizer inside the backward."""
+        return self.embedding.optimizer is not None
+
     @property
     def _sparse_linear(self) -> bool:
         # The reference op gives linear_weight a dense gradient even with sparse=True.
@@ -245,12 +302,13 @@ class CTRModel(nn.Module):
     def config(self) -> Dict[str, Any]:
         """JSON-ready constructor arguments; ``build_model(**cfg)`` rebuilds the model."""
         return {"name": self.name, "fields": fields_to_dicts(self.fields), "embedding_dim": self.embedding_dim,
-                "l2_embedding": self.l2_embedding, "sparse": self.sparse, "init_std": self.init_std}
+                "l2_embedding": self.l2_embedding, "sparse": self.sparse, "init_std": self.init_std,
+                "table_optimizer": self.table_optimizer, "table_lr": self.table_lr}
 
     def extra_repr(self) -> str:
         return (f"fields={len(self.fields)}, rows={sum(f.vocab_size for f in self.fields)}, "
                 f"embedding_dim={self.embedding_dim}, l2_embedding={self.l2_embedding}, "
-                f"use_reference={self.use_reference}, sparse={self.sparse}")
+                f"use_reference={self.use_reference}, table_optimizer={self.table_optimizer!r}")
 
 
 class FM(CTRModel):
@@ -302,6 +360,7 @@ class DeepFM(CTRModel):
         use_reference: build on the reference ops.
         sparse: sparse table gradients.
         init_std: table init std.
+        table_optimizer, table_lr: how the table is trained (see :class:`CTRModel`).
 
     Shape:
         ``forward(batch)``: ``[B]`` logits; the DNN input is ``[B, F * K]``.
@@ -319,9 +378,10 @@ class DeepFM(CTRModel):
     def __init__(self, fields: Sequence[FieldSpec], embedding_dim: int = 10,
                  hidden_units: Sequence[int] = (400, 400, 400), activation: str = "relu",
                  dropout: float = 0.0, batch_norm: bool = False, l2_embedding: float = 0.0,
-                 use_reference: bool = False, sparse: bool = False, init_std: float = 1e-4):
+                 use_reference: bool = False, sparse: bool = False, init_std: float = 1e-2,
+                 table_optimizer: Optional[str] = None, table_lr: float = 1e-3):
         super().__init__(fields, embedding_dim, l2_embedding=l2_embedding, use_reference=use_reference,
-                         sparse=sparse, init_std=init_std)
+                         sparse=sparse, init_std=init_std, table_optimizer=table_optimizer, table_lr=table_lr)
         self.hidden_units = tuple(int(u) for u in hidden_units)
         self.activation, self.dropout, self.batch_norm = activation, float(dropout), bool(batch_norm)
         self.dnn = MLP(len(self.fields) * embedding_dim, self.hidden_units, activation, dropout, batch_norm)

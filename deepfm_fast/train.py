@@ -1,15 +1,24 @@
 """Training loop for the CTR models: Adam, BCE + embedding L2, BARS early stopping, exact resume.
 
 The protocol is the one of the BARS benchmark (FuxiCTR v1.1 ``checkpoint_and_earlystop``): after
-every epoch the validation AUC is computed; if it did not improve by ``min_delta`` the learning
-rate of every optimizer is multiplied by ``lr_decay`` (floor ``min_lr``) and a patience counter
-grows; training stops when the counter reaches ``patience``; the best epoch's weights are
-restored at the end.
+every epoch the validation metrics are computed and the monitored score (``monitor``: ``"auc"``,
+or ``"auc-logloss"`` = AUC - logloss, FuxiCTR's ``monitor: {AUC: 1, logloss: -1}`` used by the
+BARS configs, the default) is compared with the best so far; if it did not improve by
+``min_delta`` the learning rate of every optimizer (the fused table optimizer included) is
+multiplied by ``lr_decay`` (floor ``min_lr``) and a patience counter grows; training stops when
+the counter reaches ``patience``; the best epoch's weights are restored at the end.
+
+Optimizers: torch Adam on every parameter with a gradient (the DNN, batch norm, bias; the table
+too for a ``"dense"`` model), ``SparseAdam`` on the table of a ``"sparse_adam"`` model, and for a
+model with a fused table optimizer (``table_optimizer="adam"`` etc.) the table is updated inside
+the backward by the optimizer in ``model.embedding.optimizer``, whose ``lr`` the trainer sets to
+``table_lr`` (default ``lr``) and decays with the others.
 
 Checkpoints (``checkpoint_dir``) are written to a temporary file and moved into place with
 ``os.replace``, so a crash never leaves a half-written file:
 
-* ``last.pt``: everything needed to continue exactly (model, optimizers, learning rates, epoch,
+* ``last.pt``: everything needed to continue exactly (model, with the fused optimizer's state
+  and step count in its buffers; the torch optimizers; learning rates, the fused one included; epoch,
   best metric, patience counter, history, the torch / numpy / python RNG states and the state of
   the generator that shuffles the batches). ``resume=True`` continues from it: training 2 epochs
   straight and training 1, stopping, and resuming for the second give the same weights on CPU.
@@ -49,7 +58,7 @@ import torch.nn.functional as F
 from .data.dataset import EncodedDataset, iterate_batches
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "seed_everything", "evaluate", "predict",
-           "load_checkpoint", "atomic_save"]
+           "load_checkpoint", "atomic_save", "monitor_score", "MONITORS"]
 
 CHECKPOINT_VERSION = 1
 
@@ -114,21 +123,32 @@ class TrainConfig:
         epochs: most epochs to train (BARS: 100, early stopping ends far sooner).
         batch_size: training rows per step (BARS: 4096).
         lr: Adam learning rate (BARS: 1e-3).
-        patience: epochs without validation-AUC improvement before stopping (BARS: 2).
+        table_lr: learning rate of the table's optimizer (fused or SparseAdam); None: ``lr``.
+        patience: epochs without improvement of the monitored score before stopping (BARS: 2).
+        monitor: ``"auc-logloss"`` (BARS / FuxiCTR: AUC - logloss, higher is better) or ``"auc"``.
         lr_decay: factor applied to the learning rate on each epoch without improvement.
         min_lr: floor of the learning rate.
-        min_delta: smallest AUC gain that counts as an improvement.
+        min_delta: smallest gain of the monitored score that counts as an improvement.
         seed: seeds python/numpy/torch at the start and the batch-shuffling generator.
         checkpoint_dir: where ``last.pt`` / ``best.pt`` go (None: keep the best weights in memory).
         resume: continue from ``checkpoint_dir/last.pt`` when it exists.
         eval_batch_size: rows per evaluation batch.
+        precise_bn_batches: before each validation, recompute the batch-norm running statistics
+            as the plain average over this many training batches (in order, no gradient, the
+            current weights: "PreciseBN", Wu & Johnson 2021). With few steps per epoch (Frappe's
+            57k rows are 13 batches of 4096) the usual momentum-0.1 running averages still hold
+            much of their initial values (mean 0, variance 1) when the model is evaluated, and the
+            eval-mode DNN is miscalibrated. 0 disables it (plain PyTorch behaviour); models
+            without batch norm are unaffected.
         progress: show tqdm bars (loss, rows/s) on stderr.
     """
 
     epochs: int = 10
     batch_size: int = 4096
     lr: float = 1e-3
+    table_lr: Optional[float] = None
     patience: int = 2
+    monitor: str = "auc-logloss"
     lr_decay: float = 0.1
     min_lr: float = 1e-6
     min_delta: float = 1e-6
@@ -136,6 +156,7 @@ class TrainConfig:
     checkpoint_dir: Optional[str] = None
     resume: bool = False
     eval_batch_size: int = 16384
+    precise_bn_batches: int = 16
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -146,6 +167,22 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr}")
         if self.patience < 1:
             raise ValueError(f"TrainConfig: patience must be >= 1, got {self.patience}")
+        if self.precise_bn_batches < 0:
+            raise ValueError(f"TrainConfig: precise_bn_batches must be >= 0, got {self.precise_bn_batches}")
+        if self.table_lr is not None and self.table_lr <= 0:
+            raise ValueError(f"TrainConfig: table_lr must be > 0, got {self.table_lr}")
+        if self.monitor not in MONITORS:
+            raise ValueError(f"TrainConfig: monitor must be one of {list(MONITORS)}, got {self.monitor!r}")
+
+
+MONITORS = ("auc-logloss", "auc")
+
+
+def monitor_score(metrics: Dict[str, float], monitor: str) -> float:
+    """The early-stopping score of validation ``metrics`` (higher is better)."""
+    if monitor == "auc":
+        return metrics["auc"]
+    return metrics["auc"] - metrics["logloss"]
 
 
 @dataclass
@@ -153,12 +190,12 @@ class TrainResult:
     """What :meth:`Trainer.fit` returns.
 
     Attributes:
-        best_epoch: 1-based epoch with the best validation AUC (the last epoch without validation).
+        best_epoch: 1-based epoch with the best monitored validation score (the last epoch without validation).
         best_valid: validation metrics of that epoch (empty without validation).
         epochs_run: epochs completed, including those before a resume.
         stopped_early: patience ran out before ``epochs``.
-        history: one dict per epoch: epoch, loss, lr, valid_auc, valid_logloss, train_seconds,
-            eval_seconds, rows.
+        history: one dict per epoch: epoch, loss, lr, table_lr, valid_auc, valid_logloss,
+            valid_score, train_seconds, eval_seconds, rows.
         seconds_per_epoch: mean wall time per epoch (training + validation) of this run.
         train_rows_per_second: training rows per second of training time, this run.
     """
@@ -205,8 +242,10 @@ def evaluate(model: torch.nn.Module, dataset: EncodedDataset, batch_size: int = 
 class Trainer:
     """Trains a :mod:`deepfm_fast.models` model (anything with ``forward(batch, return_penalty)``).
 
-    Optimizers: Adam on every parameter; with a ``sparse=True`` model, ``SparseAdam`` on its
-    ``sparse_parameters()`` and Adam on the rest.
+    Optimizers: Adam on every parameter with a gradient; with a ``"sparse_adam"`` model,
+    ``SparseAdam`` (lr ``table_lr``) on its ``sparse_parameters()`` and Adam on the rest; with a
+    fused table optimizer, Adam on the rest and the table updated inside the backward (its
+    ``lr`` set to ``table_lr``).
 
     Args:
         model: the model (its parameters are trained in place).
@@ -219,30 +258,61 @@ class Trainer:
         self.model = model
         self.config = config or TrainConfig()
         self.meta = dict(meta or {})
+        self.table_lr = self.config.table_lr if self.config.table_lr is not None else self.config.lr
         self.optimizers = self._make_optimizers()
+        if self._fused is not None:
+            self._fused.lr = self.table_lr
         self.generator = torch.Generator()
         self.ckpt_dir = Path(self.config.checkpoint_dir) if self.config.checkpoint_dir else None
         self._best_state: Optional[Dict[str, torch.Tensor]] = None
 
+    @property
+    def _fused(self):
+        """The fused table optimizer of the model, or None."""
+        emb = getattr(self.model, "embedding", None)
+        return getattr(emb, "optimizer", None)
+
     def _make_optimizers(self) -> List[torch.optim.Optimizer]:
         lr = self.config.lr
+        self._dense_opt: Optional[torch.optim.Optimizer] = None
+        self._table_opt: Optional[torch.optim.Optimizer] = None
+        opts: List[torch.optim.Optimizer] = []
         if getattr(self.model, "sparse", False):
             sparse = [p for p in self.model.sparse_parameters() if p.requires_grad]
             dense = [p for p in self.model.dense_parameters() if p.requires_grad]
-            opts: List[torch.optim.Optimizer] = [torch.optim.SparseAdam(sparse, lr=lr)] if sparse else []
-            if dense:
-                opts.append(torch.optim.Adam(dense, lr=lr))
-            return opts
-        return [torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=lr)]
+            if sparse:
+                self._table_opt = torch.optim.SparseAdam(sparse, lr=self.table_lr)
+                opts.append(self._table_opt)
+        else:
+            dense = [p for p in self.model.parameters() if p.requires_grad]
+        if dense:
+            self._dense_opt = torch.optim.Adam(dense, lr=lr)
+            opts.append(self._dense_opt)
+        return opts
 
     @property
     def lr(self) -> float:
-        return self.optimizers[0].param_groups[0]["lr"]
+        """Current learning rate of the torch Adam (DNN, bias; the table too for a dense model)."""
+        if self._dense_opt is not None:
+            return self._dense_opt.param_groups[0]["lr"]
+        return self.current_table_lr
+
+    @property
+    def current_table_lr(self) -> float:
+        """Current learning rate of the table's optimizer (fused, SparseAdam, or the dense Adam)."""
+        if self._fused is not None:
+            return self._fused.lr
+        if self._table_opt is not None:
+            return self._table_opt.param_groups[0]["lr"]
+        return self._dense_opt.param_groups[0]["lr"] if self._dense_opt is not None else self.table_lr
 
     def _decay_lr(self) -> float:
+        cfg = self.config
         for opt in self.optimizers:
             for g in opt.param_groups:
-                g["lr"] = max(g["lr"] * self.config.lr_decay, self.config.min_lr)
+                g["lr"] = max(g["lr"] * cfg.lr_decay, cfg.min_lr)
+        if self._fused is not None:
+            self._fused.lr = max(self._fused.lr * cfg.lr_decay, cfg.min_lr)
         return self.lr
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -253,6 +323,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "lr": self.lr,
+            "table_lr": self.current_table_lr,
             "best": best,
             "history": history,
             "rng": _rng_state(self.generator),
@@ -291,11 +362,39 @@ class Trainer:
     def evaluate(self, dataset: EncodedDataset) -> Dict[str, float]:
         return evaluate(self.model, dataset, self.config.eval_batch_size)
 
+    @torch.no_grad()
+    def recompute_bn_stats(self, train: EncodedDataset, batches: Optional[int] = None) -> int:
+        """PreciseBN: set every batch norm's running mean / variance to the average over the first
+        ``batches`` training batches (default ``config.precise_bn_batches``) under the current
+        weights. Returns the number of batches used (0 without batch norm)."""
+        n = self.config.precise_bn_batches if batches is None else batches
+        bns = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not bns or n <= 0:
+            return 0
+        saved = [m.momentum for m in bns]
+        was_training = self.model.training
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+        self.model.train()
+        used = 0
+        try:
+            for batch in iterate_batches(train, self.config.batch_size):
+                if used >= n:
+                    break
+                self.model(batch)  # no_grad: no fused table step either
+                used += 1
+        finally:
+            for m, mom in zip(bns, saved):
+                m.momentum = mom
+            self.model.train(was_training)
+        return used
+
     def predict(self, dataset: EncodedDataset) -> torch.Tensor:
         return predict(self.model, dataset, self.config.eval_batch_size)
 
     def fit(self, train: EncodedDataset, valid: Optional[EncodedDataset] = None) -> TrainResult:
-        """Train with early stopping on ``valid`` AUC; restore the best weights at the end.
+        """Train with early stopping on the monitored ``valid`` score; restore the best weights at the end.
 
         Without ``valid`` every epoch runs and the last one counts as best.
         """
@@ -305,15 +404,20 @@ class Trainer:
         if len(train) == 0:
             raise ValueError("fit: the training set is empty")
         start_epoch, history = 0, []
-        best = {"epoch": 0, "auc": -math.inf, "metrics": {}, "stopping_steps": 0}
+        best = {"epoch": 0, "score": -math.inf, "metrics": {}, "stopping_steps": 0}
         last = self.ckpt_dir / "last.pt" if self.ckpt_dir else None
         if self.ckpt_dir is not None:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         if cfg.resume and last is not None and last.is_file():
             state = load_checkpoint(last)
             self.model.load_state_dict(state["model"])
+            if len(state["optimizers"]) != len(self.optimizers):
+                raise ValueError(f"resume: {last} holds {len(state['optimizers'])} optimizer state(s), this "
+                                 f"model needs {len(self.optimizers)}: was it trained with another table optimizer?")
             for opt, s in zip(self.optimizers, state["optimizers"]):
                 opt.load_state_dict(s)
+            if self._fused is not None:
+                self._fused.lr = float(state["table_lr"])  # a plain attribute, not in the state_dict
             start_epoch, best, history = state["epoch"], state["best"], state["history"]
             _set_rng_state(state["rng"], self.generator)
             if best["stopping_steps"] >= cfg.patience:
@@ -346,19 +450,21 @@ class Trainer:
             t1 = time.perf_counter()
             train_time += t1 - t0
             rows_run += seen
-            record = {"epoch": epoch, "loss": total / seen, "lr": self.lr, "train_seconds": t1 - t0,
-                      "rows": seen}
+            record = {"epoch": epoch, "loss": total / seen, "lr": self.lr, "table_lr": self.current_table_lr,
+                      "train_seconds": t1 - t0, "rows": seen}
+            self.recompute_bn_stats(train)
             if valid is not None and len(valid):
                 m = self.evaluate(valid)
-                record.update(valid_auc=m["auc"], valid_logloss=m["logloss"])
-                improved = m["auc"] >= best["auc"] + cfg.min_delta
+                score = monitor_score(m, cfg.monitor)
+                record.update(valid_auc=m["auc"], valid_logloss=m["logloss"], valid_score=score)
+                improved = score >= best["score"] + cfg.min_delta
             else:
                 m, improved = {}, True
             t2 = time.perf_counter()
             eval_time += t2 - t1
             record["eval_seconds"] = t2 - t1
             if improved:
-                best = {"epoch": epoch, "auc": m.get("auc", -math.inf), "metrics": m, "stopping_steps": 0}
+                best = {"epoch": epoch, "score": score if m else -math.inf, "metrics": m, "stopping_steps": 0}
                 self._save_best(epoch, m)
             else:
                 best["stopping_steps"] += 1

@@ -161,3 +161,101 @@ def test_build_model_and_config_roundtrip(data):
         DeepFM(data.fields, 4, activation="swish2")
     with pytest.raises(ValueError, match="l2_embedding"):
         FM(data.fields, 4, l2_embedding=-1)
+
+
+def _double(model):
+    return model.double()
+
+
+def _step(model, batch, opt_fn):
+    """One training step: BCE + the model's penalty, backward (fused tables update here), torch step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opts = opt_fn(model)
+    logits, penalty = model(batch, return_penalty=True)
+    loss = F.binary_cross_entropy_with_logits(logits, batch.labels.to(logits.dtype)) + penalty
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    loss.backward()
+    for o in opts:
+        o.step()
+    return params
+
+
+@pytest.mark.parametrize("name", ["deepfm", "lr"])
+def test_fused_weight_decay_is_the_penalty_gradient(data, name):
+    """l2_embedding as the fused optimizer's weight_decay == the penalty lambda/2 ||V_j||^2 on used rows.
+
+    One SGD step (lr 0.5) in float64: fused SGD with weight_decay vs dense gradients of BCE + penalty
+    and torch SGD. Rows the batch does not use must not move in either.
+    """
+    kw = dict(embedding_dim=6, hidden_units=(16,), l2_embedding=0.7, init_std=0.3, table_lr=0.5)
+    torch.manual_seed(4)
+    dense = _double(build_model(name, data.fields, table_optimizer="dense", **kw))
+    fused = _double(build_model(name, data.fields, table_optimizer="sgd", **kw))
+    nodecay = _double(build_model(name, data.fields, table_optimizer="sgd", **{**kw, "l2_embedding": 0.0}))
+    with torch.no_grad():
+        dense.embedding.linear_weight.normal_(0, 0.5)
+    fused.load_state_dict(dense.state_dict(), strict=False)
+    nodecay.load_state_dict(dense.state_dict(), strict=False)
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    batch = _batch(data, 64)
+    _, pen = fused(batch, return_penalty=True)
+    assert float(pen) == 0.0 and fused.embedding.optimizer.weight_decay == 0.7   # L2 moved into the optimizer
+    sgd = lambda m: [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)]  # noqa: E731
+    for m in (dense, fused, nodecay):
+        _step(m, batch, sgd)
+    assert fused.embedding.weight.grad is None and int(fused.embedding.optimizer_step) == 1
+    for k in ("embedding.weight", "embedding.linear_weight", "embedding.bias"):
+        torch.testing.assert_close(fused.state_dict()[k], dense.state_dict()[k], atol=1e-12, rtol=1e-10, msg=k)
+    used = torch.unique(to_csr(batch, data.fields)[0])
+    moved = (dense.embedding.linear_weight != before["embedding.linear_weight"])
+    assert torch.equal(moved.nonzero().flatten(), used)         # only the used rows, each decayed once
+    # Without weight decay the used rows land elsewhere: the decay did something.
+    diff = (nodecay.embedding.linear_weight - fused.embedding.linear_weight)[used]
+    torch.testing.assert_close(diff, 0.5 * 0.7 * before["embedding.linear_weight"][used])
+    if name == "lr":
+        assert torch.all(fused.embedding.weight == 0)          # the LR table stays zero
+    else:
+        torch.testing.assert_close(fused.dnn.net[0].weight, dense.dnn.net[0].weight, atol=1e-12, rtol=1e-10)
+
+
+def test_fused_adam_equals_sparse_adam(data):
+    """Fused Adam on the table (inside the backward) == sparse gradients + torch SparseAdam, 4 steps, float64."""
+    kw = dict(embedding_dim=6, hidden_units=(16, 8), batch_norm=True, l2_embedding=0.05, init_std=0.1,
+              table_lr=0.02)
+    torch.manual_seed(5)
+    fused = _double(DeepFM(data.fields, table_optimizer="adam", **kw))
+    sparse = _double(DeepFM(data.fields, table_optimizer="sparse_adam", **kw))
+    sparse.load_state_dict(fused.state_dict(), strict=False)
+    assert fused.fused and not sparse.fused and sparse.sparse
+    opt_f = [torch.optim.Adam([p for p in fused.parameters() if p.requires_grad], lr=0.01)]
+    opt_s = [torch.optim.SparseAdam(sparse.sparse_parameters(), lr=0.02),
+             torch.optim.Adam(sparse.dense_parameters(), lr=0.01)]
+    batches = list(zip(range(4), iterate_batches(data.train, 100)))
+    start = fused.embedding.weight.clone()
+    for _, batch in batches:
+        _step(fused, batch, lambda m: opt_f)
+        _step(sparse, batch, lambda m: opt_s)
+    assert int(fused.embedding.optimizer_step) == 4
+    assert not torch.equal(start, fused.embedding.weight)
+    sd_s = sparse.state_dict()
+    for k, v in fused.state_dict().items():
+        if "optimizer" not in k:
+            torch.testing.assert_close(v, sd_s[k], atol=1e-10, rtol=1e-8, msg=k)
+
+
+def test_table_optimizer_choices(data):
+    m = DeepFM(data.fields, 4, hidden_units=(8,), table_optimizer="rowwise_adagrad", table_lr=0.05, l2_embedding=0.1)
+    assert type(m.embedding.optimizer).__name__ == "RowWiseAdagrad" and m.embedding.optimizer.lr == 0.05
+    assert m.embedding.optimizer.weight_decay == 0.1 and not m.embedding.weight.requires_grad
+    assert "embedding.weight_optimizer_state0" in m.state_dict() and "embedding.optimizer_step" in m.state_dict()
+    cfg = m.config()
+    assert cfg["table_optimizer"] == "rowwise_adagrad" and cfg["table_lr"] == 0.05
+    again = build_model(cfg.pop("name"), cfg.pop("fields"), **cfg)
+    again.load_state_dict(m.state_dict())
+    assert DeepFM(data.fields, 4, sparse=True).table_optimizer == "sparse_adam"
+    assert DeepFM(data.fields, 4).table_optimizer == "dense" and DeepFM(data.fields, 4).embedding.optimizer is None
+    with pytest.raises(ValueError, match="table_optimizer"):
+        DeepFM(data.fields, 4, table_optimizer="lamb")
+    with pytest.raises(ValueError, match="exclude"):
+        DeepFM(data.fields, 4, table_optimizer="adam", sparse=True)

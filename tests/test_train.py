@@ -128,3 +128,62 @@ def test_evaluate_and_bad_config(data):
     assert math.isnan(evaluate(_model(), one_class)["auc"])
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+
+
+def _scripted(trainer, metrics):
+    """Replace the validation metrics by a script of (auc, logloss) per epoch."""
+    it = iter(metrics)
+    trainer.evaluate = lambda ds: dict(zip(("auc", "logloss"), next(it)), rows=len(ds))
+    return trainer
+
+
+def test_resume_exact_with_fused_table_optimizer_and_decayed_lr(tmp_path, data):
+    """Fused Adam table: 3 epochs straight == 2 epochs + resume; the decayed table lr comes back too."""
+    script = [(0.70, 0.5), (0.69, 0.5), (0.71, 0.5)]   # epoch 2 does not improve: both lrs x0.1
+    kw = dict(table_optimizer="adam")
+    straight = _model(**kw)
+    t = _scripted(Trainer(straight, _cfg(tmp_path / "a", epochs=3, table_lr=0.02)), script)
+    r = t.fit(data.train, data.valid)
+    assert [h["table_lr"] for h in r.history] == pytest.approx([0.02, 0.02, 0.002])
+    assert [h["lr"] for h in r.history] == pytest.approx([3e-3, 3e-3, 3e-4])
+    assert straight.embedding.optimizer.lr == pytest.approx(0.002)
+    assert [type(o).__name__ for o in t.optimizers] == ["Adam"]        # DNN, BN, bias only
+    assert not any(p is straight.embedding.weight for g in t.optimizers[0].param_groups for p in g["params"])
+
+    first = _model(**kw)
+    _scripted(Trainer(first, _cfg(tmp_path / "b", epochs=2, table_lr=0.02)), script[:2]).fit(data.train, data.valid)
+    resumed = _model(seed=99, **kw)
+    t2 = _scripted(Trainer(resumed, _cfg(tmp_path / "b", epochs=3, table_lr=0.02, resume=True)), script[2:])
+    assert resumed.embedding.optimizer.lr == pytest.approx(0.02)
+    r2 = t2.fit(data.train, data.valid)
+    assert r2.epochs_run == 3 and resumed.embedding.optimizer.lr == pytest.approx(0.002)
+    la, lb = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    _same_state(la["model"], lb["model"])               # includes the Adam moments and the step counter
+    assert int(la["model"]["embedding.optimizer_step"]) == 3 * math.ceil(len(data.train) / 256)
+    assert la["table_lr"] == lb["table_lr"] == pytest.approx(0.002)
+    _same_state(straight.state_dict(), resumed.state_dict())
+
+
+def test_monitor_auc_minus_logloss(data):
+    """BARS monitor: AUC - logloss. An epoch whose AUC rises but logloss rises more is no improvement."""
+    script = [(0.80, 0.40), (0.81, 0.60), (0.805, 0.70), (0.9, 0.3)]
+    r_bars = _scripted(Trainer(_model(), _cfg(epochs=4, patience=2)), script).fit(data.train, data.valid)
+    assert r_bars.best_epoch == 1 and r_bars.stopped_early and r_bars.epochs_run == 3
+    assert r_bars.history[1]["valid_score"] == pytest.approx(0.21)
+    r_auc = _scripted(Trainer(_model(), _cfg(epochs=4, patience=2, monitor="auc")), script).fit(data.train, data.valid)
+    assert r_auc.best_epoch == 4 and not r_auc.stopped_early and r_auc.history[2]["lr_after"] == pytest.approx(3e-4)
+    with pytest.raises(ValueError, match="monitor"):
+        TrainConfig(monitor="logloss")
+
+
+def test_table_optimizers_train_and_differ_in_speed_path(data):
+    """Every table optimizer trains the table; sparse_adam gets SparseAdam, fused ones no torch table optimizer."""
+    kinds = {}
+    for name in ("adam", "rowwise_adagrad", "adagrad", "sgd", "sparse_adam", "dense"):
+        model = _model(table_optimizer=name, hidden_units=(8,))
+        before = model.embedding.weight.detach().clone()
+        trainer = Trainer(model, _cfg(epochs=1, table_lr=0.05))
+        kinds[name] = [type(o).__name__ for o in trainer.optimizers]
+        trainer.fit(data.train, data.valid)
+        assert not torch.equal(before, model.embedding.weight), name
+    assert kinds["sparse_adam"] == ["SparseAdam", "Adam"] and kinds["dense"] == ["Adam"] and kinds["adam"] == ["Adam"]

@@ -45,8 +45,13 @@ class SyntheticData:
 
 
 def default_synthetic_fields() -> List[FieldSpec]:
-    """8 sparse fields (1k-100k ids), one mean-pooled 1-4 id tag bag, one numeric field."""
-    sizes = (1000, 2000, 5000, 10000, 20000, 50000, 100000, 3000)
+    """8 sparse fields (200-1,000 ids), one mean-pooled 1-4 id tag bag, one numeric field.
+
+    The vocabularies are small enough that a few hundred thousand rows show most ids many times,
+    so a DeepFM gets within about 0.02 AUC of the planted truth in a one-minute demo (with
+    10k-100k-id fields most ids are seen a handful of times and every model overfits them).
+    """
+    sizes = (200, 200, 300, 300, 500, 500, 800, 1000)
     return ([SparseField(f"c{i}", n) for i, n in enumerate(sizes)]
             + [MultiHotField("tags", 50, pooling="mean"), NumericField("x0")])
 
@@ -59,9 +64,9 @@ def _zipf_ids(rng: np.random.Generator, vocab: int, size, s: float) -> np.ndarra
 
 
 def make_synthetic(
-    num_rows: int = 250_000,
+    num_rows: int = 600_000,
     fields: Optional[Sequence[FieldSpec]] = None,
-    embedding_dim: int = 10,
+    embedding_dim: int = 4,
     seed: int = 0,
     model: str = "deepfm",
     zipf_s: float = 1.05,
@@ -73,15 +78,17 @@ def make_synthetic(
 ) -> SyntheticData:
     """Sample a CTR data set from a known FM / DeepFM.
 
-    The default (250k rows, 10 fields) trains a DeepFM of emb 10, DNN 400x3 in about a minute
-    on 2 cores; its best achievable test AUC is about 0.8.
+    The default (600k rows, 10 fields, 3,851 ids, planted rank 4) is the data of
+    ``deepfm-fast demo``: a DeepFM of emb 10, DNN 256x2 gets within about 0.025 AUC of the best
+    achievable test AUC (about 0.864) in 3 epochs, well under a minute on 2 cores.
 
     Args:
         num_rows: rows over all three splits.
         fields: specs to generate (default :func:`default_synthetic_fields`). Sparse and
             multi-hot ids are Zipf-distributed; multi-hot bags hold 1..``max_bag`` ids;
             numeric values are standard normal.
-        embedding_dim: size of the true embeddings.
+        embedding_dim: size of the true embeddings (the rank of the planted interactions; a
+            model may use a larger one).
         seed: everything is a function of it (same seed, same data).
         model: ``"fm"`` (first order + FM) or ``"deepfm"`` (plus a random 32-unit MLP).
         zipf_s: Zipf exponent of the id distributions.
