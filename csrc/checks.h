@@ -109,7 +109,8 @@ inline void check_embedding_fm_args(const char* op, const at::Tensor& weight, co
 
 inline void check_embedding_fm_backward_args(const at::Tensor& grad_fm, const at::Tensor& grad_linear,
                                              const c10::optional<at::Tensor>& grad_pooled,
-                                             const at::Tensor& weight, int64_t batch, int64_t num_fields) {
+                                             const c10::optional<at::Tensor>& pooled, const at::Tensor& weight,
+                                             int64_t batch, int64_t num_fields) {
   constexpr const char* op = "embedding_fm_backward";
   for (const auto& [name, g] : {std::pair<const char*, const at::Tensor*>{"grad_fm", &grad_fm},
                                std::pair<const char*, const at::Tensor*>{"grad_linear", &grad_linear}}) {
@@ -118,13 +119,16 @@ inline void check_embedding_fm_backward_args(const at::Tensor& grad_fm, const at
     TORCH_CHECK(g->dim() == 1 && g->size(0) == batch, op, ": ", name, " must have shape [", batch, "], got ",
                 g->sizes());
   }
-  if (grad_pooled.has_value() && grad_pooled->numel() > 0) {
-    check_same_device(op, "grad_pooled", *grad_pooled, "weight", weight);
-    check_same_dtype(op, "grad_pooled", *grad_pooled, "weight", weight);
-    TORCH_CHECK(grad_pooled->dim() == 3 && grad_pooled->size(0) == batch && grad_pooled->size(1) == num_fields &&
-                    grad_pooled->size(2) == weight.size(1),
-                op, ": grad_pooled must have shape [", batch, ", ", num_fields, ", ", weight.size(1), "], got ",
-                grad_pooled->sizes());
+  // grad_pooled and pooled (the forward's field vectors) are both [B, F, K] or absent/empty.
+  for (const auto& [name, t] : {std::pair<const char*, const c10::optional<at::Tensor>*>{"grad_pooled", &grad_pooled},
+                               std::pair<const char*, const c10::optional<at::Tensor>*>{"pooled", &pooled}}) {
+    if (!t->has_value() || (*t)->numel() == 0) continue;
+    const at::Tensor& v = **t;
+    check_same_device(op, name, v, "weight", weight);
+    check_same_dtype(op, name, v, "weight", weight);
+    TORCH_CHECK(v.dim() == 3 && v.size(0) == batch && v.size(1) == num_fields && v.size(2) == weight.size(1), op,
+                ": ", name, " must have shape [", batch, ", ", num_fields, ", ", weight.size(1), "], got ",
+                v.sizes());
   }
 }
 

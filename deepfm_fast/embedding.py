@@ -189,23 +189,26 @@ class _FusedStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, trigger, module, ids, offsets, per_sample_weights, return_pooled):
+        # Field mode keeps the field vectors for the backward, which then needs no second gather.
+        keep_pooled = return_pooled or (module.mode == "field" and not module.use_reference)
         args = dict(num_fields=module.num_fields, mode=module.mode, pooling=module.pooling,
-                    return_pooled=return_pooled)
+                    return_pooled=keep_pooled)
         if module.use_reference:
             out = reference.embedding_fm(module.weight, ids, offsets, per_sample_weights, module.linear_weight, **args)
         else:
             out = ops.embedding_fm(module.weight, ids, offsets, per_sample_weights, module.linear_weight, **args)
         ctx.module = module
-        ctx.save_for_backward(ids, offsets, per_sample_weights)
+        ctx.save_for_backward(ids, offsets, per_sample_weights, out.pooled)
+        pooled = out.pooled if return_pooled else out.pooled.new_empty(0)
         if not return_pooled:
-            ctx.mark_non_differentiable(out.pooled)
-        return out.fm, out.linear, out.pooled
+            ctx.mark_non_differentiable(pooled)
+        return out.fm, out.linear, pooled
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_fm, grad_linear, grad_pooled):
         module = ctx.module
-        ids, offsets, per_sample_weights = ctx.saved_tensors
+        ids, offsets, per_sample_weights, pooled = ctx.saved_tensors
         if module.use_reference:
             unique_ids, row_grads, linear_row_grads, grad_psw = _reference_coalesced_grads(
                 module, ids, offsets, per_sample_weights, grad_fm, grad_linear, grad_pooled)
@@ -214,7 +217,7 @@ class _FusedStep(torch.autograd.Function):
             pooling = reference.pooling_codes(module.pooling, module.num_fields)
             unique_ids, row_grads, linear_row_grads, grad_psw = ops.embedding_fm_backward(
                 grad_fm, grad_linear, grad_pooled, module.weight, ids, offsets, per_sample_weights,
-                module.linear_weight, module.num_fields, mode, pooling)
+                module.linear_weight, module.num_fields, mode, pooling, pooled)
         module.apply_fused_step(unique_ids, row_grads, linear_row_grads)
         grad_psw = grad_psw if per_sample_weights is not None and ctx.needs_input_grad[4] else None
         return None, None, None, None, grad_psw, None

@@ -144,13 +144,19 @@ def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor] = No
     indices, offsets, per_sample_weights, num_fields = reference.as_csr(indices, offsets, per_sample_weights,
                                                                         num_fields)
     pooling_codes = reference.pooling_codes(pooling, num_fields)
-    args = (weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode_code, pooling_codes,
-            return_pooled)
     needs_grad = torch.is_grad_enabled() and (
         weight.requires_grad or (linear_weight is not None and linear_weight.requires_grad))
+    # In field mode the backward reads the pooled field vectors instead of gathering every table
+    # row again, so a forward that will be differentiated writes them even if the caller does not
+    # want them.
+    want_pooled = return_pooled or (needs_grad and mode_code == 0)
+    args = (weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode_code, pooling_codes,
+            want_pooled)
     if sparse and needs_grad:
-        return EmbeddingFMOutput(*_EmbeddingFMSparseGrad.apply(*args))
-    return EmbeddingFMOutput(*torch.ops.deepfm_fast.embedding_fm.default(*args))
+        fm, linear, pooled = _EmbeddingFMSparseGrad.apply(*args)
+    else:
+        fm, linear, pooled = torch.ops.deepfm_fast.embedding_fm.default(*args)
+    return EmbeddingFMOutput(fm, linear, pooled if return_pooled else pooled.new_empty(0))
 
 
 _CUDA_BOUNDS_CHECK_MODES = ("error", "clamp", "off")  # the codes 0, 1, 2 of embedding_fm_cuda.cu
@@ -204,22 +210,25 @@ def _cuda_bounds_check_setter():
 
 
 def embedding_fm_backward(grad_fm, grad_linear, grad_pooled, weight, indices, offsets, per_sample_weights,
-                          linear_weight, num_fields, mode, pooling):
+                          linear_weight, num_fields, mode, pooling, pooled=None):
     """The coalesced gradient of `embedding_fm` (int mode and pooling codes, CSR input).
 
     Returns ``(unique_ids [U] int64 sorted, row_grads [U, K], linear_row_grads [U] or empty,
     grad_per_sample_weights [nnz] or empty)``: the touched rows and their summed gradients, the
-    input of the dense and sparse table gradients and of fused optimizers.
+    input of the dense and sparse table gradients and of fused optimizers. ``pooled``, the
+    forward's field vectors if it returned them, spares the backward a second gather of the rows.
     """
     if grad_pooled is not None and grad_pooled.numel() == 0:
         grad_pooled = None
+    if pooled is not None and pooled.numel() == 0:
+        pooled = None
     return torch.ops.deepfm_fast.embedding_fm_backward.default(
         grad_fm, grad_linear, grad_pooled, weight, indices, offsets, per_sample_weights, linear_weight,
-        num_fields, mode, pooling)
+        num_fields, mode, pooling, pooled)
 
 
 def _embedding_fm_grads(ctx, grad_fm, grad_linear, grad_pooled, sparse):
-    weight, indices, offsets, per_sample_weights, linear_weight = ctx.saved_tensors
+    weight, indices, offsets, per_sample_weights, linear_weight, pooled = ctx.saved_tensors
     num_fields, mode, pooling = ctx.int_args
     batch = (offsets.shape[0] - 1) // num_fields
     if grad_fm is None:
@@ -228,7 +237,7 @@ def _embedding_fm_grads(ctx, grad_fm, grad_linear, grad_pooled, sparse):
         grad_linear = weight.new_zeros(batch)
     unique_ids, row_grads, linear_row_grads, grad_psw = embedding_fm_backward(
         grad_fm, grad_linear, grad_pooled, weight, indices, offsets, per_sample_weights, linear_weight,
-        num_fields, mode, pooling)
+        num_fields, mode, pooling, pooled)
     grad_weight = grad_linear_weight = None
     if ctx.needs_input_grad[0]:
         if sparse:
@@ -249,8 +258,9 @@ def _embedding_fm_grads(ctx, grad_fm, grad_linear, grad_pooled, sparse):
 
 
 def _embedding_fm_setup_context(ctx, inputs, output):
-    weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode, pooling, _ = inputs
-    ctx.save_for_backward(weight, indices, offsets, per_sample_weights, linear_weight)
+    weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode, pooling, return_pooled = inputs
+    pooled = output[2] if return_pooled else None
+    ctx.save_for_backward(weight, indices, offsets, per_sample_weights, linear_weight, pooled)
     ctx.int_args = (num_fields, mode, pooling)
 
 
@@ -308,7 +318,7 @@ def _register_embedding_fm():
 
     @torch.library.register_fake(lib + "embedding_fm_backward")
     def _(grad_fm, grad_linear, grad_pooled, weight, indices, offsets, per_sample_weights, linear_weight,
-          num_fields, mode, pooling):
+          num_fields, mode, pooling, pooled=None):
         check("embedding_fm_backward", weight, indices, offsets, per_sample_weights, linear_weight, num_fields,
               mode, pooling)
         num_unique = torch.library.get_ctx().new_dynamic_size()  # U <= nnz, known only at run time

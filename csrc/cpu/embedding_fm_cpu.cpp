@@ -170,10 +170,12 @@ void forward_kernel(const Inputs<scalar_t, index_t>& in, scalar_t* fm, scalar_t*
 // Step 1 of the backward: per-occurrence row gradients occ_grad [nnz, dim], dL/dx grad_x [nnz]
 // (or nullptr) and first-order row gradients lin_occ [nnz] (or nullptr). occ_grad and lin_occ are
 // written in sorted-id order (row rank[p] for occurrence p), so that step 2 reads them sequentially:
-// scattered stores do not stall the way scattered loads do.
+// scattered stores do not stall the way scattered loads do. With the forward's `pooled` (field mode,
+// full-precision tables) the field vectors are read from it, and the table rows are not read at
+// all unless dL/dx is wanted: on a large table each row read is a cache miss.
 template <typename scalar_t, typename index_t, int64_t kStaticDim>
 void occurrence_grads_kernel(const Inputs<scalar_t, index_t>& in, const scalar_t* g_fm, const scalar_t* g_lin,
-                             const scalar_t* g_pooled, at::opmath_type<scalar_t>* occ_grad,
+                             const scalar_t* g_pooled, const scalar_t* pooled, at::opmath_type<scalar_t>* occ_grad,
                              at::opmath_type<scalar_t>* grad_x, at::opmath_type<scalar_t>* lin_occ,
                              const int64_t* rank) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -204,6 +206,14 @@ void occurrence_grads_kernel(const Inputs<scalar_t, index_t>& in, const scalar_t
         for (int j = 0; j < nv; ++j) sum[j] = V{};
         for (int64_t f = 0; f < fields; ++f) {
           V e[nv];
+          if (pooled != nullptr) {  // the forward's e_f, already scaled for mean pooling
+            for (int j = 0; j < nv; ++j) {
+              e[j] = simd::load<V>(pooled + (b * fields + f) * dim + k0 + j * lanes);
+              simd::store(field_vectors.data() + f * dim + k0 + j * lanes, e[j]);
+              sum[j] += e[j];
+            }
+            continue;
+          }
           for (int j = 0; j < nv; ++j) e[j] = V{};
           for (int64_t p = off[f]; p < off[f + 1]; ++p) {
             if (k0 == 0 && p + kPrefetchAhead < nnz) prefetch_row(in, in.indices[p + kPrefetchAhead]);
@@ -232,8 +242,12 @@ void occurrence_grads_kernel(const Inputs<scalar_t, index_t>& in, const scalar_t
           }
           for (int64_t p = off[f]; p < off[f + 1]; ++p) {
             const acc_t x = in.psw ? static_cast<acc_t>(in.psw[p]) : acc_t(1);
-            const scalar_t* row = row_of(p);
             acc_t* out = occ_grad + rank[p] * dim + k0;
+            if (pooled != nullptr && grad_x == nullptr) {  // field mode: x * D_f needs no table row
+              for (int j = 0; j < nv; ++j) simd::store(out + j * lanes, x * d[j]);
+              continue;
+            }
+            const scalar_t* row = row_of(p);
             V dot = V{};
             for (int j = 0; j < nv; ++j) {
               const V v = simd::load<V>(row + j * lanes);
@@ -354,10 +368,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
     const at::Tensor& grad_fm_in, const at::Tensor& grad_linear_in, const c10::optional<at::Tensor>& grad_pooled_in,
     const at::Tensor& weight_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
     const c10::optional<at::Tensor>& psw_in, const c10::optional<at::Tensor>& lw_in, int64_t num_fields, int64_t mode,
-    at::IntArrayRef pooling) {
+    at::IntArrayRef pooling, const c10::optional<at::Tensor>& pooled_in) {
   const Prepared p =
       prepare("embedding_fm_backward", weight_in, indices_in, offsets_in, psw_in, lw_in, num_fields, mode, pooling);
-  check_embedding_fm_backward_args(grad_fm_in, grad_linear_in, grad_pooled_in, p.weight, p.batch, num_fields);
+  check_embedding_fm_backward_args(grad_fm_in, grad_linear_in, grad_pooled_in, pooled_in, p.weight, p.batch,
+                                   num_fields);
+  // Reused only where it equals the recomputation bit for bit: field mode, float32/float64 tables.
+  const bool reuse_pooled = pooled_in.has_value() && pooled_in->numel() > 0 && mode == 0 &&
+                            at::toOpMathType(p.weight.scalar_type()) == p.weight.scalar_type();
+  const at::Tensor pooled = reuse_pooled ? pooled_in->contiguous() : at::Tensor();
   const at::Tensor grad_fm = grad_fm_in.contiguous();
   const at::Tensor grad_linear = grad_linear_in.contiguous();
   const bool has_grad_pooled = grad_pooled_in.has_value() && grad_pooled_in->numel() > 0;
@@ -380,7 +399,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
         if (p.batch > 0) {
           occurrence_grads_kernel<scalar, index_t, static_dim.value>(
               in, grad_fm.const_data_ptr<scalar>(), grad_linear.const_data_ptr<scalar>(),
-              has_grad_pooled ? grad_pooled.const_data_ptr<scalar>() : nullptr, occ_grad.mutable_data_ptr<acc_t>(),
+              has_grad_pooled ? grad_pooled.const_data_ptr<scalar>() : nullptr,
+              reuse_pooled ? pooled.const_data_ptr<scalar>() : nullptr, occ_grad.mutable_data_ptr<acc_t>(),
               p.psw ? grad_x.mutable_data_ptr<acc_t>() : nullptr, p.lw ? lin_occ.mutable_data_ptr<acc_t>() : nullptr,
               c.rank.data());
         }
