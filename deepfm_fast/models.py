@@ -42,6 +42,15 @@ Example::
     >>> data = make_synthetic(2000)
     >>> model = DeepFM(data.fields, embedding_dim=10, hidden_units=(64, 64), batch_norm=True)
     >>> logits = model(next(iterate_batches(data.train, 256)))   # [256]
+
+Training with the fused table optimizer (what ``deepfm-fast train`` does by default)::
+
+    >>> model = DeepFM(data.fields, 10, hidden_units=(64, 64), table_optimizer="adam", table_lr=1e-3,
+    ...                l2_embedding=0.01)
+    >>> opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)  # DNN, bias
+    >>> batch = next(iterate_batches(data.train, 256))
+    >>> loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels)
+    >>> opt.zero_grad(); loss.backward(); opt.step()   # the table rows were updated in backward()
 """
 
 from __future__ import annotations
