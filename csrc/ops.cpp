@@ -33,11 +33,12 @@ TORCH_LIBRARY(deepfm_fast, m) {
   // This is what the dense and sparse table gradients and the fused optimizers are built from.
   // pooled: the forward's field vectors [B, F, K], if it returned them. In field mode the backward
   // then reads them instead of gathering every table row again (a cache miss per row of a large
-  // table); it changes no result.
+  // table); it changes no result. per_sample_weights_grad=False skips dL/dx (it needs the rows)
+  // and returns it empty.
   m.def("embedding_fm_backward(Tensor grad_fm, Tensor grad_linear, Tensor? grad_pooled, Tensor weight, "
         "Tensor indices, Tensor offsets, Tensor? per_sample_weights, Tensor? linear_weight, int num_fields, "
-        "int mode, int[] pooling, Tensor? pooled=None) -> (Tensor unique_ids, Tensor row_grads, "
-        "Tensor linear_row_grads, Tensor grad_per_sample_weights)", pt2);
+        "int mode, int[] pooling, Tensor? pooled=None, bool per_sample_weights_grad=True) -> "
+        "(Tensor unique_ids, Tensor row_grads, Tensor linear_row_grads, Tensor grad_per_sample_weights)", pt2);
   // A fused optimizer step on the rows `ids` (sorted, unique) of weight [N, D], in place, with the
   // summed row gradients row_grads [U, D]: what the fused-optimizer backward of EmbeddingFM calls
   // after embedding_fm_backward. optimizer: 0 SGD, 1 row-wise Adagrad (state [N]), 2 Adagrad

@@ -217,7 +217,8 @@ class _FusedStep(torch.autograd.Function):
             pooling = reference.pooling_codes(module.pooling, module.num_fields)
             unique_ids, row_grads, linear_row_grads, grad_psw = ops.embedding_fm_backward(
                 grad_fm, grad_linear, grad_pooled, module.weight, ids, offsets, per_sample_weights,
-                module.linear_weight, module.num_fields, mode, pooling, pooled)
+                module.linear_weight, module.num_fields, mode, pooling, pooled,
+                per_sample_weights is not None and ctx.needs_input_grad[4])
         module.apply_fused_step(unique_ids, row_grads, linear_row_grads)
         grad_psw = grad_psw if per_sample_weights is not None and ctx.needs_input_grad[4] else None
         return None, None, None, None, grad_psw, None

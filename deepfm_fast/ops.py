@@ -210,13 +210,14 @@ def _cuda_bounds_check_setter():
 
 
 def embedding_fm_backward(grad_fm, grad_linear, grad_pooled, weight, indices, offsets, per_sample_weights,
-                          linear_weight, num_fields, mode, pooling, pooled=None):
+                          linear_weight, num_fields, mode, pooling, pooled=None, per_sample_weights_grad=True):
     """The coalesced gradient of `embedding_fm` (int mode and pooling codes, CSR input).
 
     Returns ``(unique_ids [U] int64 sorted, row_grads [U, K], linear_row_grads [U] or empty,
     grad_per_sample_weights [nnz] or empty)``: the touched rows and their summed gradients, the
     input of the dense and sparse table gradients and of fused optimizers. ``pooled``, the
-    forward's field vectors if it returned them, spares the backward a second gather of the rows.
+    forward's field vectors if it returned them, spares the backward a second gather of the rows;
+    so does ``per_sample_weights_grad=False`` where that gradient is not needed.
     """
     if grad_pooled is not None and grad_pooled.numel() == 0:
         grad_pooled = None
@@ -224,7 +225,7 @@ def embedding_fm_backward(grad_fm, grad_linear, grad_pooled, weight, indices, of
         pooled = None
     return torch.ops.deepfm_fast.embedding_fm_backward.default(
         grad_fm, grad_linear, grad_pooled, weight, indices, offsets, per_sample_weights, linear_weight,
-        num_fields, mode, pooling, pooled)
+        num_fields, mode, pooling, pooled, per_sample_weights_grad)
 
 
 def _embedding_fm_grads(ctx, grad_fm, grad_linear, grad_pooled, sparse):
@@ -237,7 +238,7 @@ def _embedding_fm_grads(ctx, grad_fm, grad_linear, grad_pooled, sparse):
         grad_linear = weight.new_zeros(batch)
     unique_ids, row_grads, linear_row_grads, grad_psw = embedding_fm_backward(
         grad_fm, grad_linear, grad_pooled, weight, indices, offsets, per_sample_weights, linear_weight,
-        num_fields, mode, pooling, pooled)
+        num_fields, mode, pooling, pooled, per_sample_weights is not None and ctx.needs_input_grad[3])
     grad_weight = grad_linear_weight = None
     if ctx.needs_input_grad[0]:
         if sparse:
@@ -318,13 +319,13 @@ def _register_embedding_fm():
 
     @torch.library.register_fake(lib + "embedding_fm_backward")
     def _(grad_fm, grad_linear, grad_pooled, weight, indices, offsets, per_sample_weights, linear_weight,
-          num_fields, mode, pooling, pooled=None):
+          num_fields, mode, pooling, pooled=None, per_sample_weights_grad=True):
         check("embedding_fm_backward", weight, indices, offsets, per_sample_weights, linear_weight, num_fields,
               mode, pooling)
         num_unique = torch.library.get_ctx().new_dynamic_size()  # U <= nnz, known only at run time
         return (indices.new_empty(num_unique, dtype=torch.int64), weight.new_empty(num_unique, weight.shape[1]),
                 weight.new_empty(num_unique if linear_weight is not None else 0),
-                weight.new_empty(indices.shape[0] if per_sample_weights is not None else 0))
+                weight.new_empty(indices.shape[0] if per_sample_weights is not None and per_sample_weights_grad else 0))
 
     def backward(ctx, grad_fm, grad_linear, grad_pooled):
         return _embedding_fm_grads(ctx, grad_fm, grad_linear, grad_pooled, sparse=False)

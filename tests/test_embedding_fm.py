@@ -545,3 +545,19 @@ def test_backward_rejects_pooled_of_the_wrong_shape():
     with pytest.raises(RuntimeError, match=r"pooled must have shape \[2, 2, 4\], got \[2, 2, 3\]"):
         torch.ops.deepfm_fast.embedding_fm_backward(g, g, None, weight, indices, offsets, None, None, 2, 0, [0],
                                                     torch.zeros(2, 2, 3))
+
+
+def test_backward_without_per_sample_weight_grad_skips_only_that_output():
+    torch.manual_seed(1)
+    weight, linear_weight = torch.randn(30, 8), torch.randn(30)
+    offsets = torch.tensor([0, 2, 3, 3, 6])
+    indices, psw = torch.tensor([1, 4, 4, 7, 2, 1]), torch.rand(6)
+    fm, linear, pooled = torch.ops.deepfm_fast.embedding_fm(weight, indices, offsets, psw, linear_weight, 2, 0, [1],
+                                                            True)
+    args = (torch.randn(2), torch.randn(2), torch.randn(2, 2, 8), weight, indices, offsets, psw, linear_weight, 2, 0,
+            [1], pooled)
+    full = torch.ops.deepfm_fast.embedding_fm_backward(*args)
+    skipped = torch.ops.deepfm_fast.embedding_fm_backward(*args, False)
+    assert full[3].shape == (6,) and skipped[3].numel() == 0
+    for a, b in zip(full[:3], skipped[:3]):
+        assert torch.equal(a, b)

@@ -368,7 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
     const at::Tensor& grad_fm_in, const at::Tensor& grad_linear_in, const c10::optional<at::Tensor>& grad_pooled_in,
     const at::Tensor& weight_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
     const c10::optional<at::Tensor>& psw_in, const c10::optional<at::Tensor>& lw_in, int64_t num_fields, int64_t mode,
-    at::IntArrayRef pooling, const c10::optional<at::Tensor>& pooled_in) {
+    at::IntArrayRef pooling, const c10::optional<at::Tensor>& pooled_in, bool per_sample_weights_grad) {
   const Prepared p =
       prepare("embedding_fm_backward", weight_in, indices_in, offsets_in, psw_in, lw_in, num_fields, mode, pooling);
   check_embedding_fm_backward_args(grad_fm_in, grad_linear_in, grad_pooled_in, pooled_in, p.weight, p.batch,
@@ -385,7 +385,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
   const auto options = p.weight.options();
   const auto acc_type = at::toOpMathType(p.weight.scalar_type());
   at::Tensor occ_grad = at::empty({nnz, dim}, options.dtype(acc_type));
-  at::Tensor grad_x = p.psw ? at::empty({nnz}, options.dtype(acc_type)) : at::Tensor();
+  const bool want_grad_x = p.psw.has_value() && per_sample_weights_grad;
+  at::Tensor grad_x = want_grad_x ? at::empty({nnz}, options.dtype(acc_type)) : at::Tensor();
   at::Tensor lin_occ = p.lw ? at::empty({nnz}, options.dtype(acc_type)) : at::Tensor();
 
   at::Tensor unique_ids, row_grads, linear_row_grads;
@@ -401,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
               in, grad_fm.const_data_ptr<scalar>(), grad_linear.const_data_ptr<scalar>(),
               has_grad_pooled ? grad_pooled.const_data_ptr<scalar>() : nullptr,
               reuse_pooled ? pooled.const_data_ptr<scalar>() : nullptr, occ_grad.mutable_data_ptr<acc_t>(),
-              p.psw ? grad_x.mutable_data_ptr<acc_t>() : nullptr, p.lw ? lin_occ.mutable_data_ptr<acc_t>() : nullptr,
+              want_grad_x ? grad_x.mutable_data_ptr<acc_t>() : nullptr, p.lw ? lin_occ.mutable_data_ptr<acc_t>() : nullptr,
               c.rank.data());
         }
         const int64_t num_unique = c.num_unique();
@@ -415,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
       });
     });
   });
-  at::Tensor grad_psw = p.psw ? grad_x.to(p.weight.scalar_type()) : at::empty({0}, options);
+  at::Tensor grad_psw = want_grad_x ? grad_x.to(p.weight.scalar_type()) : at::empty({0}, options);
   return {unique_ids, row_grads, linear_row_grads, grad_psw};
 }
 

@@ -545,7 +545,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
     const at::Tensor& grad_fm_in, const at::Tensor& grad_linear_in, const c10::optional<at::Tensor>& grad_pooled_in,
     const at::Tensor& weight_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
     const c10::optional<at::Tensor>& psw_in, const c10::optional<at::Tensor>& lw_in, int64_t num_fields, int64_t mode,
-    at::IntArrayRef pooling, const c10::optional<at::Tensor>& pooled_in) {
+    at::IntArrayRef pooling, const c10::optional<at::Tensor>& pooled_in, bool per_sample_weights_grad) {
   constexpr const char* op = "embedding_fm_backward";
   const Prepared p = prepare(op, weight_in, indices_in, offsets_in, psw_in, lw_in, num_fields, mode, pooling);
   // The forward's pooled output is checked but not used: on the GPU the second gather of the rows
@@ -568,7 +568,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
   const at::Tensor stats = at::full({5}, -1, long_options);
   if (bounds == kBoundsError) launch_csr_check(p, stats, stream);
 
-  at::Tensor grad_x = p.psw ? at::zeros({nnz}, options.dtype(acc_type)) : at::Tensor();
+  const bool want_grad_x = p.psw.has_value() && per_sample_weights_grad;
+  at::Tensor grad_x = want_grad_x ? at::zeros({nnz}, options.dtype(acc_type)) : at::Tensor();
   at::Tensor occ, lin_occ, order, sorted, head, seg;
   const bool narrow_keys = rows < std::numeric_limits<int32_t>::max();  // the sentinel `rows` fits
   if (nnz > 0) {
@@ -588,7 +589,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
             occurrence_grads_kernel<scalar, index_t, kLanes, kPer><<<grid, cuda::kThreadsPerBlock, 0, stream>>>(
                 in, grad_fm.const_data_ptr<scalar>(), grad_linear.const_data_ptr<scalar>(),
                 has_grad_pooled ? grad_pooled.const_data_ptr<scalar>() : nullptr, occ.mutable_data_ptr<acc_t>(),
-                p.psw ? grad_x.mutable_data_ptr<acc_t>() : nullptr, p.lw ? lin_occ.mutable_data_ptr<acc_t>() : nullptr,
+                want_grad_x ? grad_x.mutable_data_ptr<acc_t>() : nullptr, p.lw ? lin_occ.mutable_data_ptr<acc_t>() : nullptr,
                 narrow_keys ? keys.mutable_data_ptr<int32_t>() : nullptr,
                 narrow_keys ? nullptr : keys.mutable_data_ptr<int64_t>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -640,7 +641,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
       });
     });
   }
-  at::Tensor grad_psw = p.psw ? grad_x.to(p.weight.scalar_type()) : at::empty({0}, options);
+  at::Tensor grad_psw = want_grad_x ? grad_x.to(p.weight.scalar_type()) : at::empty({0}, options);
   return {unique_ids, row_grads, linear_row_grads, grad_psw};
 }
 

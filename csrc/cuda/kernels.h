@@ -25,6 +25,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
     const at::Tensor& grad_fm, const at::Tensor& grad_linear, const c10::optional<at::Tensor>& grad_pooled,
     const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& offsets,
     const c10::optional<at::Tensor>& per_sample_weights, const c10::optional<at::Tensor>& linear_weight,
-    int64_t num_fields, int64_t mode, at::IntArrayRef pooling, const c10::optional<at::Tensor>& pooled);
+    int64_t num_fields, int64_t mode, at::IntArrayRef pooling, const c10::optional<at::Tensor>& pooled,
+    bool per_sample_weights_grad);
 
 }  // namespace deepfm_fast
