@@ -1,6 +1,7 @@
-"""W2 and W4 (shared/docs/benchmarks.md): the fused embedding_fm op against the reference and against
-plain PyTorch with nn.EmbeddingBag(sparse=True). One process, one thread; every case is checked
-against the reference before it is timed; fused and baseline share a pytest-benchmark group.
+"""W2 and W4 (../shared/docs/benchmarks.md): the fused embedding_fm op against the reference, plain
+PyTorch (nn.EmbeddingBag(sparse=True)) and FBGEMM's TBE forward. One process, one thread, the
+implementations of a case alternating round by round after their outputs are checked against each
+other; the alternating medians and ratios are in each benchmark's extra_info.
 
     OMP_WAIT_POLICY=PASSIVE python -m pytest benchmarks/bench_embedding_fm.py --benchmark-only \
         --benchmark-json benchmarks/results/embedding_fm_cpu.json -q
@@ -15,47 +16,47 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import synchronize
+import workloads as W
+from conftest import alternating_medians, synchronize
 from deepfm_fast import EmbeddingFM, ops, reference
 
-torch.set_num_threads(1)
 DEVICE = os.environ.get("DEEPFM_FAST_BENCH_DEVICE", "cpu")
 ON = "" if DEVICE == "cpu" else f" {DEVICE}"  # suffix of the benchmark groups
-
-B, FIELDS, K = 4096, 26, 16
-TABLES = {"small": 10_000, "large": 400_000}  # rows per field
-DISTS = ["uniform", "zipf"]
+B, K = 4096, 16
+CASES = [(t, d) for t in W.TABLE_ROWS for d in ("uniform", "zipf")]
 
 
 def assert_close(a, b):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def sample_ids(rows, dist, n, gen):
-    if dist == "uniform":
-        return torch.randint(0, rows, (n,), generator=gen)
-    rank = torch.arange(1, rows + 1, dtype=torch.float64)
-    ranks = torch.multinomial(rank.pow(-1.05), n, replacement=True, generator=gen)
-    return (ranks * 2654435761) % rows  # scatter the hot ids over the field's rows
+def record(benchmark, group, impls, rounds, **info):
+    """Alternating medians of {name: fn} into extra_info; pytest-benchmark times the first (fused)."""
+    medians = alternating_medians(impls, rounds=rounds, device=DEVICE)
+    fused = next(iter(impls))
+    benchmark.group = group + ON
+    benchmark.extra_info.update(
+        threads=torch.get_num_threads(), device=DEVICE, **info,
+        alternating_median_ms={name: round(m * 1e3, 3) for name, m in medians.items()},
+        speedup_of_fused_vs={name: round(m / medians[fused], 2) for name, m in medians.items() if name != fused})
+    benchmark.pedantic(lambda: (impls[fused](), synchronize(DEVICE)), rounds=10, warmup_rounds=1)
 
 
 @functools.lru_cache(maxsize=1)
 def w2_model(table):
     torch.manual_seed(0)
-    model = EmbeddingFM([TABLES[table]] * FIELDS, K, sparse=True, init_std=0.05)
+    model = EmbeddingFM([W.TABLE_ROWS[table]] * W.FIELDS, K, sparse=True, init_std=0.05)
     nn.init.normal_(model.linear_weight, 0, 0.05)
     return model.to(DEVICE)
 
 
 @functools.lru_cache(maxsize=4)
 def w2_batch(table, dist):
-    gen = torch.Generator().manual_seed(1)
-    local = torch.stack([sample_ids(TABLES[table], dist, B, gen) for _ in range(FIELDS)], 1)
-    labels = torch.randint(0, 2, (B,), generator=gen).float()
+    (local, labels), = W.make_batches(W.TABLE_ROWS[table], dist, B, count=1)
     return w2_model(table).to_global(local.to(DEVICE)), labels.to(DEVICE)
 
 
-class BaselineFM(nn.Module):
+class EmbeddingBagFM(nn.Module):
     """Plain PyTorch: one nn.EmbeddingBag(sparse=True) for V, one [N, 1] for w, the FM expression."""
 
     def __init__(self, model):
@@ -69,65 +70,85 @@ class BaselineFM(nn.Module):
     def forward(self, ids):
         batch, fields = ids.shape
         offsets = torch.arange(0, batch * fields, dtype=ids.dtype, device=ids.device)
-        e = self.emb(ids.reshape(-1), offsets).view(batch, fields, -1)
-        fm = 0.5 * (e.sum(1).pow(2) - e.pow(2).sum(1)).sum(1)
-        return self.bias + self.lin(ids).squeeze(1) + fm
+        emb = self.emb(ids.reshape(-1), offsets).view(batch, fields, -1)
+        return W.fm_logit(emb, self.lin(ids).squeeze(1), self.bias)
 
 
-def step(model, ids, labels, optimizer):
-    optimizer.zero_grad(set_to_none=True)
-    loss = F.binary_cross_entropy_with_logits(model(ids, global_ids=True) if isinstance(model, EmbeddingFM)
-                                              else model(ids), labels)
-    loss.backward()
-    optimizer.step()
-    return loss
+def tbe_forward(model, table):
+    """FBGEMM TBE (one table per field) holding the fused model's rows, + the FM expression."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
 
+    rows = W.TABLE_ROWS[table]
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [(rows, K, EmbeddingLocation.HOST, ComputeDevice.CPU) for _ in range(W.FIELDS)])
+    with torch.no_grad():
+        tbe.weights_host.copy_(model.weight.reshape(-1))
 
-CASES = [(t, d) for t in TABLES for d in DISTS]
+    def forward(global_ids):
+        local = global_ids - model.field_offsets
+        indices = local.t().reshape(-1)  # table-major
+        offsets = torch.arange(W.FIELDS * B + 1, dtype=torch.long)
+        emb = tbe(indices, offsets).view(B, W.FIELDS, K)
+        return 0.5 * (emb.sum(1).pow(2) - emb.pow(2).sum(1)).sum(1)
+
+    return forward
 
 
 @pytest.mark.parametrize("table,dist", CASES)
-@pytest.mark.parametrize("impl", ["fused", "reference"])
-def test_w2_forward(benchmark, table, dist, impl):
+def test_w2_forward(benchmark, table, dist):
     model = w2_model(table)
     ids, _ = w2_batch(table, dist)
-    fn = ops.embedding_fm if impl == "fused" else reference.embedding_fm
+    kwargs = dict(linear_weight=model.linear_weight)
+    impls = {"fused": lambda: ops.embedding_fm(model.weight, ids, **kwargs),
+             "reference": lambda: reference.embedding_fm(model.weight, ids, **kwargs)}
     with torch.no_grad():
-        expected = reference.embedding_fm(model.weight, ids, linear_weight=model.linear_weight)
-        got = fn(model.weight, ids, linear_weight=model.linear_weight)
+        expected = impls["reference"]()
+        got = impls["fused"]()
         assert_close(got.fm, expected.fm)
         assert_close(got.linear, expected.linear)
-        benchmark.group = f"W2 forward {table} {dist}{ON}"
-        benchmark.pedantic(lambda: (fn(model.weight, ids, linear_weight=model.linear_weight), synchronize(DEVICE)),
-                           rounds=30, warmup_rounds=3)
+        if DEVICE == "cpu" and W.has_fbgemm():
+            tbe = tbe_forward(model, table)
+            assert_close(tbe(ids), expected.fm)
+            impls["fbgemm_tbe_forward_no_first_order"] = lambda: tbe(ids)
+        record(benchmark, f"W2 forward {table} {dist}", impls, rounds=20, table=table, dist=dist)
+
+
+def sgd_step(model, ids, labels, optimizer):
+    optimizer.zero_grad(set_to_none=True)
+    logit = model(ids, global_ids=True) if isinstance(model, EmbeddingFM) else model(ids)
+    F.binary_cross_entropy_with_logits(logit, labels).backward()
+    optimizer.step()
+    return logit
 
 
 @pytest.mark.parametrize("table,dist", CASES)
-@pytest.mark.parametrize("impl", ["fused", "embedding_bag"])
-def test_w2_step_sparse_sgd(benchmark, table, dist, impl):
+def test_w2_step_sparse_sgd(benchmark, table, dist):
     model = w2_model(table)
     ids, labels = w2_batch(table, dist)
-    baseline = BaselineFM(model)
+    baseline = EmbeddingBagFM(model)
     with torch.no_grad():
         assert_close(model(ids, global_ids=True), baseline(ids))
-    net = model if impl == "fused" else baseline
     # lr=0: the tables stay as they are across rounds (the update still runs over every touched row).
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
-    benchmark.group = f"W2 step (fwd, BCE, bwd, sparse SGD) {table} {dist}{ON}"
-    benchmark.pedantic(lambda: (step(net, ids, labels, optimizer), synchronize(DEVICE)), rounds=15, warmup_rounds=2)
-    assert (model.weight if impl == "fused" else baseline.emb.weight).grad.is_sparse
+    fused_opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    baseline_opt = torch.optim.SGD(baseline.parameters(), lr=0.0)
+    impls = {"fused_sparse_grad": lambda: sgd_step(model, ids, labels, fused_opt),
+             "embedding_bag_sparse_grad": lambda: sgd_step(baseline, ids, labels, baseline_opt)}
+    record(benchmark, f"W2 step (fwd, BCE, bwd, sparse SGD) {table} {dist}", impls, rounds=15, table=table,
+           dist=dist)
+    assert model.weight.grad.is_sparse and baseline.emb.weight.grad.is_sparse
 
 
 @functools.lru_cache(maxsize=1)
 def w4_data():
-    gen = torch.Generator().manual_seed(2)
+    generator = torch.Generator().manual_seed(2)
     fields, rows = 8, 10_000
-    counts = torch.randint(1, 9, (B * fields,), generator=gen)
+    counts = torch.randint(1, 9, (B * fields,), generator=generator)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-    nnz = int(offsets[-1])
-    indices = torch.randint(0, rows * fields, (nnz,), generator=gen)
-    weight = torch.randn(rows * fields, K, generator=gen) * 0.05
-    psw = torch.rand(nnz, generator=gen)
+    indices = torch.randint(0, rows * fields, (int(offsets[-1]),), generator=generator)
+    weight = torch.randn(rows * fields, K, generator=generator) * 0.05
+    psw = torch.rand(indices.numel(), generator=generator)
     return weight, indices, offsets, psw, fields
 
 
@@ -138,31 +159,26 @@ def w4_fwd_bwd(fn, weight, indices, offsets, psw, fields, pooling):
     return w.grad
 
 
-@pytest.mark.parametrize("pooling,weighted", [(p, w) for p in ("sum", "mean") for w in (False, True)])
-@pytest.mark.parametrize("impl", ["fused", "reference"])
+@pytest.mark.skipif(DEVICE != "cpu", reason="W4 runs on the CPU")
 @pytest.mark.parametrize("what", ["forward", "fwd+bwd"])
-def test_w4_multi_hot(benchmark, what, impl, pooling, weighted):
+@pytest.mark.parametrize("pooling,weighted", [(p, w) for p in ("sum", "mean") for w in (False, True)])
+def test_w4_multi_hot(benchmark, what, pooling, weighted):
     weight, indices, offsets, psw, fields = w4_data()
     psw = psw if weighted else None
-    fn = ops.embedding_fm if impl == "fused" else reference.embedding_fm
     kwargs = dict(num_fields=fields, pooling=pooling, return_pooled=True)
     with torch.no_grad():
-        got, expected = fn(weight, indices, offsets, psw, **kwargs), reference.embedding_fm(weight, indices, offsets,
-                                                                                          psw, **kwargs)
-        for a, e in zip(got, expected):
+        for a, e in zip(ops.embedding_fm(weight, indices, offsets, psw, **kwargs),
+                        reference.embedding_fm(weight, indices, offsets, psw, **kwargs)):
             assert_close(a, e)
-    benchmark.group = f"W4 {what} bags 1-8, {pooling}, {'weighted' if weighted else 'unweighted'}"
     if what == "forward":
+        impls = {name: (lambda fn=fn: fn(weight, indices, offsets, psw, **kwargs))
+                 for name, fn in (("fused", ops.embedding_fm), ("reference", reference.embedding_fm))}
         with torch.no_grad():
-            benchmark.pedantic(fn, args=(weight, indices, offsets, psw), kwargs=kwargs, rounds=20, warmup_rounds=2)
-    else:
-        torch.testing.assert_close(w4_fwd_bwd(fn, weight, indices, offsets, psw, fields, pooling).to_dense(),
-                                   w4_fwd_bwd(reference.embedding_fm, weight, indices, offsets, psw, fields,
-                                              pooling).to_dense(), atol=1e-4, rtol=1e-4)
-        benchmark.pedantic(w4_fwd_bwd, args=(fn, weight, indices, offsets, psw, fields, pooling), rounds=10,
-                           warmup_rounds=1)
-
-
-def test_fbgemm_tbe_forward(benchmark):
-    pytest.importorskip("fbgemm_gpu", reason="fbgemm-gpu-cpu==1.8.0 is not installed (optional bench dependency)")
-    pytest.skip("FBGEMM TBE comparison not written yet")
+            record(benchmark, f"W4 forward, bags of 1-8, {pooling}, weighted={weighted}", impls, rounds=15)
+        return
+    torch.testing.assert_close(w4_fwd_bwd(ops.embedding_fm, weight, indices, offsets, psw, fields, pooling).to_dense(),
+                               w4_fwd_bwd(reference.embedding_fm, weight, indices, offsets, psw, fields,
+                                          pooling).to_dense(), atol=1e-4, rtol=1e-4)
+    impls = {name: (lambda fn=fn: w4_fwd_bwd(fn, weight, indices, offsets, psw, fields, pooling))
+             for name, fn in (("fused", ops.embedding_fm), ("reference", reference.embedding_fm))}
+    record(benchmark, f"W4 fwd+bwd, bags of 1-8, {pooling}, weighted={weighted}", impls, rounds=10)
