@@ -96,8 +96,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_parser(sub) -> None:
+    # No ArgumentDefaultsHelpFormatter: every flag defaults to None (so a --config file can fill
+    # it); the help texts name the real defaults (TRAIN_DEFAULTS).
     p = sub.add_parser("train", help="train a model, evaluate every epoch, stop early, report metrics",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Train on --train, early stopping on --valid (or a --valid-fraction hold-out), "
                                    "final metrics on --test. Options may come from --config.")
     p.add_argument("--config", help="YAML or JSON file of options (same names as the flags); flags override it")
