@@ -39,12 +39,14 @@ TORCH_LIBRARY(deepfm_fast, m) {
         "Tensor indices, Tensor offsets, Tensor? per_sample_weights, Tensor? linear_weight, int num_fields, "
         "int mode, int[] pooling, Tensor? pooled=None, bool per_sample_weights_grad=True) -> "
         "(Tensor unique_ids, Tensor row_grads, Tensor linear_row_grads, Tensor grad_per_sample_weights)", pt2);
-  // A fused optimizer step on the rows `ids` (sorted, unique) of weight [N, D], in place, with the
-  // summed row gradients row_grads [U, D]: what the fused-optimizer backward of EmbeddingFM calls
-  // after embedding_fm_backward. optimizer: 0 SGD, 1 row-wise Adagrad (state [N]), 2 Adagrad
-  // (state [N, D]), 3 Adam on touched rows (state exp_avg, exp_avg_sq [N, D]; `step` >= 1 is the
-  // step count for bias correction). States are float32 (float64 for a float64 table).
-  // weight_decay is L2 added to the gradient of the touched rows only.
-  m.def("fused_row_update(Tensor(a!) weight, Tensor(b!)[] state, Tensor ids, Tensor row_grads, int optimizer, "
+  // A fused optimizer step, in place, on the rows `ids` (sorted, unique) of every table in `tables`
+  // (e.g. the embedding table [N, K] and the first-order weights as [N, 1]: one pass updates both),
+  // with the summed row gradients row_grads[t] [U, D_t]: what the fused-optimizer backward of
+  // EmbeddingFM calls after embedding_fm_backward. optimizer: 0 SGD, 1 row-wise Adagrad (one state
+  // [N] per table), 2 Adagrad (one [N, D_t]), 3 Adam on touched rows (exp_avg and exp_avg_sq
+  // [N, D_t]; `step` >= 1 counts steps for bias correction). `state` lists the states table by
+  // table; they are float32 (float64 for float64 tables). weight_decay is L2 added to the gradient
+  // of the touched rows only.
+  m.def("fused_row_update(Tensor(a!)[] tables, Tensor(b!)[] state, Tensor ids, Tensor[] row_grads, int optimizer, "
         "float lr, float eps, float beta1, float beta2, float weight_decay, int step) -> ()", pt2);
 }

@@ -62,27 +62,33 @@ class FusedOptimizer:
         shape = table.shape[:1] if self.row_wise_state else table.shape
         return [torch.zeros(shape, dtype=dtype, device=table.device) for _ in range(self.num_states)]
 
-    def update(self, table: Tensor, state: Sequence[Tensor], ids: Tensor, row_grads: Tensor, step: int) -> None:
-        """Updates the rows `ids` (sorted, unique) of `table` [N, D] in place; `step` counts from 1."""
+    def update(self, tables, states, ids: Tensor, row_grads, step: int) -> None:
+        """Updates the rows `ids` (sorted, unique) of `tables` in place; `step` counts from 1.
+
+        `tables` is a table [N, D] or a list of tables with the same rows (updated in one pass,
+        e.g. the embedding table and the first-order weights viewed as [N, 1]); `states` and
+        `row_grads` ([U, D] each) follow it: one list of state tensors and one gradient per table.
+        """
+        tables, states, row_grads = _as_lists(tables, states, row_grads)
         if _backend.compiled():
-            torch.ops.deepfm_fast.fused_row_update.default(table, list(state), ids, row_grads, self.code, self.lr,
+            flat_states = [s for table_states in states for s in table_states]
+            torch.ops.deepfm_fast.fused_row_update.default(tables, flat_states, ids, row_grads, self.code, self.lr,
                                                            self.eps, self.betas[0], self.betas[1],
                                                            self.weight_decay, step)
         else:
-            self.reference_update(table, state, ids, row_grads, step)
+            self.reference_update(tables, states, ids, row_grads, step)
 
     @torch.no_grad()
-    def reference_update(self, table: Tensor, state: Sequence[Tensor], ids: Tensor, row_grads: Tensor,
-                         step: int) -> None:
+    def reference_update(self, tables, states, ids: Tensor, row_grads, step: int) -> None:
         """The same update in plain PyTorch: the oracle of the tests and the fallback without a build."""
-        acc_dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
-        rows = table[ids].to(acc_dtype)
-        grad = row_grads.to(acc_dtype) + self.weight_decay * rows
-        old_state = [s[ids] for s in state]
-        new_rows, new_state = self._new_rows(rows, grad, old_state, step)
-        table[ids] = new_rows.to(table.dtype)
-        for s, value in zip(state, new_state):
-            s[ids] = value
+        for table, state, grads in zip(*_as_lists(tables, states, row_grads)):
+            acc_dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
+            rows = table[ids].to(acc_dtype)
+            grad = grads.to(acc_dtype) + self.weight_decay * rows
+            new_rows, new_state = self._new_rows(rows, grad, [s[ids] for s in state], step)
+            table[ids] = new_rows.to(table.dtype)
+            for s, value in zip(state, new_state):
+                s[ids] = value
 
     def _new_rows(self, rows: Tensor, grad: Tensor, state: List[Tensor], step: int):
         raise NotImplementedError
@@ -147,10 +153,17 @@ class Adam(FusedOptimizer):
         return rows - step_size * (exp_avg / (exp_avg_sq.sqrt() + self.eps)), [exp_avg, exp_avg_sq]
 
 
+def _as_lists(tables, states, row_grads):
+    """One table (a Tensor, its state list, its gradient) -> the list form of several tables."""
+    if isinstance(tables, Tensor):
+        return [tables], [list(states)], [row_grads]
+    return list(tables), [list(s) for s in states], list(row_grads)
+
+
 def _register_fake():
     @torch.library.register_fake("deepfm_fast::fused_row_update")
-    def _(weight, state, ids, row_grads, optimizer, lr, eps, beta1, beta2, weight_decay, step):
-        torch._check(weight.dim() == 2, lambda: f"fused_row_update: weight must be 2-D, got {weight.dim()}-D")
+    def _(tables, state, ids, row_grads, optimizer, lr, eps, beta1, beta2, weight_decay, step):
+        torch._check(len(tables) >= 1, lambda: "fused_row_update: tables must hold at least one tensor")
         return None
 
 

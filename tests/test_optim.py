@@ -172,11 +172,12 @@ def test_per_sample_weights_still_get_gradients():
 
 
 def test_update_op_opcheck():
-    table, ids, grads = torch.randn(20, 4), torch.tensor([1, 5, 7]), torch.randn(3, 4)
+    tables, ids = [torch.randn(20, 4), torch.randn(20, 1)], torch.tensor([1, 5, 7])
+    grads = [torch.randn(3, 4), torch.randn(3, 1)]
     for opt in (optim.SGD(0.1), optim.RowWiseAdagrad(0.1), optim.Adam(0.1)):
-        state = opt.new_state(table)
+        state = [s for t in tables for s in opt.new_state(t)]
         torch.library.opcheck(torch.ops.deepfm_fast.fused_row_update.default,
-                              (table, state, ids, grads, opt.code, 0.1, opt.eps, *opt.betas, 0.0, 1))
+                              (tables, state, ids, grads, opt.code, 0.1, opt.eps, *opt.betas, 0.0, 1))
 
 
 @pytest.mark.parametrize(
@@ -184,23 +185,46 @@ def test_update_op_opcheck():
     [
         (dict(ids=torch.tensor([5, 1, 7])), r"ids must be sorted and unique.*ids\[1\] = 1 follows 5"),
         (dict(ids=torch.tensor([1, 1, 7])), r"ids must be sorted and unique"),
-        (dict(ids=torch.tensor([1, 5, 20])), r"ids\[2\] = 20 is out of range for weight with 20 rows"),
+        (dict(ids=torch.tensor([1, 5, 20])), r"ids\[2\] = 20 is out of range for tables with 20 rows"),
         (dict(ids=torch.tensor([-1, 5, 7])), r"ids\[0\] = -1 is out of range"),
         (dict(ids=torch.tensor([1.0, 5.0, 7.0])), r"ids must be an int64 tensor, got Float"),
-        (dict(row_grads=torch.randn(2, 4)), r"row_grads must have shape \[3, 4\]"),
-        (dict(state=[]), r"optimizer 1 takes 1 state tensors, got 0"),
-        (dict(state=[torch.zeros(20, dtype=torch.float64)]), r"state\[0\] must have dtype Float"),
-        (dict(state=[torch.zeros(20, 4)]), r"state\[0\] must have shape \[20\]"),
+        (dict(row_grads=[torch.randn(2, 4), torch.randn(3, 1)]), r"row_grads\[0\] must have shape \[3, 4\]"),
+        (dict(row_grads=[torch.randn(3, 4)]), r"row_grads must hold one tensor per table \(2\), got 1"),
+        (dict(state=[torch.zeros(20)]), r"takes 1 state tensors per table, so 2 for 2 tables, got 1"),
+        (dict(state=[torch.zeros(20, dtype=torch.float64), torch.zeros(20)]), r"state\[0\] must have dtype Float"),
+        (dict(state=[torch.zeros(20), torch.zeros(20, 1)]), r"state\[1\] \(of tables\[1\]\) must have shape \[20\]"),
+        (dict(tables=[torch.randn(20, 4), torch.randn(19, 1)]), r"tables\[1\] has 19"),
+        (dict(tables=[torch.randn(20, 4), torch.randn(20, 1, dtype=torch.float64)]),
+         r"tables\[1\] has dtype Double but tables\[0\] has dtype Float"),
         (dict(optimizer=7), r"optimizer must be 0 \(SGD\)"),
     ],
 )
 def test_update_op_bad_inputs_name_the_argument(change, match):
-    args = dict(weight=torch.randn(20, 4), state=[torch.zeros(20)], ids=torch.tensor([1, 5, 7]),
-                row_grads=torch.randn(3, 4), optimizer=1)
+    args = dict(tables=[torch.randn(20, 4), torch.randn(20, 1)], state=[torch.zeros(20), torch.zeros(20)],
+                ids=torch.tensor([1, 5, 7]), row_grads=[torch.randn(3, 4), torch.randn(3, 1)], optimizer=1)
     args.update(change)
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.deepfm_fast.fused_row_update(args["weight"], args["state"], args["ids"], args["row_grads"],
+        torch.ops.deepfm_fast.fused_row_update(args["tables"], args["state"], args["ids"], args["row_grads"],
                                                args["optimizer"], 0.1, 1e-8, 0.9, 0.999, 0.0, 1)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_two_tables_in_one_pass_equal_two_separate_updates(device, name):
+    opt = OPTIMIZERS[name](0.01)
+    tables = [torch.randn(40, 6, dtype=torch.float64, device=device), torch.randn(40, 1, dtype=torch.float64,
+                                                                                 device=device)]
+    states = [opt.new_state(t) for t in tables]
+    separate = [t.clone() for t in tables]
+    separate_states = [[s.clone() for s in st] for st in states]
+    for step in range(1, 4):
+        ids = random_unique_ids(40, 11, device)
+        grads = [torch.randn(11, t.shape[1], dtype=torch.float64, device=device) for t in tables]
+        opt.update(tables, states, ids, grads, step)
+        for t, st, g in zip(separate, separate_states, grads):
+            opt.update(t, st, ids, g, step)
+    for a, b in zip(tables, separate):
+        assert torch.equal(a, b)
 
 
 def test_module_rejects_bad_optimizer_settings():

@@ -12,8 +12,8 @@ namespace deepfm_fast {
 at::Tensor fm_interaction_cuda(const at::Tensor& emb, bool reduce_sum);
 at::Tensor fm_interaction_backward_cuda(const at::Tensor& grad_out, const at::Tensor& emb);
 
-void fused_row_update_cuda(const at::Tensor& weight, at::TensorList state, const at::Tensor& ids,
-                           const at::Tensor& row_grads, int64_t optimizer, double lr, double eps, double beta1,
+void fused_row_update_cuda(at::TensorList tables, at::TensorList state, const at::Tensor& ids,
+                           at::TensorList row_grads, int64_t optimizer, double lr, double eps, double beta1,
                            double beta2, double weight_decay, int64_t step);
 
 // embedding_fm_cuda.cu: the fused embedding gather + FM forward and its coalesced backward.
