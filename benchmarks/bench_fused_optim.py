@@ -34,7 +34,8 @@ else:
     W3_CASES = [(16, 4096, "uniform"), (16, 512, "uniform"), (64, 4096, "uniform")]
 # Every variant of a case lives in memory at once: at K=64 a 10.4 M-row table is 2.7 GB, so the
 # K=64 cases compare fewer variants (the dense-gradient DeepFM alone needs 4 copies of the table).
-W2_AT_K64 = ["fused_RowWiseAdagrad", "fbgemm_tbe_EXACT_ROWWISE_ADAGRAD", "embedding_sparse_SGD"]
+W2_AT_K64 = ["fused_RowWiseAdagrad", "fbgemm_tbe_EXACT_ROWWISE_ADAGRAD",
+             "fbgemm_tbe_EXACT_ROWWISE_ADAGRAD_with_first_order", "embedding_sparse_SGD"]
 W3_AT_K64 = ["fused_Adam", "plain_sparse_SparseAdam"]
 
 

@@ -120,19 +120,24 @@ def plain_fm_sparse_sgd(rows, dim):
     return Variant("embedding_sparse_SGD", model, step, [opt])
 
 
-def tbe_fm(rows, dim, optimizer_name):
+def tbe_fm(rows, dim, optimizer_name, first_order=False):
     """FBGEMM TBE (26 tables, one per field) with the update fused in its backward, FM in PyTorch.
 
-    TBE has no first-order term; this baseline leaves it out, so it does less work than ours.
+    TBE has no first-order weights of its own. Without `first_order` this baseline leaves them
+    out (less work than ours); with it, each row carries 4 more columns and column `dim` is the
+    first-order weight: the cheapest way to give TBE an FM's first order (one row read for both,
+    where ours keeps `w` in its own array; row-wise Adagrad then shares one accumulator per row).
     """
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
         ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
 
+    width = dim + 4 if first_order else dim  # TBE rows are multiples of 4 floats
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
-        [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU) for _ in range(FIELDS)],
+        [(rows, width, EmbeddingLocation.HOST, ComputeDevice.CPU) for _ in range(FIELDS)],
         optimizer=getattr(EmbOptimType, optimizer_name), learning_rate=LR, eps=1e-8)
+    tbe.first_order = first_order
     bias = nn.Parameter(torch.zeros(()))
     bias_opt = torch.optim.SGD([bias], lr=LR)
 
@@ -140,14 +145,16 @@ def tbe_fm(rows, dim, optimizer_name):
         batch = ids.shape[0]
         indices = ids.t().reshape(-1)  # TBE is table-major: all of field 0, then field 1, ...
         offsets = torch.arange(FIELDS * batch + 1, dtype=torch.long, device=ids.device)
-        emb = tbe(indices, offsets).view(batch, FIELDS, dim)
-        logit = fm_logit(emb, 0.0, bias)
+        rows_out = tbe(indices, offsets).view(batch, FIELDS, width)
+        linear = rows_out[:, :, dim].sum(1) if first_order else 0.0
+        logit = fm_logit(rows_out[:, :, :dim], linear, bias)
         F.binary_cross_entropy_with_logits(logit, labels).backward()
         bias_opt.step()
         bias_opt.zero_grad(set_to_none=True)
         return logit
 
-    return Variant(f"fbgemm_tbe_{optimizer_name}", nn.ModuleList([tbe, nn.ParameterList([bias])]), step, [bias_opt])
+    name = f"fbgemm_tbe_{optimizer_name}" + ("_with_first_order" if first_order else "")
+    return Variant(name, nn.ModuleList([tbe, nn.ParameterList([bias])]), step, [bias_opt])
 
 
 def fused_deepfm(rows, dim, hidden=(400, 400, 400)):
@@ -201,13 +208,20 @@ def copy_tables(src_weight, src_linear, variant):
             model.weight.copy_(src_weight)
             model.linear_weight.copy_(src_linear)
         else:  # FBGEMM TBE: one table per field, in its flat weights buffer (table-major)
-            model.weights_host.copy_(src_weight.reshape(-1))
+            dim = src_weight.shape[1]
+            rows = model.weights_host.view(src_weight.shape[0], -1)
+            rows[:, :dim] = src_weight
+            if model.first_order:
+                rows[:, dim:] = 0
+                rows[:, dim] = src_linear
 
 
 W2_VARIANTS = {
     "fused_RowWiseAdagrad": lambda rows, dim: fused_fm(rows, dim, optim.RowWiseAdagrad(LR)),
     "fused_SGD": lambda rows, dim: fused_fm(rows, dim, optim.SGD(LR)),
     "fbgemm_tbe_EXACT_ROWWISE_ADAGRAD": lambda rows, dim: tbe_fm(rows, dim, "EXACT_ROWWISE_ADAGRAD"),
+    "fbgemm_tbe_EXACT_ROWWISE_ADAGRAD_with_first_order":
+        lambda rows, dim: tbe_fm(rows, dim, "EXACT_ROWWISE_ADAGRAD", first_order=True),
     "fbgemm_tbe_EXACT_SGD": lambda rows, dim: tbe_fm(rows, dim, "EXACT_SGD"),
     "embedding_sparse_SGD": plain_fm_sparse_sgd,
 }
