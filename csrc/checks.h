@@ -107,6 +107,33 @@ inline void check_embedding_fm_args(const char* op, const at::Tensor& weight, co
   }
 }
 
+// The inputs of embedding_fm and its backward after every check that needs no tensor data:
+// contiguous, with indices and offsets of one dtype (the wider of the two). Each backend adds its
+// own view of the pooling and checks the values of indices and offsets before reading a row.
+struct EmbeddingFMArgs {
+  at::Tensor weight, indices, offsets;
+  c10::optional<at::Tensor> psw, lw;
+  int64_t batch = 0;
+};
+
+inline EmbeddingFMArgs prepare_embedding_fm_args(const char* op, const at::Tensor& weight, const at::Tensor& indices,
+                                                 const at::Tensor& offsets,
+                                                 const c10::optional<at::Tensor>& psw,
+                                                 const c10::optional<at::Tensor>& lw, int64_t num_fields,
+                                                 int64_t mode, at::IntArrayRef pooling) {
+  check_embedding_fm_args(op, weight, indices, offsets, psw, lw, num_fields, mode, pooling);
+  EmbeddingFMArgs p;
+  p.weight = weight.contiguous();
+  const bool wide = indices.scalar_type() == at::kLong || offsets.scalar_type() == at::kLong;
+  const auto index_type = wide ? at::kLong : at::kInt;
+  p.indices = indices.to(index_type).contiguous();
+  p.offsets = offsets.to(index_type).contiguous();
+  if (psw.has_value()) p.psw = psw->contiguous();
+  if (lw.has_value()) p.lw = lw->contiguous();
+  p.batch = (offsets.numel() - 1) / num_fields;
+  return p;
+}
+
 inline void check_embedding_fm_backward_args(const at::Tensor& grad_fm, const at::Tensor& grad_linear,
                                              const c10::optional<at::Tensor>& grad_pooled,
                                              const c10::optional<at::Tensor>& pooled, const at::Tensor& weight,

@@ -25,21 +25,12 @@
 
 #include "checks.h"
 #include "cpu/coalesce.h"
+#include "cpu/parallel.h"
 #include "cpu/simd.h"
 #include "dispatch.h"
 
 namespace deepfm_fast {
 namespace {
-
-int64_t grain_size(int64_t work_per_sample) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_sample));
-}
-
-template <typename acc_t, int64_t kStaticDim>
-constexpr int tile_vectors() {
-  constexpr int64_t whole = kStaticDim / simd::lanes<simd::vec_t<acc_t>>();
-  return whole >= 1 && whole <= 4 ? static_cast<int>(whole) : 4;
-}
 
 // The smallest i in [0, n) with bad(i), or n; parallel and deterministic.
 template <typename Pred>
@@ -235,7 +226,7 @@ void occurrence_grads_kernel(const Inputs<scalar_t, index_t>& in, const scalar_t
           V gp[nv];
           for (int j = 0; j < nv; ++j)
             gp[j] = g_pooled ? simd::load<V>(g_pooled + (b * fields + f) * dim + k0 + j * lanes) : V{};
-          V d[nv];
+          V d[nv] = {};  // field mode: D_f; feature mode computes D per occurrence below
           if (!in.feature_mode) {
             for (int j = 0; j < nv; ++j)
               d[j] = s * (g * (sum[j] - simd::load<V>(field_vectors.data() + f * dim + k0 + j * lanes)) + gp[j]);
@@ -294,27 +285,16 @@ void segment_reduce_kernel(const CoalescedIds& c, const at::opmath_type<scalar_t
   });
 }
 
-struct Prepared {
-  at::Tensor weight, indices, offsets;
-  c10::optional<at::Tensor> psw, lw;
-  int64_t batch;
-  std::vector<uint8_t> mean;
+struct Prepared : EmbeddingFMArgs {
+  std::vector<uint8_t> mean;  // per field: mean pooling
 };
 
-// Checks every argument, then returns contiguous tensors, with indices and offsets of one dtype.
+// Checks every argument, values included, then returns contiguous tensors, with indices and
+// offsets of one dtype.
 Prepared prepare(const char* op, const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& offsets,
                  const c10::optional<at::Tensor>& psw, const c10::optional<at::Tensor>& lw, int64_t num_fields,
                  int64_t mode, at::IntArrayRef pooling) {
-  check_embedding_fm_args(op, weight, indices, offsets, psw, lw, num_fields, mode, pooling);
-  Prepared p;
-  p.weight = weight.contiguous();
-  const bool wide = indices.scalar_type() == at::kLong || offsets.scalar_type() == at::kLong;
-  const auto index_type = wide ? at::kLong : at::kInt;
-  p.indices = indices.to(index_type).contiguous();
-  p.offsets = offsets.to(index_type).contiguous();
-  if (psw.has_value()) p.psw = psw->contiguous();
-  if (lw.has_value()) p.lw = lw->contiguous();
-  p.batch = (offsets.numel() - 1) / num_fields;
+  Prepared p{prepare_embedding_fm_args(op, weight, indices, offsets, psw, lw, num_fields, mode, pooling), {}};
   p.mean.resize(num_fields);
   for (int64_t f = 0; f < num_fields; ++f) p.mean[f] = pooling[pooling.size() == 1 ? 0 : f] == 1;
   AT_DISPATCH_INDEX_TYPES(p.indices.scalar_type(), "embedding_fm_check", [&] {

@@ -10,24 +10,12 @@
 #include <algorithm>
 
 #include "checks.h"
+#include "cpu/parallel.h"
 #include "cpu/simd.h"
 #include "dispatch.h"
 
 namespace deepfm_fast {
 namespace {
-
-// Samples per parallel task: about 32k elements of work, as ATen's own kernels use.
-int64_t grain_size(int64_t work_per_sample) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_sample));
-}
-
-// Vectors per tile: the whole of K when it is a compile-time constant of at most 4 vectors, else 4
-// (8 of the 16 vector registers hold the sums and sums of squares of a tile).
-template <typename acc_t, int64_t kStaticDim>
-constexpr int tile_vectors() {
-  constexpr int64_t whole = kStaticDim / simd::lanes<simd::vec_t<acc_t>>();
-  return whole >= 1 && whole <= 4 ? static_cast<int>(whole) : 4;
-}
 
 // Sums over the F rows of a sample, for the dimensions [k0, k0 + kVectors * lanes) of a tile.
 template <typename V, int kVectors, bool kSquares, typename scalar_t>

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu/parallel.h"
 #include "row_update_checks.h"
 
 namespace deepfm_fast {
@@ -28,8 +29,7 @@ void update_rows(scalar_t* weight, at::TensorList state, const int64_t* ids, con
   using acc_t = at::opmath_type<scalar_t>;
   acc_t* state0 = state.size() > 0 ? state[0].mutable_data_ptr<acc_t>() : nullptr;
   acc_t* state1 = state.size() > 1 ? state[1].mutable_data_ptr<acc_t>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1));
-  at::parallel_for(0, num_ids, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_ids, grain_size(dim), [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       if (u + kPrefetchDistance < end) {
         const int64_t ahead = ids[u + kPrefetchDistance];

@@ -224,6 +224,20 @@ __global__ void forward_kernel(const Inputs<scalar_t, index_t> in, scalar_t* __r
 // grad_x[p] = V_p . D_p + g_lin * w[j_p], lin_occ[p] = g_lin * x_p and key[p] = the row (or
 // `rows`, a sentinel that sorts last and is dropped, for an id that reads as a zero row).
 // Occurrences outside every valid bag keep the sentinel key set by the host and a zero grad_x.
+// e[j] = sum over the occurrences [start, stop) of a bag of x_p * V[row_p, k0 + j * kLanes].
+template <int kPer, int kLanes, typename scalar_t, typename index_t>
+__device__ __forceinline__ void pool_bag(const Inputs<scalar_t, index_t>& in, int64_t start, int64_t stop, int64_t k0,
+                                         at::opmath_type<scalar_t> (&e)[kPer]) {
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) e[j] = 0;
+  for (int64_t p = start; p < stop; ++p) {
+    const int64_t row = in.row(p);
+    const auto x = in.x(p);
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) e[j] += x * in.value(row, k0 + j * kLanes);
+  }
+}
+
 template <typename scalar_t, typename index_t, int kLanes, int kPer>
 __global__ void occurrence_grads_kernel(const Inputs<scalar_t, index_t> in, const scalar_t* __restrict__ g_fm,
                                         const scalar_t* __restrict__ g_lin, const scalar_t* __restrict__ g_pooled,
@@ -250,14 +264,7 @@ __global__ void occurrence_grads_kernel(const Inputs<scalar_t, index_t> in, cons
       int64_t start, stop;
       bag_range(in.offsets, b * in.fields + f, in.nnz, start, stop);
       acc_t e[kPer];
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) e[j] = acc_t(0);
-      for (int64_t p = start; p < stop; ++p) {
-        const int64_t row = in.row(p);
-        const acc_t x = in.x(p);
-#pragma unroll
-        for (int j = 0; j < kPer; ++j) e[j] += x * in.value(row, k0 + j * kLanes);
-      }
+      pool_bag<kPer, kLanes>(in, start, stop, k0, e);
       const acc_t s = in.feature_mode ? acc_t(1) : in.scale(f, stop - start);
 #pragma unroll
       for (int j = 0; j < kPer; ++j) S[j] += s * e[j];
@@ -277,14 +284,7 @@ __global__ void occurrence_grads_kernel(const Inputs<scalar_t, index_t> in, cons
       }
       if (!in.feature_mode) {
         acc_t e[kPer];
-#pragma unroll
-        for (int j = 0; j < kPer; ++j) e[j] = acc_t(0);
-        for (int64_t p = start; p < stop; ++p) {
-          const int64_t row = in.row(p);
-          const acc_t x = in.x(p);
-#pragma unroll
-          for (int j = 0; j < kPer; ++j) e[j] += x * in.value(row, k0 + j * kLanes);
-        }
+        pool_bag<kPer, kLanes>(in, start, stop, k0, e);
 #pragma unroll
         for (int j = 0; j < kPer; ++j) D[j] = s * (g * (S[j] - s * e[j]) + gp[j]);
       }
@@ -410,12 +410,9 @@ void dispatch_group(int64_t dim, Fn&& fn) {
   return fn(integral_constant<int, 32>{}, integral_constant<int, 2>{});
 }
 
-struct Prepared {
-  at::Tensor weight, indices, offsets;
-  c10::optional<at::Tensor> psw, lw;
+struct Prepared : EmbeddingFMArgs {
   at::Tensor mean_flags;  // device copy of the per-field pooling, only for > 64 mixed fields
   PoolingFlags pooling{0, 0, nullptr};
-  int64_t batch = 0;
 };
 
 // Checks everything that needs no tensor data, then returns contiguous tensors with indices and
@@ -423,16 +420,7 @@ struct Prepared {
 Prepared prepare(const char* op, const at::Tensor& weight, const at::Tensor& indices, const at::Tensor& offsets,
                  const c10::optional<at::Tensor>& psw, const c10::optional<at::Tensor>& lw, int64_t num_fields,
                  int64_t mode, at::IntArrayRef pooling) {
-  check_embedding_fm_args(op, weight, indices, offsets, psw, lw, num_fields, mode, pooling);
-  Prepared p;
-  p.weight = weight.contiguous();
-  const bool wide = indices.scalar_type() == at::kLong || offsets.scalar_type() == at::kLong;
-  const auto index_type = wide ? at::kLong : at::kInt;
-  p.indices = indices.to(index_type).contiguous();
-  p.offsets = offsets.to(index_type).contiguous();
-  if (psw.has_value()) p.psw = psw->contiguous();
-  if (lw.has_value()) p.lw = lw->contiguous();
-  p.batch = (offsets.numel() - 1) / num_fields;
+  Prepared p{prepare_embedding_fm_args(op, weight, indices, offsets, psw, lw, num_fields, mode, pooling), {}, {}};
   const bool uniform = std::all_of(pooling.begin(), pooling.end(), [&](int64_t v) { return v == pooling[0]; });
   if (uniform) {
     p.pooling.uniform = static_cast<int>(pooling[0]);
