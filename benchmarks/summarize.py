@@ -1,0 +1,43 @@
+"""Markdown tables from a pytest-benchmark JSON written by this project's benchmarks.
+
+    python benchmarks/summarize.py benchmarks/results/fused_optim_cpu.json
+
+Each benchmark's extra_info holds the alternating medians of every implementation (ms) and the
+speed-up of the fused one over each other; this prints them, with the machine they ran on.
+"""
+import json
+import sys
+
+
+def machine_line(data):
+    m = data.get("machine_info", {})
+    cpu = m.get("cpu", {})
+    return (f"Machine: {cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores, {m.get('system', '?')} "
+            f"{m.get('release', '')}, Python {m.get('python_version', '?')}; run {data.get('datetime', '?')}")
+
+
+def table(data):
+    lines = ["| benchmark | medians, ms (alternating) | fused is faster by |", "|---|---|---|"]
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        medians = info.get("alternating_median_ms")
+        speedups = info.get("speedup_of_fused_vs", {})
+        if medians is None:
+            stats = bench["stats"]
+            lines.append(f"| {bench['name']} | median {stats['median'] * 1e3:.3f} | |")
+            continue
+        med = ", ".join(f"{name} {value:g}" for name, value in medians.items())
+        ups = ", ".join(f"{value:g}x vs {name}" for name, value in speedups.items())
+        lines.append(f"| {bench['name']} | {med} | {ups} |")
+    return "\n".join(lines)
+
+
+def main(paths):
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        print(f"### {path}\n\n{machine_line(data)}\n\n{table(data)}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
