@@ -5,21 +5,13 @@ Rows/s go to ``benchmark.extra_info["rows_per_s"]``. The batch path must stay fa
 step (~10-100 ms at B=4096): the per-batch time is in ``extra_info["ms_per_batch"]``.
 """
 
-from pathlib import Path
 
 import pytest
 import torch
 
 from deepfm_fast.data import CriteoFormat, LibFMFormat, iterate_batches, make_synthetic, prepare_data, to_csr
+from testing import shared_data_file
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def shared_file(rel: str) -> Path:
-    path = SHARED / rel
-    if not path.is_file():
-        pytest.skip(f"real data {rel} not found under {SHARED}")
-    return path
 
 
 @pytest.mark.parametrize("name,fmt,rel", [
@@ -27,7 +19,7 @@ def shared_file(rel: str) -> Path:
     ("frappe_libfm", LibFMFormat(fields="position"), "frappe/frappe.validation.libfm"),
 ])
 def test_raw_to_arrays(benchmark, name, fmt, rel):
-    path = shared_file(rel)
+    path = shared_data_file(rel)
     data = benchmark.pedantic(prepare_data, args=(fmt, path), rounds=3, iterations=1)
     rows = len(data.train)
     assert rows > 0 and torch.isin(data.train.labels, torch.tensor([0.0, 1.0])).all()

@@ -3,10 +3,13 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 #include <algorithm>
+#include <tuple>
 #include <utility>
 
 namespace deepfm_fast {
@@ -132,6 +135,17 @@ inline EmbeddingFMArgs prepare_embedding_fm_args(const char* op, const at::Tenso
   if (lw.has_value()) p.lw = lw->contiguous();
   p.batch = (offsets.numel() - 1) / num_fields;
   return p;
+}
+
+// The outputs of embedding_fm, before the kernel fills them: fm [B], linear [B] (zeros without
+// linear_weight), and pooled [B, F, K] when asked for, else an empty tensor.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> new_embedding_fm_outputs(const EmbeddingFMArgs& p,
+                                                                                int64_t num_fields,
+                                                                                bool return_pooled) {
+  const auto options = p.weight.options();
+  const int64_t batch = p.batch, dim = p.weight.size(1);
+  return {at::empty({batch}, options), p.lw ? at::empty({batch}, options) : at::zeros({batch}, options),
+          return_pooled ? at::empty({batch, num_fields, dim}, options) : at::empty({0}, options)};
 }
 
 inline void check_embedding_fm_backward_args(const at::Tensor& grad_fm, const at::Tensor& grad_linear,

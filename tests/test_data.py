@@ -30,15 +30,8 @@ from deepfm_fast.data import (
     to_csr,
 )
 from deepfm_fast.data import readers as readers_mod
+from testing import shared_data_file
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def shared_file(rel: str) -> Path:
-    path = SHARED / rel
-    if not path.is_file():
-        pytest.skip(f"real data {rel} not found under {SHARED} (needs ../shared/data beside the repo)")
-    return path
 
 
 def criteo_row(label, ints, cats):
@@ -418,17 +411,17 @@ def test_synthetic_is_deterministic_and_learnable():
 
 # -- real data smoke tests -----------------------------------------------------------------
 def test_real_criteo_sample():
-    d = prepare_data(CriteoFormat(), shared_file("criteo_sample_10k/criteo_sampled_data_10k.csv.gz"))
+    d = prepare_data(CriteoFormat(), shared_data_file("criteo_sample_10k/criteo_sampled_data_10k.csv.gz"))
     assert len(d.train) == 9999 and int(d.train.labels.sum()) == 2181       # SOURCE.md counts
     c3 = next(f for f in d.fields if f.name == "C3")
     assert c3.vocab_size == 5520 + 1   # 5,520 distinct incl. empty, + OOV
-    small = prepare_data(CriteoFormat(layout="csv"), shared_file("deepctr_examples/criteo_sample.txt"))
+    small = prepare_data(CriteoFormat(layout="csv"), shared_data_file("deepctr_examples/criteo_sample.txt"))
     assert len(small.train) == 200 and int(small.train.labels.sum()) == 49
 
 
 def test_real_frappe_libfm():
-    valid = shared_file("frappe/frappe.validation.libfm")
-    test = shared_file("frappe/frappe.test.libfm")
+    valid = shared_data_file("frappe/frappe.validation.libfm")
+    test = shared_data_file("frappe/frappe.test.libfm")
     d = prepare_data(LibFMFormat(), valid, test=test)
     assert len(d.train) == 57722 and int(d.train.labels.sum()) == 19063
     assert len(d.test) == 28860 and int(d.test.labels.sum()) == 9536
@@ -437,7 +430,7 @@ def test_real_frappe_libfm():
 
 
 def test_real_sparrow_movielens_time_split():
-    d = prepare_data(CSVFormat(SPARROW_MOVIELENS_SCHEMA), shared_file("sparrow_movielens/samples.csv"))
+    d = prepare_data(CSVFormat(SPARROW_MOVIELENS_SCHEMA), shared_data_file("sparrow_movielens/samples.csv"))
     assert len(d.train) == 22440
     assert abs(d.train.positive_rate - 0.5608) < 1e-3
     genre = next(f for f in d.fields if f.name == "movieGenre")

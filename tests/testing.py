@@ -4,6 +4,7 @@ CUDA is tested only where the extension has a CUDA kernel AND a GPU is visible; 
 is skipped is reported by pytest (-ra).
 """
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,3 +55,15 @@ def assert_close(actual, expected, dtype=None):
     """Compares with the tolerance of `dtype` (default: actual's), casting expected to actual's dtype."""
     dtype = dtype or actual.dtype
     torch.testing.assert_close(actual, expected.to(actual.dtype), **TOLERANCES[dtype])
+
+
+# The real CTR data of ../shared/data (never copied into the repository).
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data_file(relative: str) -> Path:
+    """A file of ../shared/data, or a skip with the reason where it is absent."""
+    path = SHARED_DATA / relative
+    if not path.is_file():
+        pytest.skip(f"real data {relative} not found under {SHARED_DATA} (needs ../shared/data beside the repo)")
+    return path

@@ -507,10 +507,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_fm_cuda(
     raise_on_bad_csr(op, host.const_data_ptr<int64_t>(), p);
   }
   const int64_t batch = p.batch, dim = p.weight.size(1);
-  const auto options = p.weight.options();
-  at::Tensor fm = at::empty({batch}, options);
-  at::Tensor linear = p.lw ? at::empty({batch}, options) : at::zeros({batch}, options);
-  at::Tensor pooled = return_pooled ? at::empty({batch, num_fields, dim}, options) : at::empty({0}, options);
+  at::Tensor fm, linear, pooled;  // (named, not structured bindings: the kernels' lambdas capture them)
+  std::tie(fm, linear, pooled) = new_embedding_fm_outputs(p, num_fields, return_pooled);
   if (batch == 0) return {fm, linear, pooled};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.weight.scalar_type(), "embedding_fm_cuda", [&] {
     using scalar = scalar_t;
