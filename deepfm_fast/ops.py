@@ -111,6 +111,8 @@ def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor] = No
         pooling: ``"sum"``, ``"mean"``, or one of them per field (e.g. a mean-pooled genre list
             beside sum-pooled single-id fields).
         return_pooled: also return the field vectors ``pooled [B, F, K]`` (the DNN input of DeepFM).
+            The backward reuses them instead of reading the table again, so do not modify them in
+            place (autograd raises an error if you do; take a copy to change them).
         sparse: gradients of ``weight`` and ``linear_weight`` as coalesced ``torch.sparse_coo``
             tensors (what ``nn.Embedding(sparse=True)`` gives; for ``torch.optim.SGD``, ``Adagrad``,
             ``SparseAdam``); else dense. Only the dense form traces with ``torch.compile``.
