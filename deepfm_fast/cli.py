@@ -355,7 +355,6 @@ def _nan_to_none(x):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch
 
     from . import backend
     from .models import build_model

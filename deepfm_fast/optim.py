@@ -25,7 +25,7 @@ in ``state_dict()``, and a reloaded module continues exactly. Every backward is 
 of the tables: accumulating gradients over several backward calls is not possible for them.
 """
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
