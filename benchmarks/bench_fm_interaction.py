@@ -17,7 +17,7 @@ from deepfm_fast import ops, reference
 
 DEVICE = os.environ.get("DEEPFM_FAST_BENCH_DEVICE", "cpu")
 DTYPE = getattr(torch, os.environ.get("DEEPFM_FAST_BENCH_DTYPE", "float32"))
-TARGET = (4096, 39, 16)  # the target: >= 5x eager and faster than torch.compile, fwd+bwd
+TARGET = (4096, 39, 16)  # the target: >= 5x eager and faster than torch.compile, fwd+bwd
 if os.environ.get("DEEPFM_FAST_BENCH_FULL"):
     SHAPES = list(itertools.product([512, 4096, 16384], [10, 26, 39], [10, 16, 64]))
 elif DEVICE == "cuda":

@@ -1,4 +1,4 @@
-"""W2 and W3 with the fused optimizers (issue 4): one training step on the large tables.
+"""W2 and W3 with the fused optimizers: one training step on the large tables.
 
 W2, the FM-only step: fused row-wise Adagrad and SGD against FBGEMM's TBE (EXACT_ROWWISE_ADAGRAD,
 EXACT_SGD; fbgemm-gpu-cpu==1.8.0, skipped if not installed) and nn.Embedding(sparse=True) + SGD.

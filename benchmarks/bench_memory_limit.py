@@ -1,4 +1,4 @@
-"""The physical limit: random-row gather and read-modify-write rates of this machine (issue 4).
+"""The physical limit: random-row gather and read-modify-write rates of this machine.
 
 A 10.4 M-row table (26 x 400,000, Criteo-sized) of 64-byte (K=16) or 256-byte (K=64) float32
 rows; 106,496 random rows per call (= B*F of a B=4096, 26-field step), one thread, plain C with

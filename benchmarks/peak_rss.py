@@ -4,7 +4,7 @@
 
 For every variant of benchmarks/workloads.py this runs `/usr/bin/time -v python peak_rss.py --run
 NAME` (a few training steps on the large tables) and reads "Maximum resident set size". The target
-of issue 4: at most 1.3 x (tables + optimizer state) + 0.3 GB for the interpreter.
+of the fused-optimizer work: at most 1.3 x (tables + optimizer state) + 0.3 GB for the interpreter.
 """
 import argparse
 import json

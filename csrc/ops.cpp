@@ -17,7 +17,7 @@ TORCH_LIBRARY(deepfm_fast, m) {
   m.def("fm_interaction(Tensor emb, bool reduce_sum=True) -> Tensor", pt2);
   // grad_out is [B] or [B, K]; returns d/d emb = grad_out * (sum_f e - e), contiguous [B, F, K].
   m.def("fm_interaction_backward(Tensor grad_out, Tensor emb) -> Tensor", pt2);
-  // Fused embedding gather + pooling + FM second order + first order over CSR bags (issue 3).
+  // Fused embedding gather + pooling + FM second order + first order over CSR bags.
   // weight [N, K]; indices [nnz] and offsets [B*F+1] (int32/int64, sample-major bags, offsets[-1] ==
   // nnz); per_sample_weights [nnz] (feature values x_i) or None; linear_weight [N] or None.
   // mode: 0 = field (FM over the F pooled field vectors), 1 = feature (FM over every x_i V[j_i]).

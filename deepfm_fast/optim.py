@@ -36,7 +36,7 @@ from . import _backend
 class FusedOptimizer:
     """Base of the fused optimizers: hyper-parameters, state layout and the reference update."""
 
-    code = -1  # the `optimizer` argument of fused_row_update (enum RowOptimizer in csrc/row_update.h)
+    code = -1  # the `optimizer` argument of fused_row_update (enum RowOptimizer in csrc/fused_row_update.h)
     num_states = 0
     row_wise_state = False  # one state value per row instead of per element
 

@@ -1,4 +1,4 @@
-// CUDA kernels of embedding_fm and embedding_fm_backward (issue 3); the CPU kernels in
+// CUDA kernels of embedding_fm and embedding_fm_backward; the CPU kernels in
 // cpu/embedding_fm_cpu.cpp are the contract they match, output for output.
 //
 // Forward: ONE launch. A group of kLanes threads (a power of two <= 32) handles one sample; lane l

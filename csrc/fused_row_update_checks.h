@@ -6,7 +6,7 @@
 #include <string>
 
 #include "checks.h"
-#include "row_update.h"
+#include "fused_row_update.h"
 
 namespace deepfm_fast {
 

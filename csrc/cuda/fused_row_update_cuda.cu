@@ -8,7 +8,7 @@
 
 #include "cuda/cuda_utils.cuh"
 #include "cuda/kernels.h"
-#include "row_update_checks.h"
+#include "fused_row_update_checks.h"
 
 namespace deepfm_fast {
 namespace {

@@ -9,7 +9,7 @@
 #include <torch/library.h>
 
 #include "cpu/parallel.h"
-#include "row_update_checks.h"
+#include "fused_row_update_checks.h"
 
 namespace deepfm_fast {
 namespace {
