@@ -22,7 +22,8 @@ enum RowOptimizer : int64_t {
   kAdam = 3,            // torch.optim.SparseAdam on the touched rows
 };
 
-// Number of state tensors and their width (0: one value per row, 1: one per element).
+// Number of state tensors per table (row-wise Adagrad keeps one value per row, the others one per
+// element of the table).
 DEEPFM_HOST_DEVICE int row_optimizer_states(int64_t optimizer) {
   return optimizer == kSGD ? 0 : optimizer == kAdam ? 2 : 1;
 }

@@ -70,6 +70,15 @@ inline void check_fused_row_update_args(at::TensorList tables, at::TensorList st
   TORCH_CHECK(optimizer != kAdam || step >= 1, op, ": step must be >= 1 for Adam (bias correction), got ", step);
 }
 
+// One id of fused_row_update at position u (prev = ids[u - 1]): in range, and the ids strictly
+// increasing (sorted and unique, as embedding_fm_backward returns them: no two writers per row).
+inline void check_row_id(int64_t u, int64_t id, int64_t prev, int64_t num_rows) {
+  TORCH_CHECK(id >= 0 && id < num_rows, "fused_row_update: ids[", u, "] = ", id, " is out of range for tables with ",
+              num_rows, " rows");
+  TORCH_CHECK(u == 0 || id > prev, "fused_row_update: ids must be sorted and unique (as embedding_fm_backward ",
+              "returns them), but ids[", u, "] = ", id, " follows ", prev);
+}
+
 template <typename acc_t>
 RowUpdateParams<acc_t> make_row_update_params(double lr, double eps, double beta1, double beta2,
                                               double weight_decay, int64_t optimizer, int64_t step) {

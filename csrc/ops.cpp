@@ -1,14 +1,33 @@
 // Every schema of the deepfm_fast library lives here; backends register kernels in their own
 // files with TORCH_LIBRARY_IMPL, and fake kernels and autograd are registered from Python.
-#include <Python.h>
+#include <pybind11/pybind11.h>
 #include <torch/library.h>
 
-// Importing deepfm_fast._C loads this shared object, which runs the static registrations below.
-// The module itself is empty: the ops are reached through torch.ops.deepfm_fast.
-// (PyMODINIT_FUNC exports the symbol despite -fvisibility=hidden.)
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+#include <atomic>
+
+#include "bounds_check.h"
+
+namespace deepfm_fast {
+namespace {
+std::atomic<int> g_cuda_bounds_check{kBoundsError};
+}  // namespace
+
+int cuda_bounds_check() { return g_cuda_bounds_check.load(std::memory_order_relaxed); }
+
+void set_cuda_bounds_check(int mode) {
+  TORCH_CHECK(mode >= kBoundsError && mode <= kBoundsOff, "set_cuda_bounds_check: mode must be 0 (error), ",
+              "1 (clamp) or 2 (off), got ", mode);
+  g_cuda_bounds_check.store(mode, std::memory_order_relaxed);
+}
+}  // namespace deepfm_fast
+
+// Importing deepfm_fast._C loads this shared object, which runs the static registrations below;
+// the ops are reached through torch.ops.deepfm_fast. The module itself holds only process-wide
+// settings, which are not ops (no schema, no graph node).
+PYBIND11_MODULE(_C, m) {
+  m.def("set_cuda_bounds_check", &deepfm_fast::set_cuda_bounds_check, pybind11::arg("mode"),
+        "Bounds-check mode of the CUDA kernels: 0 error, 1 clamp, 2 off (see deepfm_fast.ops.set_cuda_bounds_check).");
+  m.def("get_cuda_bounds_check", &deepfm_fast::cuda_bounds_check, "The current bounds-check mode code.");
 }
 
 TORCH_LIBRARY(deepfm_fast, m) {

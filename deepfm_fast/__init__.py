@@ -7,7 +7,7 @@ from . import _backend, ops, reference
 from ._backend import backend, cuda_kernels
 from .embedding import EmbeddingFM
 from .layers import FMInteraction
-from .reference import EmbeddingFMOutput
+from ._args import EmbeddingFMOutput
 
 __version__ = "0.1.0"
 

@@ -5,6 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops, reference
+from ._args import as_csr, field_offsets, mode_code, pooling_codes
 from .optim import FusedOptimizer
 
 
@@ -76,8 +77,8 @@ class EmbeddingFM(nn.Module):
         field_dims = [int(d) for d in field_dims]
         if not field_dims or any(d < 1 for d in field_dims):
             raise ValueError(f"EmbeddingFM: field_dims must be a non-empty list of sizes >= 1, got {field_dims}")
-        reference.mode_code(mode)
-        reference.pooling_codes(pooling, len(field_dims))
+        mode_code(mode)
+        pooling_codes(pooling, len(field_dims))
         self.field_dims = field_dims
         self.num_fields = len(field_dims)
         self.embedding_dim = embedding_dim
@@ -89,8 +90,7 @@ class EmbeddingFM(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_rows, embedding_dim))
         self.linear_weight = nn.Parameter(torch.zeros(num_rows))
         self.bias = nn.Parameter(torch.zeros(()))
-        starts = torch.tensor([0] + field_dims[:-1]).cumsum(0)
-        self.register_buffer("field_offsets", starts, persistent=False)
+        self.register_buffer("field_offsets", field_offsets(field_dims), persistent=False)
         self.register_buffer("_field_dims", torch.tensor(field_dims), persistent=False)
         self.reset_parameters(init_std)
         self.optimizer = optimizer
@@ -146,7 +146,7 @@ class EmbeddingFM(nn.Module):
                 *, return_pooled: bool = False, global_ids: bool = False):
         ids = indices if global_ids else self.to_global(indices, offsets)
         if self.optimizer is not None and torch.is_grad_enabled():
-            ids, offsets, per_sample_weights, _ = reference.as_csr(ids, offsets, per_sample_weights, self.num_fields)
+            ids, offsets, per_sample_weights, _ = as_csr(ids, offsets, per_sample_weights, self.num_fields)
             # The trigger makes autograd call the backward, which updates the tables in place.
             trigger = torch.empty(0, device=self.weight.device, requires_grad=True)
             fm, linear, pooled = _FusedStep.apply(trigger, self, ids, offsets, per_sample_weights, return_pooled)
@@ -212,8 +212,8 @@ class _FusedStep(torch.autograd.Function):
             unique_ids, row_grads, linear_row_grads, grad_psw = _reference_coalesced_grads(
                 module, ids, offsets, per_sample_weights, grad_fm, grad_linear, grad_pooled)
         else:
-            mode = reference.mode_code(module.mode)
-            pooling = reference.pooling_codes(module.pooling, module.num_fields)
+            mode = mode_code(module.mode)
+            pooling = pooling_codes(module.pooling, module.num_fields)
             unique_ids, row_grads, linear_row_grads, grad_psw = ops.embedding_fm_backward(
                 grad_fm, grad_linear, grad_pooled, module.weight, ids, offsets, per_sample_weights,
                 module.linear_weight, module.num_fields, mode, pooling, pooled,

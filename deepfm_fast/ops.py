@@ -4,15 +4,14 @@ Fake (meta) kernels and autograd are registered here, in Python, as PyTorch reco
 ops: that is what lets `torch.compile(fullgraph=True)` and `torch.export` trace through them.
 Without the compiled extension every wrapper runs the `deepfm_fast.reference` implementation.
 """
-import ctypes
 import warnings
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from . import _backend, reference
-from .reference import EmbeddingFMOutput
+from ._args import EmbeddingFMOutput, as_csr, mode_code, pooling_codes
 
 
 def fm_interaction(emb: Tensor, reduce_sum: bool = True) -> Tensor:
@@ -142,18 +141,13 @@ def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor] = No
         return reference.embedding_fm(weight, indices, offsets, per_sample_weights, linear_weight,
                                       num_fields=num_fields, mode=mode, pooling=pooling,
                                       return_pooled=return_pooled, sparse=sparse)
-    mode_code = reference.mode_code(mode)
-    indices, offsets, per_sample_weights, num_fields = reference.as_csr(indices, offsets, per_sample_weights,
-                                                                        num_fields)
-    pooling_codes = reference.pooling_codes(pooling, num_fields)
+    mode = mode_code(mode)
+    indices, offsets, per_sample_weights, num_fields = as_csr(indices, offsets, per_sample_weights, num_fields)
+    pooling = pooling_codes(pooling, num_fields)
     needs_grad = torch.is_grad_enabled() and (
         weight.requires_grad or (linear_weight is not None and linear_weight.requires_grad))
-    # In field mode the backward reads the pooled field vectors instead of gathering every table
-    # row again, so a forward that will be differentiated writes them even if the caller does not
-    # want them.
-    want_pooled = return_pooled or (needs_grad and mode_code == 0)
-    args = (weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode_code, pooling_codes,
-            want_pooled)
+    want_pooled = return_pooled or (needs_grad and backward_reuses_pooled(weight, mode))
+    args = (weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode, pooling, want_pooled)
     if sparse and needs_grad:
         fm, linear, pooled = _EmbeddingFMSparseGrad.apply(*args)
     else:
@@ -161,12 +155,19 @@ def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor] = No
     return EmbeddingFMOutput(fm, linear, pooled if return_pooled else pooled.new_empty(0))
 
 
-_CUDA_BOUNDS_CHECK_MODES = ("error", "clamp", "off")  # the codes 0, 1, 2 of embedding_fm_cuda.cu
-_cuda_bounds_check = "error"
+def backward_reuses_pooled(weight: Tensor, mode: int) -> bool:
+    """Whether the backward of `embedding_fm` reads the forward's field vectors instead of gathering
+    the table rows again (the CPU kernel in field mode: a cache miss per row saved on a large table;
+    on the GPU the second gather mostly hits L2, so the forward need not write ``[B, F, K]``)."""
+    return mode == 0 and weight.device.type == "cpu"
+
+
+_CUDA_BOUNDS_CHECK_MODES = ("error", "clamp", "off")  # the codes 0, 1, 2 of csrc/bounds_check.h
+_cuda_bounds_check = "error"  # without the compiled kernels only; else the extension holds it
 
 
 def set_cuda_bounds_check(mode: str) -> None:
-    """How the CUDA kernels of `embedding_fm` (and its backward) treat bad ids and offsets.
+    """How the CUDA kernels of `embedding_fm` (and its backward) and `fused_row_update` treat bad ids.
 
     - ``"error"`` (default): ids in ``[0, N)``, ``offsets[0] == 0``, ``offsets[-1] == nnz`` and
       non-decreasing offsets are checked on the GPU; then one device->host synchronisation per
@@ -182,14 +183,18 @@ def set_cuda_bounds_check(mode: str) -> None:
     ``"clamp"`` and ``"off"`` modes the results are unspecified. During CUDA graph capture, where no
     sync is allowed, ``"error"`` behaves as ``"off"``. The setting is process-wide and read at each
     call (it is not part of a traced graph). The CPU kernels always check: there it costs no sync.
+
+    `fused_row_update` checks its ids (in range, sorted and unique) in ``"error"`` mode, with one
+    sync, before it writes any row; in ``"clamp"`` and ``"off"`` an out-of-range id is skipped and
+    repeated ids race (lost updates), but nothing is written outside the tables.
     """
     global _cuda_bounds_check
     if mode not in _CUDA_BOUNDS_CHECK_MODES:
         raise ValueError(f"set_cuda_bounds_check: mode must be one of {_CUDA_BOUNDS_CHECK_MODES}, got {mode!r}")
-    setter = _cuda_bounds_check_setter()
-    if setter is not None and setter(_CUDA_BOUNDS_CHECK_MODES.index(mode)) != 0:
-        raise RuntimeError(f"set_cuda_bounds_check: the compiled kernels rejected mode {mode!r}")
-    _cuda_bounds_check = mode
+    if _backend.compiled():
+        _backend._C.set_cuda_bounds_check(_CUDA_BOUNDS_CHECK_MODES.index(mode))
+    else:
+        _cuda_bounds_check = mode
     if mode == "clamp":
         warnings.warn("deepfm_fast: CUDA bounds check 'clamp': out-of-range ids read the nearest valid row and "
                       "malformed bags pool to zero, without an error; the results for those rows are wrong",
@@ -197,18 +202,10 @@ def set_cuda_bounds_check(mode: str) -> None:
 
 
 def get_cuda_bounds_check() -> str:
-    """The current CUDA bounds-check mode of `embedding_fm`: ``"error"``, ``"clamp"`` or ``"off"``."""
+    """The current CUDA bounds-check mode: ``"error"``, ``"clamp"`` or ``"off"``."""
+    if _backend.compiled():
+        return _CUDA_BOUNDS_CHECK_MODES[_backend._C.get_cuda_bounds_check()]
     return _cuda_bounds_check
-
-
-def _cuda_bounds_check_setter():
-    """The C setter in deepfm_fast._C (a process-wide setting, not an op), or None without CUDA kernels."""
-    if not _backend.cuda_kernels():
-        return None
-    setter = getattr(ctypes.CDLL(_backend._C.__file__), "deepfm_fast_set_cuda_bounds_check", None)
-    if setter is not None:
-        setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
-    return setter
 
 
 def embedding_fm_backward(grad_fm, grad_linear, grad_pooled, weight, indices, offsets, per_sample_weights,
@@ -342,6 +339,39 @@ def _register_embedding_fm():
                                     setup_context=lambda ctx, inputs, output: None)
 
 
+def fused_row_update(tables: List[Tensor], state: List[Tensor], ids: Tensor, row_grads: List[Tensor], optimizer: int,
+                     lr: float, eps: float = 0.0, beta1: float = 0.0, beta2: float = 0.0, weight_decay: float = 0.0,
+                     step: int = 1) -> None:
+    """One optimizer step, in place, on the rows ``ids`` of every table in ``tables``.
+
+    The update of the fused optimizers (`deepfm_fast.optim`), which call it from the backward of
+    `EmbeddingFM`; `deepfm_fast.reference.fused_row_update` gives the math per optimizer.
+
+    Args:
+        tables: tables with the same rows, e.g. ``[V [N, K], w.view(N, 1)]``: one pass updates both.
+        state: the optimizer state of each table in turn (float32, float64 for float64 tables).
+        ids: ``[U]`` int64 rows, sorted and unique (what `embedding_fm_backward` returns).
+        row_grads: ``[U, D_t]`` per table, the summed gradient of each row.
+        optimizer: 0 SGD, 1 row-wise Adagrad, 2 Adagrad, 3 Adam on the touched rows (SparseAdam).
+        lr, eps, beta1, beta2: the optimizer's hyper-parameters.
+        weight_decay: L2 added to the gradient of the touched rows only.
+        step: the step count (from 1) for Adam's bias correction.
+    """
+    if not _backend.compiled():
+        return reference.fused_row_update(tables, state, ids, row_grads, optimizer, lr, eps, beta1, beta2,
+                                          weight_decay, step)
+    torch.ops.deepfm_fast.fused_row_update.default(tables, state, ids, row_grads, optimizer, lr, eps, beta1, beta2,
+                                                   weight_decay, step)
+
+
+def _register_fused_row_update():
+    @torch.library.register_fake("deepfm_fast::fused_row_update")
+    def _(tables, state, ids, row_grads, optimizer, lr, eps, beta1, beta2, weight_decay, step):
+        torch._check(len(tables) >= 1, lambda: "fused_row_update: tables must hold at least one tensor")
+        return None
+
+
 if _backend.compiled():
     _register_fm_interaction()
     _register_embedding_fm()
+    _register_fused_row_update()

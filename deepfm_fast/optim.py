@@ -30,13 +30,13 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
-from . import _backend
+from . import _args, ops
 
 
 class FusedOptimizer:
-    """Base of the fused optimizers: hyper-parameters, state layout and the reference update."""
+    """Base of the fused optimizers: hyper-parameters and state layout; the update is `ops.fused_row_update`."""
 
-    code = -1  # the `optimizer` argument of fused_row_update (enum RowOptimizer in csrc/fused_row_update.h)
+    code = -1  # the `optimizer` argument of ops.fused_row_update
     num_states = 0
     row_wise_state = False  # one state value per row instead of per element
 
@@ -70,87 +70,49 @@ class FusedOptimizer:
         `row_grads` ([U, D] each) follow it: one list of state tensors and one gradient per table.
         """
         tables, states, row_grads = _as_lists(tables, states, row_grads)
-        if _backend.compiled():
-            flat_states = [s for table_states in states for s in table_states]
-            torch.ops.deepfm_fast.fused_row_update.default(tables, flat_states, ids, row_grads, self.code, self.lr,
-                                                           self.eps, self.betas[0], self.betas[1],
-                                                           self.weight_decay, step)
-        else:
-            self.reference_update(tables, states, ids, row_grads, step)
-
-    @torch.no_grad()
-    def reference_update(self, tables, states, ids: Tensor, row_grads, step: int) -> None:
-        """The same update in plain PyTorch: the oracle of the tests and the fallback without a build."""
-        for table, state, grads in zip(*_as_lists(tables, states, row_grads)):
-            acc_dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
-            rows = table[ids].to(acc_dtype)
-            grad = grads.to(acc_dtype) + self.weight_decay * rows
-            new_rows, new_state = self._new_rows(rows, grad, [s[ids] for s in state], step)
-            table[ids] = new_rows.to(table.dtype)
-            for s, value in zip(state, new_state):
-                s[ids] = value
-
-    def _new_rows(self, rows: Tensor, grad: Tensor, state: List[Tensor], step: int):
-        raise NotImplementedError
+        ops.fused_row_update(tables, [s for table_states in states for s in table_states], ids, row_grads, self.code,
+                             self.lr, self.eps, self.betas[0], self.betas[1], self.weight_decay, step)
 
 
 class SGD(FusedOptimizer):
     """``V_r -= lr * g_r`` on the touched rows (``torch.optim.SGD`` on the sparse gradient)."""
 
-    code = 0
+    code = _args.SGD
 
     def __init__(self, lr: float, weight_decay: float = 0.0):
         super().__init__(lr, weight_decay=weight_decay)
-
-    def _new_rows(self, rows, grad, state, step):
-        return rows - self.lr * grad, []
 
 
 class RowWiseAdagrad(FusedOptimizer):
     """One accumulator per row: ``G_r += mean_k(g_rk^2)``, ``V_r -= lr * g_r / (sqrt(G_r) + eps)``."""
 
-    code = 1
+    code = _args.ROWWISE_ADAGRAD
     num_states = 1
     row_wise_state = True
 
     def __init__(self, lr: float, eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(lr, eps=eps, weight_decay=weight_decay)
 
-    def _new_rows(self, rows, grad, state, step):
-        accumulator = state[0] + grad.pow(2).mean(dim=1)
-        return rows - (self.lr / (accumulator.sqrt() + self.eps)).unsqueeze(1) * grad, [accumulator]
-
 
 class Adagrad(FusedOptimizer):
     """Per element: ``G += g^2``, ``V -= lr * g / (sqrt(G) + eps)`` (``torch.optim.Adagrad``)."""
 
-    code = 2
+    code = _args.ADAGRAD
     num_states = 1
 
     def __init__(self, lr: float, eps: float = 1e-10, weight_decay: float = 0.0):
         super().__init__(lr, eps=eps, weight_decay=weight_decay)
 
-    def _new_rows(self, rows, grad, state, step):
-        accumulator = state[0] + grad * grad
-        return rows - self.lr * (grad / (accumulator.sqrt() + self.eps)), [accumulator]
-
 
 class Adam(FusedOptimizer):
     """Adam moments of the touched rows only, as ``torch.optim.SparseAdam``."""
 
-    code = 3
+    code = _args.ADAM
     num_states = 2
 
     def __init__(self, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         super().__init__(lr, eps=eps, betas=betas, weight_decay=weight_decay)
-
-    def _new_rows(self, rows, grad, state, step):
-        beta1, beta2 = self.betas
-        exp_avg = state[0] + (grad - state[0]) * (1 - beta1)
-        exp_avg_sq = state[1] + (grad * grad - state[1]) * (1 - beta2)
-        step_size = self.lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-        return rows - step_size * (exp_avg / (exp_avg_sq.sqrt() + self.eps)), [exp_avg, exp_avg_sq]
 
 
 def _as_lists(tables, states, row_grads):
@@ -158,14 +120,3 @@ def _as_lists(tables, states, row_grads):
     if isinstance(tables, Tensor):
         return [tables], [list(states)], [row_grads]
     return list(tables), [list(s) for s in states], list(row_grads)
-
-
-def _register_fake():
-    @torch.library.register_fake("deepfm_fast::fused_row_update")
-    def _(tables, state, ids, row_grads, optimizer, lr, eps, beta1, beta2, weight_decay, step):
-        torch._check(len(tables) >= 1, lambda: "fused_row_update: tables must hold at least one tensor")
-        return None
-
-
-if _backend.compiled():
-    _register_fake()

@@ -3,8 +3,14 @@
 They are written for clarity, from the formulas in the DeepFM and FM papers, and differentiate
 through ordinary autograd. The library falls back to them when the compiled kernels are missing.
 """
+import math
+from typing import List, Optional
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from ._args import ADAGRAD, ADAM, MODES, ROWWISE_ADAGRAD, SGD, EmbeddingFMOutput, as_csr, mode_code, pooling_codes
 
 
 def fm_interaction(emb: Tensor, reduce_sum: bool = True) -> Tensor:
@@ -26,68 +32,6 @@ def fm_interaction(emb: Tensor, reduce_sum: bool = True) -> Tensor:
 
 
 # ---- embedding_fm -------------------------------------------------------------------------------
-
-from typing import NamedTuple, Optional, Sequence, Union  # noqa: E402
-
-import torch.nn.functional as F  # noqa: E402
-
-MODES = {"field": 0, "feature": 1}
-POOLINGS = {"sum": 0, "mean": 1}
-
-
-class EmbeddingFMOutput(NamedTuple):
-    """What `embedding_fm` returns: ``fm [B]``, ``linear [B]`` and ``pooled [B, F, K]`` (or an empty
-    tensor when ``return_pooled=False``)."""
-
-    fm: Tensor
-    linear: Tensor
-    pooled: Tensor
-
-
-def mode_code(mode: str) -> int:
-    if mode not in MODES:
-        raise ValueError(f"embedding_fm: mode must be one of {tuple(MODES)}, got {mode!r}")
-    return MODES[mode]
-
-
-def pooling_codes(pooling: Union[str, Sequence[str]], num_fields: int) -> list:
-    """'sum' / 'mean' for every field, or one of them per field -> list of ints (0 sum, 1 mean)."""
-    if isinstance(pooling, str):
-        names = [pooling]
-    else:
-        names = list(pooling)
-        if len(names) != num_fields:
-            raise ValueError(f"embedding_fm: pooling must be a str or have one entry per field "
-                             f"(num_fields = {num_fields}), got {len(names)} entries")
-    for name in names:
-        if name not in POOLINGS:
-            raise ValueError(f"embedding_fm: pooling must be one of {tuple(POOLINGS)}, got {name!r}")
-    return [POOLINGS[name] for name in names]
-
-
-def as_csr(indices: Tensor, offsets: Optional[Tensor], per_sample_weights: Optional[Tensor],
-           num_fields: Optional[int]):
-    """Ids ``[B, F]`` (offsets None) or CSR -> (indices [nnz], offsets [B*F+1], weights [nnz] or None, F)."""
-    if offsets is None:
-        if indices.dim() != 2:
-            raise ValueError(f"embedding_fm: without offsets, indices must be [batch, num_fields] (one id per "
-                             f"field), got shape {tuple(indices.shape)}")
-        batch, fields = indices.shape
-        if num_fields is not None and num_fields != fields:
-            raise ValueError(f"embedding_fm: num_fields = {num_fields} but indices has {fields} columns")
-        offsets_dtype = indices.dtype if indices.dtype in (torch.int32, torch.int64) else torch.int64
-        offsets = torch.arange(batch * fields + 1, dtype=offsets_dtype, device=indices.device)
-        indices = indices.reshape(-1)
-        if per_sample_weights is not None:
-            if per_sample_weights.shape != (batch, fields) and per_sample_weights.shape != (batch * fields,):
-                raise ValueError(f"embedding_fm: per_sample_weights must have shape [{batch}, {fields}] like "
-                                 f"indices (or [{batch * fields}]), got {tuple(per_sample_weights.shape)}")
-            per_sample_weights = per_sample_weights.reshape(-1)
-        return indices, offsets, per_sample_weights, fields
-    if num_fields is None:
-        raise ValueError("embedding_fm: num_fields is required with CSR input (indices [nnz], offsets [B*F+1])")
-    return indices, offsets, per_sample_weights, num_fields
-
 
 def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor] = None,
                  per_sample_weights: Optional[Tensor] = None, linear_weight: Optional[Tensor] = None, *,
@@ -130,3 +74,51 @@ def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor] = No
         first = linear_weight[indices] * x  # (a sparse gradient for the 1-D linear_weight: not here)
         linear = weight.new_zeros(batch).index_add(0, bag_of // fields, first)
     return EmbeddingFMOutput(fm, linear, pooled if return_pooled else weight.new_empty(0))
+
+
+# ---- fused_row_update ---------------------------------------------------------------------------
+
+STATES_PER_TABLE = {SGD: 0, ROWWISE_ADAGRAD: 1, ADAGRAD: 1, ADAM: 2}
+
+
+@torch.no_grad()
+def fused_row_update(tables: List[Tensor], state: List[Tensor], ids: Tensor, row_grads: List[Tensor], optimizer: int,
+                     lr: float, eps: float, beta1: float, beta2: float, weight_decay: float, step: int) -> None:
+    """One optimizer step on the rows ``ids`` (sorted, unique) of every table, in place.
+
+    ``state`` lists each table's state tensors in turn; ``row_grads[t]`` is ``[U, D_t]``. The math,
+    per touched row ``r`` with ``g = row_grads[r] + weight_decay * V_r`` (L2 on the touched rows only):
+
+    - SGD: ``V_r -= lr * g``
+    - row-wise Adagrad (FBGEMM ``EXACT_ROWWISE_ADAGRAD``): ``G_r += mean_k(g^2)``, ``V_r -= lr * g / (sqrt(G_r) + eps)``
+    - Adagrad (``torch.optim.Adagrad``): ``G += g^2``, ``V -= lr * g / (sqrt(G) + eps)``
+    - Adam on the touched rows (``torch.optim.SparseAdam``): the moments of the touched rows only,
+      bias-corrected with the shared step count ``step``.
+    """
+    per_table = STATES_PER_TABLE[optimizer]
+    for t, (table, grads) in enumerate(zip(tables, row_grads)):
+        table_state = state[t * per_table:(t + 1) * per_table]
+        acc_dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
+        rows = table[ids].to(acc_dtype)
+        grad = grads.to(acc_dtype) + weight_decay * rows
+        old = [s[ids] for s in table_state]
+        if optimizer == SGD:
+            new_rows, new_state = rows - lr * grad, []
+        elif optimizer == ROWWISE_ADAGRAD:
+            accumulator = old[0] + grad.pow(2).mean(dim=1)
+            new_rows = rows - (lr / (accumulator.sqrt() + eps)).unsqueeze(1) * grad
+            new_state = [accumulator]
+        elif optimizer == ADAGRAD:
+            accumulator = old[0] + grad * grad
+            new_rows, new_state = rows - lr * (grad / (accumulator.sqrt() + eps)), [accumulator]
+        elif optimizer == ADAM:
+            exp_avg = old[0] + (grad - old[0]) * (1 - beta1)
+            exp_avg_sq = old[1] + (grad * grad - old[1]) * (1 - beta2)
+            step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+            new_rows = rows - step_size * (exp_avg / (exp_avg_sq.sqrt() + eps))
+            new_state = [exp_avg, exp_avg_sq]
+        else:
+            raise ValueError(f"fused_row_update: unknown optimizer code {optimizer}")
+        table[ids] = new_rows.to(table.dtype)
+        for s, value in zip(table_state, new_state):
+            s[ids] = value

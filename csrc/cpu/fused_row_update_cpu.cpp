@@ -74,12 +74,7 @@ void fused_row_update_cpu(at::TensorList tables, at::TensorList state, const at:
   const int64_t num_ids = ids.numel(), num_rows = tables[0].size(0);
   const int64_t* id = ids.const_data_ptr<int64_t>();
   // Unique and in range: one pass, before any row is written.
-  for (int64_t u = 0; u < num_ids; ++u) {
-    TORCH_CHECK(id[u] >= 0 && id[u] < num_rows, "fused_row_update: ids[", u, "] = ", id[u],
-                " is out of range for tables with ", num_rows, " rows");
-    TORCH_CHECK(u == 0 || id[u] > id[u - 1], "fused_row_update: ids must be sorted and unique (as ",
-                "embedding_fm_backward returns them), but ids[", u, "] = ", id[u], " follows ", id[u - 1]);
-  }
+  for (int64_t u = 0; u < num_ids; ++u) check_row_id(u, id[u], u > 0 ? id[u - 1] : 0, num_rows);
   if (num_ids == 0) return;
   const int64_t states_per_table = row_optimizer_states(optimizer);
   for (size_t t = 0; t < tables.size(); ++t) {

@@ -36,12 +36,39 @@ void dispatch_lanes(int lanes, Fn&& fn) {
   }
 }
 
-// Sum over the kLanes consecutive lanes of a group (deterministic: a fixed butterfly).
+// A group of kLanes consecutive threads (a power of two <= 32) cooperates on one item (a sample,
+// a row): the item's index, and the group's lanes inside its warp as a shuffle mask.
+template <int kLanes>
+__device__ __forceinline__ int64_t group_index() {
+  return static_cast<int64_t>(blockIdx.x) * (blockDim.x / kLanes) + threadIdx.x / kLanes;
+}
+
+// Shuffles use the group's mask, not the whole warp's: the groups of one warp may run loops of
+// different lengths (bag sizes) and so never meet at a shuffle, and a group past the end may
+// return early.
+template <int kLanes>
+__device__ __forceinline__ unsigned group_mask() {
+  if constexpr (kLanes == 32) {
+    return 0xffffffffu;
+  } else {
+    const unsigned first_lane = (threadIdx.x % 32u) / kLanes * kLanes;
+    return ((1u << kLanes) - 1u) << first_lane;
+  }
+}
+
+// Sum over the kLanes lanes of the caller's group (a fixed butterfly: deterministic).
 template <int kLanes, typename T>
 __device__ __forceinline__ T group_sum(T value) {
+  const unsigned mask = group_mask<kLanes>();
 #pragma unroll
-  for (int offset = kLanes / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset, kLanes);
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(mask, value, offset, kLanes);
   return value;
+}
+
+// Lane 0's value in every lane of the caller's group.
+template <int kLanes, typename T>
+__device__ __forceinline__ T group_broadcast(T value) {
+  return __shfl_sync(group_mask<kLanes>(), value, 0, kLanes);
 }
 
 }  // namespace cuda

@@ -19,11 +19,13 @@
 //   (c) segment heads (a flag kernel + at::cumsum over int32 flags) give each unique row its
 //       index u and its first sorted position; one device->host copy reads U (and, in "error"
 //       mode, the result of the argument checks: one sync in all);
-//   (d) segment_reduce_kernel, a group per unique row: sums the row's occurrence gradients in
+//   (d) chunk_reduce_kernel / long_segment_kernel, a group per chunk of <= 64 occurrences of one
+//       row, then a group per row with several chunks: sums the row's occurrence gradients in
 //       sorted (= position) order, writes row_grads[u] and linear_row_grads[u].
 // The only atomics are integer atomicMin in the argument check (order-independent results).
 //
-// Bounds checks (FBGEMM-style), chosen process-wide by deepfm_fast.ops.set_cuda_bounds_check:
+// Bounds checks (FBGEMM-style), chosen process-wide by deepfm_fast.ops.set_cuda_bounds_check
+// (bounds_check.h):
 //   error (default): the values of indices and offsets are checked on the device, then one
 //          device->host copy raises the CPU kernel's error (argument, value, position);
 //   clamp: no check, no sync; a bad id reads (and gets the gradient of) the nearest valid row;
@@ -42,12 +44,12 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <tuple>
 #include <type_traits>
 
+#include "bounds_check.h"
 #include "checks.h"
 #include "cuda/cuda_utils.cuh"
 #include "cuda/kernels.h"
@@ -55,13 +57,9 @@
 namespace deepfm_fast {
 namespace {
 
-enum BoundsCheck : int { kBoundsError = 0, kBoundsClamp = 1, kBoundsOff = 2 };
-
-std::atomic<int> g_bounds_check{kBoundsError};
-
 // The mode of this call; must run after the device guard (it asks the current stream).
 int bounds_check_mode() {
-  const int mode = g_bounds_check.load(std::memory_order_relaxed);
+  const int mode = cuda_bounds_check();
   if (mode == kBoundsError &&
       c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None)
     return kBoundsOff;  // a graph being captured cannot sync; the kernels stay in bounds
@@ -69,27 +67,6 @@ int bounds_check_mode() {
 }
 
 // ---- device helpers -----------------------------------------------------------------------------
-
-// The lanes of the caller's group inside its warp. Shuffles use this mask, not the whole warp's:
-// the groups of one warp run loops of different lengths (bag sizes), so they never meet at a
-// shuffle, and a group past the batch may return early.
-template <int kLanes>
-__device__ __forceinline__ unsigned group_mask() {
-  if constexpr (kLanes == 32) {
-    return 0xffffffffu;
-  } else {
-    const unsigned first_lane = (threadIdx.x % 32u) / kLanes * kLanes;
-    return ((1u << kLanes) - 1u) << first_lane;
-  }
-}
-
-// Sum over the kLanes lanes of a group (a fixed butterfly: deterministic).
-template <int kLanes, typename T>
-__device__ __forceinline__ T group_sum(T value, unsigned mask) {
-#pragma unroll
-  for (int offset = kLanes / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(mask, value, offset, kLanes);
-  return value;
-}
 
 // The row an id reads: itself when in [0, rows); otherwise the nearest row in clamp mode, else -1
 // (read as a zero row, no gradient).
@@ -150,21 +127,15 @@ struct Inputs {
   }
 };
 
-template <int kLanes>
-__device__ __forceinline__ int64_t group_index() {
-  return static_cast<int64_t>(blockIdx.x) * (blockDim.x / kLanes) + threadIdx.x / kLanes;
-}
-
 // ---- forward ------------------------------------------------------------------------------------
 
 template <typename scalar_t, typename index_t, int kLanes, int kPer>
 __global__ void forward_kernel(const Inputs<scalar_t, index_t> in, scalar_t* __restrict__ fm,
                                scalar_t* __restrict__ linear, scalar_t* __restrict__ pooled) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t b = group_index<kLanes>();
+  const int64_t b = cuda::group_index<kLanes>();
   if (b >= in.batch) return;  // the whole group leaves together
   const int lane = threadIdx.x % kLanes;
-  const unsigned mask = group_mask<kLanes>();
   constexpr int64_t kChunk = int64_t(kLanes) * kPer;
   const int64_t chunks = in.dim > kChunk ? (in.dim + kChunk - 1) / kChunk : 1;  // one pass even for dim 0
   acc_t fm_part = acc_t(0), lin = acc_t(0);
@@ -209,7 +180,7 @@ __global__ void forward_kernel(const Inputs<scalar_t, index_t> in, scalar_t* __r
 #pragma unroll
     for (int j = 0; j < kPer; ++j) fm_part += acc_t(0.5) * (sum[j] * sum[j] - sq[j]);
   }
-  fm_part = group_sum<kLanes>(fm_part, mask);
+  fm_part = cuda::group_sum<kLanes>(fm_part);
   if (lane == 0) {
     fm[b] = static_cast<scalar_t>(fm_part);
     if (linear != nullptr) linear[b] = static_cast<scalar_t>(lin);
@@ -246,10 +217,9 @@ __global__ void occurrence_grads_kernel(const Inputs<scalar_t, index_t> in, cons
                                         at::opmath_type<scalar_t>* __restrict__ lin_occ, int32_t* __restrict__ keys32,
                                         int64_t* __restrict__ keys64) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t b = group_index<kLanes>();
+  const int64_t b = cuda::group_index<kLanes>();
   if (b >= in.batch) return;
   const int lane = threadIdx.x % kLanes;
-  const unsigned mask = group_mask<kLanes>();
   const acc_t g = static_cast<acc_t>(g_fm[b]);
   const acc_t gl = static_cast<acc_t>(g_lin[b]);
   constexpr int64_t kChunk = int64_t(kLanes) * kPer;
@@ -301,7 +271,7 @@ __global__ void occurrence_grads_kernel(const Inputs<scalar_t, index_t> in, cons
           dot += v * d;  // v is 0 for k >= dim
         }
         if (grad_x != nullptr) {
-          dot = group_sum<kLanes>(dot, mask);  // every lane of the group is here: same p loop
+          dot = cuda::group_sum<kLanes>(dot);  // every lane of the group is here: same p loop
           if (lane == 0) {
             const acc_t first = in.lw != nullptr && row >= 0 ? gl * static_cast<acc_t>(in.lw[row]) : acc_t(0);
             grad_x[p] = (c == 0 ? first : grad_x[p]) + dot;  // the same thread wrote it in chunk c - 1
@@ -347,27 +317,85 @@ __global__ void segment_starts_kernel(const key_t* __restrict__ sorted, const in
   }
 }
 
-// Step (d): a group per unique row sums its occurrences in sorted (= position) order.
+// Step (d). A segment (the occurrences of one row) is summed in chunks of kSegmentChunk sorted
+// positions, a lane group per chunk, so that one very frequent id (a "missing" value in every
+// sample) is not summed by one group serially; a row with several chunks then sums its chunk
+// partials in order. Chunking is fixed by the sorted positions: the result is deterministic.
+constexpr int64_t kSegmentChunk = 64;
+
+// chunk_end[u]: inclusive cumsum of the chunk counts ceil(segment length / kSegmentChunk); chunk c
+// belongs to the first u with chunk_end[u] > c. long_end[u]: inclusive cumsum of the chunk counts
+// of the rows with several chunks, which place their partials at [long_end[u - 1], long_end[u]).
 template <typename scalar_t, int kLanes>
-__global__ void segment_reduce_kernel(const at::opmath_type<scalar_t>* __restrict__ occ,
-                                      const at::opmath_type<scalar_t>* __restrict__ lin_occ,
-                                      const int64_t* __restrict__ order, const int64_t* __restrict__ seg_start,
-                                      int64_t num_unique, int64_t dim, scalar_t* __restrict__ row_grads,
-                                      scalar_t* __restrict__ linear_row_grads) {
+__global__ void chunk_reduce_kernel(const at::opmath_type<scalar_t>* __restrict__ occ,
+                                    const at::opmath_type<scalar_t>* __restrict__ lin_occ,
+                                    const int64_t* __restrict__ order, const int64_t* __restrict__ seg_start,
+                                    const int64_t* __restrict__ chunk_end, const int64_t* __restrict__ long_end,
+                                    int64_t num_unique, int64_t max_chunks,
+                                    int64_t dim, scalar_t* __restrict__ row_grads,
+                                    scalar_t* __restrict__ linear_row_grads, at::opmath_type<scalar_t>* __restrict__ partial,
+                                    at::opmath_type<scalar_t>* __restrict__ linear_partial) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t u = group_index<kLanes>();
-  if (u >= num_unique) return;
+  const int64_t c = cuda::group_index<kLanes>();
+  if (c >= max_chunks || c >= chunk_end[num_unique - 1]) return;
+  int64_t lo = 0, hi = num_unique - 1;  // the first u with chunk_end[u] > c
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (chunk_end[mid] > c) hi = mid;
+    else lo = mid + 1;
+  }
+  const int64_t u = lo;
+  const int64_t chunk_begin = u > 0 ? chunk_end[u - 1] : 0;
+  const bool whole = chunk_end[u] - chunk_begin == 1;  // one chunk: write the row's gradient directly
+  const int64_t first = seg_start[u] + (c - chunk_begin) * kSegmentChunk;
+  const int64_t last = first + kSegmentChunk < seg_start[u + 1] ? first + kSegmentChunk : seg_start[u + 1];
+  const int64_t slot = (u > 0 ? long_end[u - 1] : 0) + (c - chunk_begin);
   const int lane = threadIdx.x % kLanes;
-  const int64_t first = seg_start[u], last = seg_start[u + 1];
   for (int64_t k = lane; k < dim; k += kLanes) {
     acc_t acc = acc_t(0);
     for (int64_t q = first; q < last; ++q) acc += occ[order[q] * dim + k];
-    row_grads[u * dim + k] = static_cast<scalar_t>(acc);
+    if (whole) row_grads[u * dim + k] = static_cast<scalar_t>(acc);
+    else partial[slot * dim + k] = acc;
   }
   if (linear_row_grads != nullptr && lane == 0) {
     acc_t acc = acc_t(0);
     for (int64_t q = first; q < last; ++q) acc += lin_occ[order[q]];
+    if (whole) linear_row_grads[u] = static_cast<scalar_t>(acc);
+    else linear_partial[slot] = acc;
+  }
+}
+
+// The rows with several chunks: the sum of their chunk partials, in chunk order.
+template <typename scalar_t, int kLanes>
+__global__ void long_segment_kernel(const at::opmath_type<scalar_t>* __restrict__ partial,
+                                    const at::opmath_type<scalar_t>* __restrict__ linear_partial,
+                                    const int64_t* __restrict__ long_end, int64_t num_unique, int64_t dim,
+                                    scalar_t* __restrict__ row_grads, scalar_t* __restrict__ linear_row_grads) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t u = cuda::group_index<kLanes>();
+  if (u >= num_unique) return;
+  const int64_t begin = u > 0 ? long_end[u - 1] : 0, end = long_end[u];
+  if (begin == end) return;  // one chunk: written by chunk_reduce_kernel
+  const int lane = threadIdx.x % kLanes;
+  for (int64_t k = lane; k < dim; k += kLanes) {
+    acc_t acc = acc_t(0);
+    for (int64_t c = begin; c < end; ++c) acc += partial[c * dim + k];
+    row_grads[u * dim + k] = static_cast<scalar_t>(acc);
+  }
+  if (linear_row_grads != nullptr && lane == 0) {
+    acc_t acc = acc_t(0);
+    for (int64_t c = begin; c < end; ++c) acc += linear_partial[c];
     linear_row_grads[u] = static_cast<scalar_t>(acc);
+  }
+}
+
+__global__ void chunk_count_kernel(const int64_t* __restrict__ seg_start, int64_t num_unique,
+                                   int64_t* __restrict__ chunks, int64_t* __restrict__ long_chunks) {
+  for (int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; u < num_unique;
+       u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = (seg_start[u + 1] - seg_start[u] + kSegmentChunk - 1) / kSegmentChunk;
+    chunks[u] = n;
+    long_chunks[u] = n > 1 ? n : 0;
   }
 }
 
@@ -614,15 +642,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
           unique_ids.mutable_data_ptr<int64_t>(), seg_start.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    // Bounds known without another sync: at most U + nnz / kSegmentChunk chunks, and the rows with
+    // n >= 2 chunks hold at most 2 * (n - 1) of them, so at most 2 * nnz / kSegmentChunk partials.
+    const int64_t max_chunks = num_unique + cuda::ceil_div(nnz, kSegmentChunk);
+    const int64_t max_partials = 2 * cuda::ceil_div(nnz, kSegmentChunk);
+    at::Tensor chunks = at::empty({num_unique}, long_options), long_chunks = at::empty({num_unique}, long_options);
+    chunk_count_kernel<<<grid_for(num_unique), cuda::kThreadsPerBlock, 0, stream>>>(
+        seg_start.const_data_ptr<int64_t>(), num_unique, chunks.mutable_data_ptr<int64_t>(),
+        long_chunks.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const at::Tensor chunk_end = at::cumsum(chunks, 0), long_end = at::cumsum(long_chunks, 0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.weight.scalar_type(), "embedding_fm_reduce_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      const at::Tensor partial = at::empty({max_partials, dim}, options.dtype(acc_type));
+      const at::Tensor linear_partial = at::empty({p.lw ? max_partials : 0}, options.dtype(acc_type));
       cuda::dispatch_lanes(cuda::lanes_for_dim(dim), [&](auto lanes) {
         constexpr int kLanes = decltype(lanes)::value;
-        const auto grid = cuda::ceil_div(num_unique, cuda::kThreadsPerBlock / kLanes);
-        segment_reduce_kernel<scalar_t, kLanes><<<grid, cuda::kThreadsPerBlock, 0, stream>>>(
-            occ.const_data_ptr<acc_t>(), p.lw ? lin_occ.const_data_ptr<acc_t>() : nullptr,
-            order.const_data_ptr<int64_t>(), seg_start.const_data_ptr<int64_t>(), num_unique, dim,
-            row_grads.mutable_data_ptr<scalar_t>(), p.lw ? linear_row_grads.mutable_data_ptr<scalar_t>() : nullptr);
+        chunk_reduce_kernel<scalar_t, kLanes>
+            <<<cuda::ceil_div(max_chunks, cuda::kThreadsPerBlock / kLanes), cuda::kThreadsPerBlock, 0, stream>>>(
+                occ.const_data_ptr<acc_t>(), p.lw ? lin_occ.const_data_ptr<acc_t>() : nullptr,
+                order.const_data_ptr<int64_t>(), seg_start.const_data_ptr<int64_t>(),
+                chunk_end.const_data_ptr<int64_t>(), long_end.const_data_ptr<int64_t>(), num_unique, max_chunks, dim,
+                row_grads.mutable_data_ptr<scalar_t>(),
+                p.lw ? linear_row_grads.mutable_data_ptr<scalar_t>() : nullptr, partial.mutable_data_ptr<acc_t>(),
+                p.lw ? linear_partial.mutable_data_ptr<acc_t>() : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        long_segment_kernel<scalar_t, kLanes>
+            <<<cuda::ceil_div(num_unique, cuda::kThreadsPerBlock / kLanes), cuda::kThreadsPerBlock, 0, stream>>>(
+                partial.const_data_ptr<acc_t>(), p.lw ? linear_partial.const_data_ptr<acc_t>() : nullptr,
+                long_end.const_data_ptr<int64_t>(), num_unique, dim, row_grads.mutable_data_ptr<scalar_t>(),
+                p.lw ? linear_row_grads.mutable_data_ptr<scalar_t>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -632,16 +681,3 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
 }
 
 }  // namespace deepfm_fast
-
-// Process-wide bounds-check mode of the CUDA kernels (0 error, 1 clamp, 2 off), set from Python by
-// deepfm_fast.ops.set_cuda_bounds_check through ctypes: a setting, not an op, so no schema and no
-// graph node. Returns 0, or -1 for an unknown mode (left unchanged).
-extern "C" __attribute__((visibility("default"))) int deepfm_fast_set_cuda_bounds_check(int mode) {
-  if (mode < deepfm_fast::kBoundsError || mode > deepfm_fast::kBoundsOff) return -1;
-  deepfm_fast::g_bounds_check.store(mode, std::memory_order_relaxed);
-  return 0;
-}
-
-extern "C" __attribute__((visibility("default"))) int deepfm_fast_get_cuda_bounds_check() {
-  return deepfm_fast::g_bounds_check.load(std::memory_order_relaxed);
-}

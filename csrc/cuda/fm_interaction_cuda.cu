@@ -18,7 +18,7 @@ __global__ void fm_forward_kernel(const scalar_t* __restrict__ emb, scalar_t* __
                                   int64_t batch, int64_t fields, int64_t dim) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kLanes;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kLanes) + threadIdx.x / kLanes;
+  const int64_t b = cuda::group_index<kLanes>();
   acc_t partial = acc_t(0);
   if (b < batch) {
     const scalar_t* block = emb + b * fields * dim;
@@ -35,7 +35,6 @@ __global__ void fm_forward_kernel(const scalar_t* __restrict__ emb, scalar_t* __
     }
   }
   if constexpr (kReduce) {
-    // Every thread of the warp takes part in the shuffles, including those past the batch.
     partial = cuda::group_sum<kLanes>(partial);
     if (b < batch && lane == 0) out[b] = static_cast<scalar_t>(partial);
   }
@@ -49,7 +48,7 @@ __global__ void fm_backward_kernel(const scalar_t* __restrict__ grad_out, bool p
                                    int64_t batch, int64_t fields, int64_t dim) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kLanes;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kLanes) + threadIdx.x / kLanes;
+  const int64_t b = cuda::group_index<kLanes>();
   if (b >= batch) return;
   const scalar_t* block = emb + b * fields * dim;
   scalar_t* grad_block = grad_emb + b * fields * dim;
