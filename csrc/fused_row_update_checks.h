@@ -3,7 +3,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <string>
+#include <utility>
 
 #include "checks.h"
 #include "fused_row_update.h"
@@ -19,40 +21,46 @@ inline at::ScalarType row_state_dtype(at::ScalarType weight_dtype) {
 // need two); the CUDA kernel takes their pointers by value.
 constexpr int64_t kMaxRowUpdateTables = 4;
 
-inline void check_fused_row_update_args(at::TensorList tables, at::TensorList state, const at::Tensor& ids,
-                                        at::TensorList row_grads, int64_t optimizer, int64_t step) {
-  constexpr const char* op = "fused_row_update";
+// The width of a table: [N] (one value per row, e.g. the first-order weights) or [N, D].
+inline int64_t table_width(const at::Tensor& table) { return table.dim() == 1 ? 1 : table.size(1); }
+
+// `step`: the step counter, a CPU int64 scalar that the op increments (no device sync to read it).
+inline int64_t* check_step(const char* op, const at::Tensor& step) {
+  TORCH_CHECK(step.device().is_cpu() && step.scalar_type() == at::kLong && step.numel() == 1, op,
+              ": step must be a CPU int64 tensor with one element (the step counter), got ", step.scalar_type(),
+              " of shape ", step.sizes(), " on ", step.device());
+  TORCH_CHECK(step.is_contiguous(), op, ": step must be contiguous (it is incremented in place)");
+  return step.mutable_data_ptr<int64_t>();
+}
+
+// tables: 1 to kMaxRowUpdateTables contiguous [N] or [N, D_t] tables of one dtype and device;
+// state: `states_per_table` tensors per table, in turn, shaped like the table ([N] for a row-wise
+// state) in the state dtype.
+inline void check_tables_and_state(const char* op, at::TensorList tables, at::TensorList state,
+                                   int64_t states_per_table, bool row_wise_state) {
   TORCH_CHECK(!tables.empty() && static_cast<int64_t>(tables.size()) <= kMaxRowUpdateTables, op,
               ": tables must hold 1 to ", kMaxRowUpdateTables, " tensors, got ", tables.size());
-  TORCH_CHECK(optimizer >= kSGD && optimizer <= kAdam, op, ": optimizer must be 0 (SGD), 1 (row-wise Adagrad), ",
-              "2 (Adagrad) or 3 (Adam), got ", optimizer);
-  TORCH_CHECK(ids.scalar_type() == at::kLong, op, ": ids must be an int64 tensor, got ", ids.scalar_type());
-  check_dim(op, "ids", ids, 1, "[num_unique]");
-  TORCH_CHECK(row_grads.size() == tables.size(), op, ": row_grads must hold one tensor per table (",
-              tables.size(), "), got ", row_grads.size());
-  const int64_t states_per_table = row_optimizer_states(optimizer);
-  TORCH_CHECK(static_cast<int64_t>(state.size()) == states_per_table * static_cast<int64_t>(tables.size()), op,
-              ": optimizer ", optimizer, " takes ", states_per_table, " state tensors per table, so ",
-              states_per_table * static_cast<int64_t>(tables.size()), " for ", tables.size(), " tables, got ",
-              state.size());
   const at::Tensor& first = tables[0];
-  const auto state_dtype = row_state_dtype(first.scalar_type());
   for (size_t t = 0; t < tables.size(); ++t) {
     const at::Tensor& table = tables[t];
     const std::string name = "tables[" + std::to_string(t) + "]";
-    check_dim(op, name.c_str(), table, 2, "[num_rows, dim]");
+    TORCH_CHECK(table.dim() == 1 || table.dim() == 2, op, ": ", name, " must be a 1-D [num_rows] or 2-D ",
+                "[num_rows, dim] tensor, got a ", table.dim(), "-D tensor of shape ", table.sizes());
     check_floating(op, name.c_str(), table);
     TORCH_CHECK(table.is_contiguous(), op, ": ", name, " must be contiguous (it is updated in place)");
     check_same_device(op, name.c_str(), table, "tables[0]", first);
     check_same_dtype(op, name.c_str(), table, "tables[0]", first);
     TORCH_CHECK(table.size(0) == first.size(0), op, ": every table must have the rows of tables[0] (",
                 first.size(0), "), but ", name, " has ", table.size(0));
-    const at::Tensor& grads = row_grads[t];
-    check_same_device(op, "row_grads", grads, "tables[0]", first);
-    check_same_dtype(op, "row_grads", grads, "tables[0]", first);
-    TORCH_CHECK(grads.dim() == 2 && grads.size(0) == ids.size(0) && grads.size(1) == table.size(1), op,
-                ": row_grads[", t, "] must have shape [", ids.size(0), ", ", table.size(1), "] (one row per id), got ",
-                grads.sizes());
+  }
+  TORCH_CHECK(static_cast<int64_t>(state.size()) == states_per_table * static_cast<int64_t>(tables.size()), op,
+              ": this optimizer takes ", states_per_table, " state tensors per table, so ",
+              states_per_table * static_cast<int64_t>(tables.size()), " for ", tables.size(), " tables, got ",
+              state.size());
+  const auto state_dtype = row_state_dtype(first.scalar_type());
+  for (size_t t = 0; t < tables.size(); ++t) {
+    const at::Tensor& table = tables[t];
+    const std::string name = "tables[" + std::to_string(t) + "]";
     for (int64_t i = 0; i < states_per_table; ++i) {
       const int64_t index = static_cast<int64_t>(t) * states_per_table + i;
       const at::Tensor& s = state[index];
@@ -60,14 +68,59 @@ inline void check_fused_row_update_args(at::TensorList tables, at::TensorList st
       TORCH_CHECK(s.scalar_type() == state_dtype, op, ": state[", index, "] must have dtype ", state_dtype,
                   " for a ", first.scalar_type(), " table, got ", s.scalar_type());
       TORCH_CHECK(s.is_contiguous(), op, ": state[", index, "] must be contiguous (it is updated in place)");
-      // Row-wise Adagrad keeps one value per row, the others one per element.
-      const at::IntArrayRef expected = optimizer == kRowWiseAdagrad ? table.sizes().slice(0, 1) : table.sizes();
+      const at::IntArrayRef expected = row_wise_state ? table.sizes().slice(0, 1) : table.sizes();
       TORCH_CHECK(s.sizes() == expected, op, ": state[", index, "] (of ", name, ") must have shape ", expected,
                   ", got ", s.sizes());
     }
   }
-  check_same_device(op, "ids", ids, "tables[0]", first);
-  TORCH_CHECK(optimizer != kAdam || step >= 1, op, ": step must be >= 1 for Adam (bias correction), got ", step);
+}
+
+// Adam's catch-up state: last_step [N] int64 (the step after which each row is up to date) and the
+// catch-up table [P + 1, kCatchUpColumns] float64, both on the tables' device.
+inline void check_catch_up_state(const char* op, const at::Tensor& table, const c10::optional<at::Tensor>& last_step,
+                                 const c10::optional<at::Tensor>& catchup) {
+  TORCH_CHECK(last_step.has_value() && catchup.has_value(), op, ": Adam (optimizer 4) needs last_step and catchup ",
+              "(deepfm_fast.optim.Adam.new_row_state creates them)");
+  const at::Tensor& last = *last_step;
+  const at::Tensor& table_coefficients = *catchup;
+  check_same_device(op, "last_step", last, "tables[0]", table);
+  check_same_device(op, "catchup", table_coefficients, "tables[0]", table);
+  TORCH_CHECK(last.scalar_type() == at::kLong && last.dim() == 1 && last.size(0) == table.size(0) &&
+                  last.is_contiguous(),
+              op, ": last_step must be a contiguous int64 tensor of shape [", table.size(0), "], got ",
+              last.scalar_type(), " of shape ", last.sizes());
+  TORCH_CHECK(table_coefficients.scalar_type() == at::kDouble && table_coefficients.dim() == 2 &&
+                  table_coefficients.size(0) >= 2 && table_coefficients.size(1) == kCatchUpColumns &&
+                  table_coefficients.is_contiguous(),
+              op, ": catchup must be a contiguous float64 tensor of shape [window + 1, ", int(kCatchUpColumns),
+              "] with window >= 1, got ", table_coefficients.scalar_type(), " of shape ", table_coefficients.sizes());
+}
+
+inline void check_fused_row_update_args(at::TensorList tables, at::TensorList state, const at::Tensor& ids,
+                                        at::TensorList row_grads, int64_t optimizer,
+                                        const c10::optional<at::Tensor>& last_step,
+                                        const c10::optional<at::Tensor>& catchup) {
+  constexpr const char* op = "fused_row_update";
+  TORCH_CHECK(optimizer >= kSGD && optimizer <= kAdam, op, ": optimizer must be 0 (SGD), 1 (row-wise Adagrad), ",
+              "2 (Adagrad), 3 (lazy Adam) or 4 (Adam), got ", optimizer);
+  check_tables_and_state(op, tables, state, row_optimizer_states(optimizer), optimizer == kRowWiseAdagrad);
+  TORCH_CHECK(ids.scalar_type() == at::kLong, op, ": ids must be an int64 tensor, got ", ids.scalar_type());
+  check_dim(op, "ids", ids, 1, "[num_unique]");
+  check_same_device(op, "ids", ids, "tables[0]", tables[0]);
+  TORCH_CHECK(row_grads.size() == tables.size(), op, ": row_grads must hold one tensor per table (",
+              tables.size(), "), got ", row_grads.size());
+  for (size_t t = 0; t < tables.size(); ++t) {
+    const at::Tensor& grads = row_grads[t];
+    check_same_device(op, "row_grads", grads, "tables[0]", tables[0]);
+    check_same_dtype(op, "row_grads", grads, "tables[0]", tables[0]);
+    const bool ok = tables[t].dim() == 1 ? grads.dim() == 1 && grads.size(0) == ids.size(0)
+                                         : grads.dim() == 2 && grads.size(0) == ids.size(0) &&
+                                               grads.size(1) == tables[t].size(1);
+    TORCH_CHECK(ok, op, ": row_grads[", t, "] must have the shape of tables[", t, "] with one row per id ([",
+                ids.size(0), tables[t].dim() == 2 ? ", " + std::to_string(tables[t].size(1)) : std::string(),
+                "]), got ", grads.sizes());
+  }
+  if (optimizer == kAdam) check_catch_up_state(op, tables[0], last_step, catchup);
 }
 
 // One id of fused_row_update at position u (prev = ids[u - 1]): in range, and the ids strictly
@@ -79,14 +132,52 @@ inline void check_row_id(int64_t u, int64_t id, int64_t prev, int64_t num_rows) 
               "returns them), but ids[", u, "] = ", id, " follows ", prev);
 }
 
+// The hyper-parameters of step `step` (>= 1), with the bias corrections computed in double once.
 template <typename acc_t>
 RowUpdateParams<acc_t> make_row_update_params(double lr, double eps, double beta1, double beta2,
                                               double weight_decay, int64_t optimizer, int64_t step) {
-  const double step_size =
-      optimizer == kAdam ? lr * std::sqrt(1.0 - std::pow(beta2, step)) / (1.0 - std::pow(beta1, step)) : 0.0;
-  return RowUpdateParams<acc_t>{static_cast<acc_t>(lr),          static_cast<acc_t>(eps),
-                                static_cast<acc_t>(1.0 - beta1), static_cast<acc_t>(1.0 - beta2),
-                                static_cast<acc_t>(weight_decay), static_cast<acc_t>(step_size)};
+  const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bias_correction2_sqrt = std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)));
+  double step_size = 0.0;
+  if (optimizer == kLazyAdam) step_size = lr * bias_correction2_sqrt / bias_correction1;
+  if (optimizer == kAdam) step_size = lr / bias_correction1;
+  return RowUpdateParams<acc_t>{static_cast<acc_t>(lr),
+                                static_cast<acc_t>(eps),
+                                static_cast<acc_t>(beta2),
+                                static_cast<acc_t>(1.0 - beta1),
+                                static_cast<acc_t>(1.0 - beta2),
+                                static_cast<acc_t>(weight_decay),
+                                static_cast<acc_t>(step_size),
+                                static_cast<acc_t>(bias_correction2_sqrt)};
+}
+
+// The constants of step `step` for the catch-up table.
+inline CatchUpStep make_catch_up_step(double lr, double eps, double beta1, double beta2, int64_t step) {
+  const double e = std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)));
+  return CatchUpStep{lr * e / (1.0 - std::pow(beta1, static_cast<double>(step))), e, beta1, beta2, eps};
+}
+
+// adam_catch_up: either ids or the range [row_begin, row_end) (row_end < 0: to the last row).
+inline std::pair<int64_t, int64_t> check_catch_up_rows(const char* op, int64_t num_rows,
+                                                       const c10::optional<at::Tensor>& ids, int64_t row_begin,
+                                                       int64_t row_end) {
+  const int64_t end = row_end < 0 ? num_rows : row_end;
+  TORCH_CHECK(row_begin >= 0 && row_begin <= end && end <= num_rows, op, ": rows [", row_begin, ", ", row_end,
+              ") are not a range of the ", num_rows, " rows");
+  if (ids.has_value()) {
+    check_index_dtype(op, "ids", *ids);
+    check_dim(op, "ids", *ids, 1, "[n]");
+    TORCH_CHECK(row_begin == 0 && row_end < 0, op, ": give ids or a row range, not both");
+  }
+  return {row_begin, end};
+}
+
+// The rows [begin, end) that step `step` catches up, so that every row is caught up at least once
+// every `window` steps: slice (step - 1) mod window of `window` slices of ceil(num_rows / window).
+inline std::pair<int64_t, int64_t> sweep_rows(int64_t num_rows, int64_t window, int64_t step) {
+  const int64_t slice = (num_rows + window - 1) / window;
+  const int64_t begin = std::min(num_rows, ((step - 1) % window) * slice);
+  return {begin, std::min(num_rows, begin + slice)};
 }
 
 }  // namespace deepfm_fast

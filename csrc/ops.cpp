@@ -59,13 +59,40 @@ TORCH_LIBRARY(deepfm_fast, m) {
         "int mode, int[] pooling, Tensor? pooled=None, bool per_sample_weights_grad=True) -> "
         "(Tensor unique_ids, Tensor row_grads, Tensor linear_row_grads, Tensor grad_per_sample_weights)", pt2);
   // A fused optimizer step, in place, on the rows `ids` (sorted, unique) of every table in `tables`
-  // (e.g. the embedding table [N, K] and the first-order weights as [N, 1]: one pass updates both),
-  // with the summed row gradients row_grads[t] [U, D_t]: what the fused-optimizer backward of
-  // EmbeddingFM calls after embedding_fm_backward. optimizer: 0 SGD, 1 row-wise Adagrad (one state
-  // [N] per table), 2 Adagrad (one [N, D_t]), 3 Adam on touched rows (exp_avg and exp_avg_sq
-  // [N, D_t]; `step` >= 1 counts steps for bias correction). `state` lists the states table by
-  // table; they are float32 (float64 for float64 tables). weight_decay is L2 added to the gradient
-  // of the touched rows only.
-  m.def("fused_row_update(Tensor(a!)[] tables, Tensor(b!)[] state, Tensor ids, Tensor[] row_grads, int optimizer, "
-        "float lr, float eps, float beta1, float beta2, float weight_decay, int step) -> ()", pt2);
+  // ([N] or [N, D_t] tables with the same rows, e.g. the embedding table and the first-order
+  // weights: one call updates both), with the summed row gradients row_grads[t] ([U] or [U, D_t]):
+  // what the fused-optimizer backward of EmbeddingFM calls after embedding_fm_backward. `step` is
+  // the step counter, a CPU int64 scalar the op increments first (its new value t is the step for
+  // the bias corrections). optimizer: 0 SGD, 1 row-wise Adagrad (one state [N] per table), 2 Adagrad
+  // (one state shaped like the table), 3 lazy Adam (torch.optim.SparseAdam: exp_avg, exp_avg_sq),
+  // 4 Adam (torch.optim.Adam: the same two states, and the rows that no step touched are caught up
+  // in closed form when next touched, with last_step [N] int64, the step each row is up to date
+  // with, and catchup [P + 1, 11] float64, the coefficients of gaps 0..P; each step also catches up
+  // a 1/P slice of the rows). `state` lists the states table by table; they are float32 (float64 for
+  // float64 tables). weight_decay is L2 added to the gradient of the touched rows only.
+  // check_ids=False skips the check of the ids (and, on CUDA, its sync) for callers that guarantee
+  // them, like EmbeddingFM with the output of embedding_fm_backward.
+  m.def("fused_row_update(Tensor(a!)[] tables, Tensor(b!)[] state, Tensor ids, Tensor[] row_grads, Tensor(c!) step, "
+        "int optimizer, float lr, float eps, float beta1, float beta2, float weight_decay, Tensor(d!)? last_step=None, "
+        "Tensor(e!)? catchup=None, bool check_ids=True) -> ()", pt2);
+  // Adam (optimizer 4 above): brings the rows in `ids` (int32/int64, duplicates allowed), or else
+  // the rows [row_begin, row_end) (row_end -1: to the last row), up to step `step` (CPU int64 scalar,
+  // not changed), as dense Adam would have moved them over the steps since last_step[row]. Before a
+  // training forward on the batch's ids (so the forward reads the rows dense Adam would read), and
+  // on every row before evaluation or export (a flush).
+  m.def("adam_catch_up(Tensor(a!)[] tables, Tensor(b!)[] state, Tensor(c!) last_step, Tensor catchup, Tensor step, "
+        "Tensor? ids=None, int row_begin=0, int row_end=-1) -> ()", pt2);
+  // embedding_fm whose backward applies a fused optimizer to the touched rows of weight and
+  // linear_weight (with fused_row_update; the optimizer arguments are those of fused_row_update):
+  // the training forward of EmbeddingFM with a fused optimizer. The forward is embedding_fm; its
+  // autograd (registered from Python) updates the tables in place and gives them no gradient.
+  // The states come one by one (those the optimizer has, of weight then of linear_weight), not as
+  // a Tensor[]: torch 2.13's registered autograd miscounts the gradients of list inputs. `sync`
+  // names a process group of deepfm_fast.distributed that merges the rows of every rank before the
+  // update (0: none).
+  m.def("embedding_fm_step(Tensor weight, Tensor linear_weight, Tensor indices, Tensor offsets, "
+        "Tensor? per_sample_weights, int num_fields, int mode, int[] pooling, bool return_pooled, "
+        "Tensor? weight_state0, Tensor? weight_state1, Tensor? linear_state0, Tensor? linear_state1, Tensor step, "
+        "Tensor? last_step, Tensor? catchup, int optimizer, float lr, float eps, float beta1, float beta2, "
+        "float weight_decay, int sync=0) -> (Tensor fm, Tensor linear, Tensor pooled)", pt2);
 }

@@ -10,7 +10,10 @@ from torch import Tensor
 MODES = {"field": 0, "feature": 1}
 POOLINGS = {"sum": 0, "mean": 1}
 # The `optimizer` codes of fused_row_update (enum RowOptimizer in csrc/fused_row_update.h).
-SGD, ROWWISE_ADAGRAD, ADAGRAD, ADAM = 0, 1, 2, 3
+SGD, ROWWISE_ADAGRAD, ADAGRAD, LAZY_ADAM, ADAM = 0, 1, 2, 3, 4
+STATES_PER_TABLE = {SGD: 0, ROWWISE_ADAGRAD: 1, ADAGRAD: 1, LAZY_ADAM: 2, ADAM: 2}
+# Columns of Adam's catch-up table (enum CatchUpColumn in csrc/fused_row_update.h).
+CATCH_UP_COLUMNS = 11
 
 
 class EmbeddingFMOutput(NamedTuple):

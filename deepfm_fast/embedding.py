@@ -1,11 +1,11 @@
 """EmbeddingFM: the embedding table, first-order weights and bias of an FM / DeepFM, on one fused op."""
-from typing import Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from . import ops, reference
-from ._args import as_csr, field_offsets, mode_code, pooling_codes
+from . import _backend, ops, reference
+from ._args import EmbeddingFMOutput, as_csr, field_offsets, mode_code, pooling_codes
 from .optim import FusedOptimizer
 
 
@@ -32,17 +32,23 @@ class EmbeddingFM(nn.Module):
             ``"feature"`` (FM over every non-zero feature; libFM). Equal for one id per field.
         pooling: ``"sum"``, ``"mean"``, or one per field (e.g. ``["sum", "sum", "mean"]`` for two
             single-id fields and a genre list). An empty bag pools to zero.
+        pool_first_order: apply each field's pooling to its first-order term too, so that a
+            mean-pooled bag contributes the mean of its ``w_j x_j`` (DeepCTR-Torch and FuxiCTR pool
+            the linear part like the embeddings); otherwise the first order sums over the bag.
+            Field mode only.
         sparse: give ``weight`` and ``linear_weight`` coalesced sparse gradients (like
             ``nn.Embedding(sparse=True)``) for ``torch.optim.SGD``, ``Adagrad``, ``SparseAdam``.
         init_std: ``weight ~ Normal(0, init_std)``; ``linear_weight`` and ``bias`` start at 0.
         use_reference: run on the pure-PyTorch reference ops (same parameters, same results; the
             table gradient of the reference is sparse for ``sparse=True``, the first-order one dense).
-        optimizer: a fused optimizer from ``deepfm_fast.optim`` (``SGD``, ``RowWiseAdagrad``,
-            ``Adagrad``, ``Adam``). The backward then updates the touched rows of ``weight`` and
-            ``linear_weight`` in place, with no dense gradient and no ``O(N)`` work per step;
-            those two tensors get no ``.grad`` (``requires_grad=False``) and must not be given to
-            a torch optimizer; ``bias`` still is. The optimizer state is in the module's buffers
-            (and ``state_dict``). Each backward is one step of the tables.
+        optimizer: a fused optimizer from ``deepfm_fast.optim`` (``Adam``, ``LazyAdam``, ``SGD``,
+            ``RowWiseAdagrad``, ``Adagrad``). The backward then updates the touched rows of
+            ``weight`` and ``linear_weight`` in place, with no dense gradient and no ``O(N)`` work
+            per step; those two tensors never get a ``.grad`` (a torch optimizer given them skips
+            them), ``bias`` still does. The optimizer state and the step count are in the module's
+            buffers (and ``state_dict``; the step count stays on the CPU so that reading it never
+            waits for a GPU). Each backward is one step of the tables. With ``Adam``, ``eval()``
+            and ``state_dict()`` first bring every row up to date (`flush`).
 
     Shape:
         - ``forward(indices)``: ``indices [B, F]`` int32/int64 local ids, one per field;
@@ -64,7 +70,7 @@ class EmbeddingFM(nn.Module):
 
     With a fused optimizer the table update happens inside ``backward()``::
 
-        >>> fm = EmbeddingFM([1000, 20, 7], 16, optimizer=deepfm_fast.optim.RowWiseAdagrad(lr=0.05))
+        >>> fm = EmbeddingFM([1000, 20, 7], 16, optimizer=deepfm_fast.optim.Adam(lr=1e-3))
         >>> bias_opt = torch.optim.Adam([fm.bias], lr=1e-3)   # everything but the tables
         >>> torch.nn.functional.binary_cross_entropy_with_logits(fm(ids), torch.ones(2)).backward()
         >>> bias_opt.step()
@@ -72,18 +78,23 @@ class EmbeddingFM(nn.Module):
 
     def __init__(self, field_dims: Sequence[int], embedding_dim: int, *, mode: str = "field",
                  pooling: Union[str, Sequence[str]] = "sum", sparse: bool = False, init_std: float = 0.01,
-                 use_reference: bool = False, optimizer: Optional[FusedOptimizer] = None):
+                 use_reference: bool = False, optimizer: Optional[FusedOptimizer] = None,
+                 pool_first_order: bool = False):
         super().__init__()
         field_dims = [int(d) for d in field_dims]
         if not field_dims or any(d < 1 for d in field_dims):
             raise ValueError(f"EmbeddingFM: field_dims must be a non-empty list of sizes >= 1, got {field_dims}")
         mode_code(mode)
-        pooling_codes(pooling, len(field_dims))
+        codes = pooling_codes(pooling, len(field_dims))
+        if pool_first_order and mode != "field":
+            raise ValueError("EmbeddingFM: pool_first_order=True needs mode='field' (in feature mode the values x "
+                             "are the features' own and pooling only shapes the pooled output)")
         self.field_dims = field_dims
         self.num_fields = len(field_dims)
         self.embedding_dim = embedding_dim
         self.mode = mode
         self.pooling = pooling if isinstance(pooling, str) else list(pooling)
+        self.pool_first_order = pool_first_order
         self.sparse = sparse
         self.use_reference = use_reference
         num_rows = sum(field_dims)
@@ -92,27 +103,42 @@ class EmbeddingFM(nn.Module):
         self.bias = nn.Parameter(torch.zeros(()))
         self.register_buffer("field_offsets", field_offsets(field_dims), persistent=False)
         self.register_buffer("_field_dims", torch.tensor(field_dims), persistent=False)
+        mean = [bool(c) for c in (codes * self.num_fields if len(codes) == 1 else codes)]
+        # With pool_first_order, mean fields are averaged through their values x (1 / bag size), which
+        # averages w x and the embeddings alike; the op then sums every bag.
+        self._scaled_fields = [f for f, m in enumerate(mean) if m] if pool_first_order else []
         self.reset_parameters(init_std)
         self.optimizer = optimizer
+        self._sync = 0  # a process group of deepfm_fast.distributed that merges the fused updates
         if optimizer is not None:
             if not isinstance(optimizer, FusedOptimizer):
-                raise TypeError(f"EmbeddingFM: optimizer must be one of deepfm_fast.optim.SGD, RowWiseAdagrad, "
-                                f"Adagrad, Adam, got {type(optimizer).__name__}")
+                raise TypeError(f"EmbeddingFM: optimizer must be one of deepfm_fast.optim.Adam, LazyAdam, SGD, "
+                                f"RowWiseAdagrad, Adagrad, got {type(optimizer).__name__}")
             if sparse:
                 raise ValueError("EmbeddingFM: sparse=True and a fused optimizer exclude each other: the fused "
                                  "optimizer updates the tables itself, with no gradient")
-            self.weight.requires_grad_(False)
-            self.linear_weight.requires_grad_(False)
             for i, state in enumerate(optimizer.new_state(self.weight)):
                 self.register_buffer(f"weight_optimizer_state{i}", state)
-            for i, state in enumerate(optimizer.new_state(self.linear_weight.view(-1, 1))):
+            for i, state in enumerate(optimizer.new_state(self.linear_weight)):
                 self.register_buffer(f"linear_optimizer_state{i}", state)
+            row_state = optimizer.new_row_state(num_rows, self.weight.device)
+            for name, state in row_state.items():
+                self.register_buffer(f"optimizer_{name}", state)
+            self._row_state_names = list(row_state)
             self.register_buffer("optimizer_step", torch.zeros((), dtype=torch.int64))
+            self._register_load_state_dict_pre_hook(_load_flat_linear_state, with_module=True)
+            self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.flush())
 
     def reset_parameters(self, init_std: float = 0.01) -> None:
         nn.init.normal_(self.weight, 0.0, init_std)
         nn.init.zeros_(self.linear_weight)
         nn.init.zeros_(self.bias)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.optimizer is not None:  # the step count stays on the host: reading it never syncs
+            self._buffers["optimizer_step"] = self._buffers["optimizer_step"].cpu()
+        return self
 
     def _check_local(self, ids: Tensor, field_of: Tensor) -> None:
         bad = (ids < 0) | (ids >= self._field_dims[field_of])
@@ -142,95 +168,204 @@ class EmbeddingFM(nn.Module):
             self._check_local(indices, field_of)
         return indices + self.field_offsets[field_of].to(indices.dtype)
 
+    def _scale_mean_bags(self, ids: Tensor, offsets: Optional[Tensor], per_sample_weights: Optional[Tensor]):
+        """pool_first_order: x / bag size for the ids of mean-pooled bags (CSR input only: a [B, F]
+        input has bags of one id, where mean and sum agree)."""
+        counts = offsets[1:] - offsets[:-1]
+        mean_bag = torch.zeros(self.num_fields, dtype=torch.bool, device=ids.device)
+        mean_bag[self._scaled_fields] = True
+        scale = torch.where(mean_bag.repeat(counts.numel() // self.num_fields),
+                            1.0 / counts.clamp(min=1).to(self.weight.dtype), torch.ones((), dtype=self.weight.dtype,
+                                                                                        device=ids.device))
+        per_id = torch.repeat_interleave(scale, counts.long(), output_size=ids.numel())
+        return per_id if per_sample_weights is None else per_sample_weights * per_id
+
     def forward(self, indices: Tensor, offsets: Optional[Tensor] = None, per_sample_weights: Optional[Tensor] = None,
                 *, return_pooled: bool = False, global_ids: bool = False):
         ids = indices if global_ids else self.to_global(indices, offsets)
+        pooling = self.pooling
+        if self._scaled_fields and offsets is not None:
+            per_sample_weights = self._scale_mean_bags(ids, offsets, per_sample_weights)
+            pooling = "sum"
         if self.optimizer is not None and torch.is_grad_enabled():
-            ids, offsets, per_sample_weights, _ = as_csr(ids, offsets, per_sample_weights, self.num_fields)
-            # The trigger makes autograd call the backward, which updates the tables in place.
-            trigger = torch.empty(0, device=self.weight.device, requires_grad=True)
-            fm, linear, pooled = _FusedStep.apply(trigger, self, ids, offsets, per_sample_weights, return_pooled)
-            logit = self.bias + linear + fm
-            return (logit, pooled) if return_pooled else logit
-        fn = reference.embedding_fm if self.use_reference else ops.embedding_fm
-        out = fn(self.weight, ids, offsets, per_sample_weights, self.linear_weight, num_fields=self.num_fields,
-                 mode=self.mode, pooling=self.pooling, return_pooled=return_pooled, sparse=self.sparse)
+            out = self._fused_step(ids, offsets, per_sample_weights, pooling, return_pooled)
+        else:
+            fn = reference.embedding_fm if self.use_reference else ops.embedding_fm
+            out = fn(self.weight, ids, offsets, per_sample_weights, self.linear_weight, num_fields=self.num_fields,
+                     mode=self.mode, pooling=pooling, return_pooled=return_pooled, sparse=self.sparse)
         logit = self.bias + out.linear + out.fm
         return (logit, out.pooled) if return_pooled else logit
 
+    def _fused_step(self, ids, offsets, per_sample_weights, pooling, return_pooled):
+        """The training forward with a fused optimizer: its backward updates the touched rows."""
+        if self.use_reference or not _backend.compiled():
+            ids, offsets, per_sample_weights, _ = as_csr(ids, offsets, per_sample_weights, self.num_fields)
+            row_state = self.optimizer_row_state()
+            if "last_step" in row_state:
+                reference.adam_catch_up([self.weight, self.linear_weight], self.optimizer_state_list(),
+                                        row_state["last_step"], row_state["catchup"], self.optimizer_step, ids=ids)
+            return EmbeddingFMOutput(*_FusedStepReference.apply(self.weight, self.linear_weight, self, ids, offsets,
+                                                                per_sample_weights, pooling, return_pooled))
+        opt, row_state = self.optimizer, self.optimizer_row_state()
+        if "last_step" in row_state:  # Adam: the forward reads the rows as dense Adam has them now
+            ops.adam_catch_up([self.weight, self.linear_weight], self.optimizer_state_list(), row_state["last_step"],
+                              row_state["catchup"], self.optimizer_step, ids=ids if offsets is not None else ids.flatten())
+        return ops.embedding_fm_step(
+            self.weight, self.linear_weight, ids, offsets, per_sample_weights, num_fields=self.num_fields,
+            mode=self.mode, pooling=pooling, return_pooled=return_pooled, weight_state=self.optimizer_states()[0],
+            linear_state=self.optimizer_states()[1], step=self.optimizer_step, last_step=row_state.get("last_step"), catchup=row_state.get("catchup"),
+            optimizer=opt.code, lr=opt.lr, eps=opt.eps, beta1=opt.betas[0], beta2=opt.betas[1],
+            weight_decay=opt.weight_decay, sync=self._sync)
+
+    # -- the fused optimizer's state ------------------------------------------------------------
     def optimizer_states(self):
         """(table states, first-order states) of the fused optimizer, as registered buffers."""
         n = self.optimizer.num_states
         return ([getattr(self, f"weight_optimizer_state{i}") for i in range(n)],
                 [getattr(self, f"linear_optimizer_state{i}") for i in range(n)])
 
+    def optimizer_state_list(self) -> List[Tensor]:
+        """The states of ``weight`` then of ``linear_weight``, in the order of `ops.fused_row_update`."""
+        table_states, linear_states = self.optimizer_states()
+        return table_states + linear_states
+
+    def optimizer_row_state(self) -> Dict[str, Tensor]:
+        """The state shared by both tables' rows (Adam's last step per row and catch-up table)."""
+        return {name: getattr(self, f"optimizer_{name}") for name in self._row_state_names}
+
     @torch.no_grad()
     def apply_fused_step(self, unique_ids: Tensor, row_grads: Tensor, linear_row_grads: Tensor) -> None:
         """One fused-optimizer step on the rows `unique_ids` (sorted, unique) with their summed grads."""
-        self.optimizer_step += 1
-        step = int(self.optimizer_step)
-        # Both tables in one pass over the rows: each row costs cache misses, not arithmetic.
-        self.optimizer.update([self.weight, self.linear_weight.view(-1, 1)], self.optimizer_states(), unique_ids,
-                              [row_grads, linear_row_grads.view(-1, 1)], step)
+        impl = reference if self.use_reference or not _backend.compiled() else ops
+        opt, row_state = self.optimizer, self.optimizer_row_state()
+        impl.fused_row_update([self.weight, self.linear_weight], self.optimizer_state_list(), unique_ids,
+                              [row_grads, linear_row_grads], self.optimizer_step, opt.code, opt.lr, opt.eps,
+                              opt.betas[0], opt.betas[1], opt.weight_decay, row_state.get("last_step"),
+                              row_state.get("catchup"), False)
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Brings every row up to the last step of the fused optimizer (``Adam`` moves rows that no
+        batch touched only when they are next touched, or in this flush). ``eval()`` and
+        ``state_dict()`` call it; call it yourself before reading ``weight`` directly. Under
+        ``torch.distributed``, flush on every rank (``eval()`` does) so that the replicas stay equal."""
+        row_state = self.optimizer_row_state() if self.optimizer is not None else {}
+        if "last_step" not in row_state:
+            return
+        impl = reference if self.use_reference or not _backend.compiled() else ops
+        impl.adam_catch_up([self.weight, self.linear_weight], self.optimizer_state_list(), row_state["last_step"],
+                           row_state["catchup"], self.optimizer_step)
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self.flush()
+        return super().train(mode)
+
+    # -- L2 on the rows a batch uses ----------------------------------------------------------------
+    def used_rows(self, indices: Tensor, offsets: Optional[Tensor] = None, *, global_ids: bool = False) -> Tensor:
+        """The rows of ``weight`` a batch reads, each once (sorted)."""
+        if not global_ids and offsets is None:
+            indices = indices + self.field_offsets.to(indices.dtype).unsqueeze(0)
+        elif not global_ids:
+            indices = self.to_global(indices, offsets)
+        return torch.unique(indices.flatten())
+
+    def l2_penalty(self, indices: Tensor, offsets: Optional[Tensor] = None, *, global_ids: bool = False) -> Tensor:
+        """``1/2 * sum`` over the rows the batch uses, each once, of ``||V_j||^2 + w_j^2`` (0-dim).
+
+        Multiplied by a coefficient and added to the loss, its gradient is that coefficient times
+        ``V_j`` (and ``w_j``) on exactly those rows: the fused optimizers' ``weight_decay``. With
+        ``sparse=True`` the gradients are sparse like those of the op."""
+        rows = self.used_rows(indices, offsets, global_ids=global_ids)
+        v = _GatherRows.apply(self.weight, rows, self.sparse)
+        w = _GatherRows.apply(self.linear_weight, rows, self.sparse and not self.use_reference)
+        return 0.5 * (v.pow(2).sum() + w.pow(2).sum())
+
+    def sparse_parameters(self) -> List[nn.Parameter]:
+        """The parameters with sparse gradients (for ``torch.optim.SparseAdam``): ``weight`` with
+        ``sparse=True``, and ``linear_weight`` too on the fused op (the reference gives it a dense one)."""
+        if not self.sparse:
+            return []
+        return [self.weight] + ([self.linear_weight] if not self.use_reference else [])
 
     def extra_repr(self) -> str:
         return (f"field_dims={self.field_dims}, embedding_dim={self.embedding_dim}, mode={self.mode!r}, "
                 f"pooling={self.pooling!r}, sparse={self.sparse}, use_reference={self.use_reference}"
+                + (", pool_first_order=True" if self.pool_first_order else "")
                 + (f", optimizer={self.optimizer}" if self.optimizer is not None else ""))
 
 
-class _FusedStep(torch.autograd.Function):
-    """embedding_fm whose backward applies the module's fused optimizer to the touched rows.
+def _load_flat_linear_state(module, state_dict, prefix, *args):
+    """Checkpoints before the first-order state was [N] kept it as [N, 1]: load them too."""
+    for name in [k for k in state_dict if k.startswith(prefix + "linear_optimizer_state")]:
+        if state_dict[name].dim() == 2 and state_dict[name].shape[1] == 1:
+            state_dict[name] = state_dict[name].reshape(-1)
 
-    The tables are read from the module, not saved, so that the in-place update is not an autograd
-    version-counter error; the backward computes every gradient before it updates anything.
+
+class _GatherRows(torch.autograd.Function):
+    """``param[rows]`` (``rows`` unique) whose gradient is a coalesced sparse tensor when asked.
+
+    ``F.embedding(sparse=True)`` cannot be used for the 1-D first-order weights: the sparse
+    gradient of a ``[N, 1]`` view cannot flow back through the view.
     """
 
     @staticmethod
-    def forward(ctx, trigger, module, ids, offsets, per_sample_weights, return_pooled):
-        # Field mode keeps the field vectors for the backward, which then needs no second gather.
-        keep_pooled = return_pooled or (module.mode == "field" and not module.use_reference)
-        args = dict(num_fields=module.num_fields, mode=module.mode, pooling=module.pooling,
-                    return_pooled=keep_pooled)
-        if module.use_reference:
-            out = reference.embedding_fm(module.weight, ids, offsets, per_sample_weights, module.linear_weight, **args)
+    def forward(ctx, param, rows, sparse):
+        ctx.save_for_backward(rows)
+        ctx.shape, ctx.sparse = param.shape, sparse
+        return param.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        if ctx.sparse:
+            g = torch.sparse_coo_tensor(rows.unsqueeze(0), grad, ctx.shape, is_coalesced=True,
+                                        check_invariants=False)
         else:
-            out = ops.embedding_fm(module.weight, ids, offsets, per_sample_weights, module.linear_weight, **args)
-        ctx.module = module
-        ctx.save_for_backward(ids, offsets, per_sample_weights, out.pooled)
-        pooled = out.pooled if return_pooled else out.pooled.new_empty(0)
+            g = grad.new_zeros(ctx.shape).index_add_(0, rows, grad)
+        return g, None, None
+
+
+class _FusedStepReference(torch.autograd.Function):
+    """The fused step on the reference ops (``use_reference=True``, or no compiled kernels): the
+    reference forward, the coalesced gradient through autograd, then `reference.fused_row_update`."""
+
+    @staticmethod
+    def forward(ctx, weight, linear_weight, module, ids, offsets, per_sample_weights, pooling, return_pooled):
+        out = reference.embedding_fm(weight, ids, offsets, per_sample_weights, linear_weight,
+                                     num_fields=module.num_fields, mode=module.mode, pooling=pooling,
+                                     return_pooled=return_pooled)
+        ctx.module, ctx.pooling = module, pooling
+        ctx.save_for_backward(ids, offsets, per_sample_weights)
         if not return_pooled:
-            ctx.mark_non_differentiable(pooled)
-        return out.fm, out.linear, pooled
+            ctx.mark_non_differentiable(out.pooled)
+        return tuple(out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_fm, grad_linear, grad_pooled):
         module = ctx.module
-        ids, offsets, per_sample_weights, pooled = ctx.saved_tensors
-        if module.use_reference:
-            unique_ids, row_grads, linear_row_grads, grad_psw = _reference_coalesced_grads(
-                module, ids, offsets, per_sample_weights, grad_fm, grad_linear, grad_pooled)
-        else:
-            mode = mode_code(module.mode)
-            pooling = pooling_codes(module.pooling, module.num_fields)
-            unique_ids, row_grads, linear_row_grads, grad_psw = ops.embedding_fm_backward(
-                grad_fm, grad_linear, grad_pooled, module.weight, ids, offsets, per_sample_weights,
-                module.linear_weight, module.num_fields, mode, pooling, pooled,
-                per_sample_weights is not None and ctx.needs_input_grad[4])
+        ids, offsets, per_sample_weights = ctx.saved_tensors
+        unique_ids, row_grads, linear_row_grads, grad_psw = _reference_coalesced_grads(
+            module, ids, offsets, per_sample_weights, ctx.pooling, grad_fm, grad_linear, grad_pooled)
+        if module._sync:
+            from . import distributed
+
+            unique_ids, (row_grads, linear_row_grads) = distributed.merge_rows(
+                module._sync, unique_ids, [row_grads, linear_row_grads], grad_fm.shape[0])
         module.apply_fused_step(unique_ids, row_grads, linear_row_grads)
-        grad_psw = grad_psw if per_sample_weights is not None and ctx.needs_input_grad[4] else None
-        return None, None, None, None, grad_psw, None
+        grad_psw = grad_psw if per_sample_weights is not None and ctx.needs_input_grad[5] else None
+        return None, None, None, None, None, grad_psw, None, None
 
 
-def _reference_coalesced_grads(module, ids, offsets, per_sample_weights, grad_fm, grad_linear, grad_pooled):
+def _reference_coalesced_grads(module, ids, offsets, per_sample_weights, pooling, grad_fm, grad_linear, grad_pooled):
     """The coalesced gradient, from autograd through the reference op (dense, so O(N): tests only)."""
     with torch.enable_grad():
         weight = module.weight.detach().requires_grad_()
         linear_weight = module.linear_weight.detach().requires_grad_()
         psw = per_sample_weights.detach().requires_grad_() if per_sample_weights is not None else None
         out = reference.embedding_fm(weight, ids, offsets, psw, linear_weight, num_fields=module.num_fields,
-                                     mode=module.mode, pooling=module.pooling, return_pooled=grad_pooled is not None
+                                     mode=module.mode, pooling=pooling, return_pooled=grad_pooled is not None
                                      and grad_pooled.numel() > 0)
         outputs, grads = [out.fm, out.linear], [grad_fm, grad_linear]
         if out.pooled.numel() > 0:

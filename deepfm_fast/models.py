@@ -25,10 +25,11 @@ How the table (``V`` and the first-order ``w``) is trained is chosen by ``table_
   touches every row each step);
 * ``"sparse_adam"``: coalesced sparse gradients, for ``torch.optim.SparseAdam`` on
   :meth:`CTRModel.sparse_parameters`;
-* ``"adam"``, ``"rowwise_adagrad"``, ``"adagrad"``, ``"sgd"``: the fused optimizers of
-  :mod:`deepfm_fast.optim`, applied to the touched rows inside the backward (``"adam"`` has the
-  semantics of ``SparseAdam``). ``V`` and ``w`` then get no gradient; the bias and the DNN still
-  need a torch optimizer. ``l2_embedding`` becomes the fused optimizer's ``weight_decay`` (the same
+* ``"adam"``, ``"lazy_adam"``, ``"rowwise_adagrad"``, ``"adagrad"``, ``"sgd"``: the fused optimizers
+  of :mod:`deepfm_fast.optim`, applied to the touched rows inside the backward (``"adam"`` has the
+  semantics of ``torch.optim.Adam`` on the dense gradient, ``"lazy_adam"`` those of
+  ``SparseAdam``). ``V`` and ``w`` then get no gradient; the bias and the DNN still need a torch
+  optimizer. ``l2_embedding`` becomes the fused optimizer's ``weight_decay`` (the same
   gradient as the penalty: ``lambda * V_j`` on each row used in the batch, once), so
   ``return_penalty`` gives 0. The optimizer state and step count are buffers of
   ``model.embedding``, so ``state_dict`` carries them; the learning rate is
@@ -55,69 +56,28 @@ Training with the fused table optimizer (what ``deepfm-fast train`` does by defa
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from . import optim
 from .data.dataset import Batch, to_csr
+from .embedding import EmbeddingFM
 from .features import FieldSpec, MultiHotField, NumericField, SparseField, fields_from_dicts, fields_to_dicts
 
 __all__ = ["CTRModel", "DeepFM", "FM", "LR", "MLP", "build_model", "MODELS", "TABLE_OPTIMIZERS",
-           "FUSED_TABLE_OPTIMIZERS", "make_fused_optimizer"]
+           "FUSED_TABLE_OPTIMIZERS"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
                 "prelu": nn.PReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU}
 
 
-class _GatherRows(torch.autograd.Function):
-    """``param[rows]`` (``rows`` unique) whose gradient is a coalesced sparse tensor when asked.
-
-    ``F.embedding(sparse=True)`` cannot be used for the 1-D first-order weights: the sparse
-    gradient of a ``[N, 1]`` view cannot flow back through the view.
-    """
-
-    @staticmethod
-    def forward(ctx, param, rows, sparse):
-        ctx.save_for_backward(rows)
-        ctx.shape, ctx.sparse = param.shape, sparse
-        return param.index_select(0, rows)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (rows,) = ctx.saved_tensors
-        if ctx.sparse:
-            g = torch.sparse_coo_tensor(rows.unsqueeze(0), grad, ctx.shape, is_coalesced=True,
-                                        check_invariants=False)
-        else:
-            g = grad.new_zeros(ctx.shape).index_add_(0, rows, grad)
-        return g, None, None
-
-
-TABLE_OPTIMIZERS = ("adam", "rowwise_adagrad", "adagrad", "sgd", "sparse_adam", "dense")
-FUSED_TABLE_OPTIMIZERS = ("adam", "rowwise_adagrad", "adagrad", "sgd")
-
-
-def make_fused_optimizer(name: str, lr: float, weight_decay: float = 0.0):
-    """The :mod:`deepfm_fast.optim` optimizer called ``name`` (one of ``FUSED_TABLE_OPTIMIZERS``)."""
-    from . import optim
-
-    classes = {"adam": optim.Adam, "rowwise_adagrad": optim.RowWiseAdagrad, "adagrad": optim.Adagrad,
-               "sgd": optim.SGD}
-    if name not in classes:
-        raise ValueError(f"unknown fused table optimizer {name!r}; choose from {sorted(classes)}")
-    return classes[name](lr=lr, weight_decay=weight_decay)
-
-
-def _embedding_fm(field_dims, embedding_dim, *, sparse, init_std, use_reference, optimizer=None):
-    from .embedding import EmbeddingFM
-
-    # Pooling is always "sum" here: the model divides the bag weights of mean-pooled fields by
-    # the bag length, so that the first-order term of such a field is a mean too (as in FuxiCTR,
-    # whose LR layer pools sequence fields like the embeddings). EmbeddingFM's own "mean" pooling
-    # averages the embeddings only and sums the first-order weights.
-    return EmbeddingFM(field_dims, embedding_dim, mode="field", pooling="sum", sparse=sparse,
-                       init_std=init_std, use_reference=use_reference, optimizer=optimizer)
+# How the table is trained (``table_optimizer``): the fused optimizers of deepfm_fast.optim by name,
+# then the two plain-PyTorch ways.
+FUSED_TABLE_OPTIMIZERS = tuple(optim.NAMES)
+TABLE_OPTIMIZERS = FUSED_TABLE_OPTIMIZERS + ("sparse_adam", "dense")
 
 
 class MLP(nn.Module):
@@ -163,32 +123,32 @@ class CTRModel(nn.Module):
             (||V_j||^2 + w_j^2)``; each used row counts once, however often it occurs. With a
             batch that touches most of a table this is FuxiCTR's whole-table ``embedding_regularizer``.
         use_reference: build on the reference ops (the test oracle) instead of the fused kernels.
-        sparse: the table emits sparse gradients (use ``torch.optim.SparseAdam`` on
-            :meth:`sparse_parameters`, another optimizer on :meth:`dense_parameters`).
         init_std: standard deviation of the table's normal init (default 1e-2; FuxiCTR uses 1e-4,
             which with few steps per epoch leaves the FM term inactive for many epochs).
         table_optimizer: how the table is trained (see the module docs): ``None``/``"dense"``,
-            ``"sparse_adam"`` (same as ``sparse=True``), or a fused ``"adam"``,
-            ``"rowwise_adagrad"``, ``"adagrad"``, ``"sgd"``.
+            ``"sparse_adam"``, or a fused ``"adam"``, ``"lazy_adam"``, ``"rowwise_adagrad"``,
+            ``"adagrad"``, ``"sgd"``.
         table_lr: initial learning rate of a fused table optimizer.
+        sparse: deprecated spelling of ``table_optimizer="sparse_adam"``.
     """
 
     name = "base"
 
     def __init__(self, fields: Sequence[FieldSpec], embedding_dim: int = 10, *, l2_embedding: float = 0.0,
-                 use_reference: bool = False, sparse: bool = False, init_std: float = 1e-2,
-                 table_optimizer: Optional[str] = None, table_lr: float = 1e-3):
+                 use_reference: bool = False, init_std: float = 1e-2, table_optimizer: Optional[str] = None,
+                 table_lr: float = 1e-3, sparse: bool = False):
         super().__init__()
-        if table_optimizer is not None and table_optimizer not in TABLE_OPTIMIZERS:
+        if sparse:
+            warnings.warn(f"{type(self).__name__}: sparse=True is deprecated; use table_optimizer='sparse_adam'",
+                          FutureWarning, stacklevel=2)
+            if table_optimizer not in (None, "sparse_adam"):
+                raise ValueError(f"{type(self).__name__}: sparse=True and table_optimizer={table_optimizer!r} "
+                                 f"exclude each other")
+            table_optimizer = "sparse_adam"
+        table_optimizer = table_optimizer or "dense"
+        if table_optimizer not in TABLE_OPTIMIZERS:
             raise ValueError(f"{type(self).__name__}: table_optimizer must be one of {list(TABLE_OPTIMIZERS)} "
                              f"or None, got {table_optimizer!r}")
-        if table_optimizer in FUSED_TABLE_OPTIMIZERS and sparse:
-            raise ValueError(f"{type(self).__name__}: sparse=True and the fused table optimizer "
-                             f"{table_optimizer!r} exclude each other")
-        if table_optimizer == "sparse_adam":
-            sparse = True
-        elif table_optimizer is None:
-            table_optimizer = "sparse_adam" if sparse else "dense"
         fields = list(fields)
         if not fields:
             raise ValueError(f"{type(self).__name__}: needs at least one field")
@@ -204,20 +164,23 @@ class CTRModel(nn.Module):
         self.embedding_dim = embedding_dim
         self.l2_embedding = float(l2_embedding)
         self.use_reference = use_reference
-        self.sparse = sparse
         self.init_std = init_std
         self.table_optimizer = table_optimizer
         self.table_lr = float(table_lr)
-        fused = (make_fused_optimizer(table_optimizer, table_lr, self.l2_embedding)
+        fused = (optim.by_name(table_optimizer, table_lr, self.l2_embedding)
                  if table_optimizer in FUSED_TABLE_OPTIMIZERS else None)
-        self.embedding = _embedding_fm([f.vocab_size for f in fields], embedding_dim, sparse=sparse,
-                                       init_std=init_std, use_reference=use_reference, optimizer=fused)
-        # Mean-pooled multi-hot fields: their bag weights get divided by the bag length.
-        self._mean_fields = [i for i, f in enumerate(fields)
-                             if isinstance(f, MultiHotField) and f.pooling == "mean"]
+        pooling = [f.pooling if isinstance(f, MultiHotField) else "sum" for f in fields]
+        # A mean-pooled multi-hot field averages its first-order term too (as FuxiCTR's LR layer and
+        # DeepCTR-Torch's linear part pool sequence fields like the embeddings).
+        self.embedding = EmbeddingFM([f.vocab_size for f in fields], embedding_dim, mode="field", pooling=pooling,
+                                     pool_first_order=True, sparse=self.sparse, init_std=init_std,
+                                     use_reference=use_reference, optimizer=fused)
         self._plain = all(isinstance(f, SparseField) for f in fields)
-        sizes = torch.tensor([f.vocab_size for f in fields], dtype=torch.int64)
-        self.register_buffer("field_offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)
+
+    @property
+    def sparse(self) -> bool:
+        """The table emits sparse gradients (``table_optimizer="sparse_adam"``)."""
+        return self.table_optimizer == "sparse_adam"
 
     # -- inputs ----------------------------------------------------------------------------
     def _inputs(self, batch: Batch) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
@@ -226,30 +189,12 @@ class CTRModel(nn.Module):
         if self._plain and batch.sparse_weights is None:
             return batch.sparse.to(device), None, None
         indices, offsets, weights = to_csr(batch, self.fields)
-        if self._mean_fields:
-            b, nf = batch.labels.shape[0], len(self.fields)
-            counts = (offsets[1:] - offsets[:-1]).view(b, nf)
-            scale = torch.ones(b, nf)
-            mf = torch.tensor(self._mean_fields)
-            scale[:, mf] = 1.0 / counts[:, mf].clamp_min(1).to(torch.float32)
-            per_id = torch.repeat_interleave(scale.flatten(), offsets[1:] - offsets[:-1])
-            weights = per_id if weights is None else weights * per_id
         return (indices.to(device), offsets.to(device),
                 None if weights is None else weights.to(device=device, dtype=self.embedding.weight.dtype))
 
-    def _used_rows(self, ids: Tensor, offsets: Optional[Tensor]) -> Tensor:
-        """Global table rows touched by the batch, each once."""
-        if offsets is None:
-            ids = ids + self.field_offsets.unsqueeze(0)
-        return torch.unique(ids.flatten())
-
     def penalty(self, ids: Tensor, offsets: Optional[Tensor] = None) -> Tensor:
         """``l2_embedding / 2 * sum`` over the used rows of ``||V_j||^2 + w_j^2`` (0-dim tensor)."""
-        rows = self._used_rows(ids, offsets)
-        emb = self.embedding
-        v = _GatherRows.apply(emb.weight, rows, self.sparse)
-        w = _GatherRows.apply(emb.linear_weight, rows, self._sparse_linear)
-        return 0.5 * self.l2_embedding * (v.pow(2).sum() + w.pow(2).sum())
+        return self.l2_embedding * self.embedding.l2_penalty(ids, offsets, global_ids=offsets is not None)
 
     # -- forward ---------------------------------------------------------------------------
     def _head(self, pooled: Optional[Tensor]) -> Optional[Tensor]:
@@ -290,28 +235,24 @@ class CTRModel(nn.Module):
         """The table is updated by a fused optimizer inside the backward."""
         return self.embedding.optimizer is not None
 
-    @property
-    def _sparse_linear(self) -> bool:
-        # The reference op gives linear_weight a dense gradient even with sparse=True.
-        return self.sparse and not self.use_reference
-
     def sparse_parameters(self):
-        """The parameters with sparse gradients when ``sparse=True`` (for ``torch.optim.SparseAdam``).
-
-        ``V`` always; ``w`` too on the fused op (the reference op gives ``w`` a dense gradient).
-        """
-        if not self.sparse:
-            return []
-        return [self.embedding.weight] + ([self.embedding.linear_weight] if self._sparse_linear else [])
+        """The parameters with sparse gradients (``table_optimizer="sparse_adam"``), for
+        ``torch.optim.SparseAdam``: ``V``, and ``w`` too on the fused op."""
+        return self.embedding.sparse_parameters()
 
     def dense_parameters(self):
-        ids = {id(p) for p in self.sparse_parameters()}
-        return [p for p in self.parameters() if id(p) not in ids]
+        """The parameters for a torch optimizer: all that require a gradient but the sparse ones
+        (:meth:`sparse_parameters`) and the tables of a fused optimizer (updated in the backward)."""
+        emb = self.embedding
+        skip = {id(p) for p in self.sparse_parameters()}
+        if self.fused:
+            skip |= {id(emb.weight), id(emb.linear_weight)}
+        return [p for p in self.parameters() if id(p) not in skip and p.requires_grad]
 
     def config(self) -> Dict[str, Any]:
         """JSON-ready constructor arguments; ``build_model(**cfg)`` rebuilds the model."""
         return {"name": self.name, "fields": fields_to_dicts(self.fields), "embedding_dim": self.embedding_dim,
-                "l2_embedding": self.l2_embedding, "sparse": self.sparse, "init_std": self.init_std,
+                "l2_embedding": self.l2_embedding, "init_std": self.init_std,
                 "table_optimizer": self.table_optimizer, "table_lr": self.table_lr}
 
     def extra_repr(self) -> str:
@@ -332,8 +273,9 @@ class FM(CTRModel):
 class LR(CTRModel):
     """Logistic regression: bias + first order, on the same fused op and the same inputs.
 
-    The op always computes the FM term too; LR keeps a one-column table frozen at zero, so the
-    second-order term is exactly 0 at the cost of one multiply-add per id.
+    The op always computes the FM term too; LR keeps a one-column table frozen at zero
+    (``requires_grad=False``: no gradient, no penalty, no update), so the second-order term is
+    exactly 0 at the cost of one multiply-add per id.
 
     Args: as :class:`CTRModel` (``embedding_dim`` is ignored; ``l2_embedding`` applies to ``w``).
     """
@@ -345,14 +287,6 @@ class LR(CTRModel):
         with torch.no_grad():
             self.embedding.weight.zero_()
         self.embedding.weight.requires_grad_(False)
-
-    def sparse_parameters(self):
-        return [self.embedding.linear_weight] if self._sparse_linear else []
-
-    def penalty(self, ids: Tensor, offsets: Optional[Tensor] = None) -> Tensor:
-        rows = self._used_rows(ids, offsets)
-        w = _GatherRows.apply(self.embedding.linear_weight, rows, self._sparse_linear)
-        return 0.5 * self.l2_embedding * w.pow(2).sum()
 
 
 class DeepFM(CTRModel):
@@ -367,7 +301,7 @@ class DeepFM(CTRModel):
         batch_norm: batch norm before each hidden activation.
         l2_embedding: L2 on the table rows used in the batch (see :class:`CTRModel`).
         use_reference: build on the reference ops.
-        sparse: sparse table gradients.
+        sparse: deprecated spelling of ``table_optimizer="sparse_adam"``.
         init_std: table init std.
         table_optimizer, table_lr: how the table is trained (see :class:`CTRModel`).
 

@@ -339,36 +339,120 @@ def _register_embedding_fm():
                                     setup_context=lambda ctx, inputs, output: None)
 
 
-def fused_row_update(tables: List[Tensor], state: List[Tensor], ids: Tensor, row_grads: List[Tensor], optimizer: int,
-                     lr: float, eps: float = 0.0, beta1: float = 0.0, beta2: float = 0.0, weight_decay: float = 0.0,
-                     step: int = 1) -> None:
+def fused_row_update(tables: List[Tensor], state: List[Tensor], ids: Tensor, row_grads: List[Tensor], step: Tensor,
+                     optimizer: int, lr: float, eps: float = 0.0, beta1: float = 0.0, beta2: float = 0.0,
+                     weight_decay: float = 0.0, last_step: Optional[Tensor] = None, catchup: Optional[Tensor] = None,
+                     check_ids: bool = True) -> None:
     """One optimizer step, in place, on the rows ``ids`` of every table in ``tables``.
 
-    The update of the fused optimizers (`deepfm_fast.optim`), which call it from the backward of
-    `EmbeddingFM`; `deepfm_fast.reference.fused_row_update` gives the math per optimizer.
+    The update of the fused optimizers (`deepfm_fast.optim`, which call it from the backward of
+    `EmbeddingFM`); `deepfm_fast.reference.fused_row_update` writes the math out per optimizer.
 
     Args:
-        tables: tables with the same rows, e.g. ``[V [N, K], w.view(N, 1)]``: one pass updates both.
+        tables: tables with the same rows, ``[N]`` or ``[N, D_t]``, e.g. ``[V, w]``: one call updates both.
         state: the optimizer state of each table in turn (float32, float64 for float64 tables).
         ids: ``[U]`` int64 rows, sorted and unique (what `embedding_fm_backward` returns).
-        row_grads: ``[U, D_t]`` per table, the summed gradient of each row.
-        optimizer: 0 SGD, 1 row-wise Adagrad, 2 Adagrad, 3 Adam on the touched rows (SparseAdam).
+        row_grads: per table, the summed gradient of each row, shaped like the table with ``U`` rows.
+        step: the step counter, a CPU int64 scalar; incremented first (its new value is the step of
+            the bias corrections). Kept on the host so that reading it never syncs with a GPU.
+        optimizer: 0 SGD, 1 row-wise Adagrad, 2 Adagrad, 3 lazy Adam (``torch.optim.SparseAdam``),
+            4 Adam (``torch.optim.Adam``, untouched rows caught up; needs ``last_step`` and ``catchup``).
         lr, eps, beta1, beta2: the optimizer's hyper-parameters.
         weight_decay: L2 added to the gradient of the touched rows only.
-        step: the step count (from 1) for Adam's bias correction.
+        last_step, catchup: Adam's catch-up state (`deepfm_fast.optim.Adam.new_row_state`).
+        check_ids: check that ``ids`` are sorted, unique and in range (skip only for ids that are so
+            by construction; on CUDA the check costs a sync in the "error" bounds-check mode).
     """
     if not _backend.compiled():
-        return reference.fused_row_update(tables, state, ids, row_grads, optimizer, lr, eps, beta1, beta2,
-                                          weight_decay, step)
-    torch.ops.deepfm_fast.fused_row_update.default(tables, state, ids, row_grads, optimizer, lr, eps, beta1, beta2,
-                                                   weight_decay, step)
+        return reference.fused_row_update(tables, state, ids, row_grads, step, optimizer, lr, eps, beta1, beta2,
+                                          weight_decay, last_step, catchup, check_ids)
+    torch.ops.deepfm_fast.fused_row_update.default(tables, state, ids, row_grads, step, optimizer, lr, eps, beta1,
+                                                   beta2, weight_decay, last_step, catchup, check_ids)
+
+
+def adam_catch_up(tables: List[Tensor], state: List[Tensor], last_step: Tensor, catchup: Tensor, step: Tensor,
+                  ids: Optional[Tensor] = None, row_begin: int = 0, row_end: int = -1) -> None:
+    """Adam (optimizer 4 of `fused_row_update`): the rows in ``ids`` (duplicates allowed), or else the
+    rows ``[row_begin, row_end)``, brought up to step ``step`` as dense Adam would have moved them
+    over the steps no batch touched them: before a forward reads them, and on every row before
+    evaluation or export (a flush)."""
+    if not _backend.compiled():
+        return reference.adam_catch_up(tables, state, last_step, catchup, step, ids, row_begin, row_end)
+    torch.ops.deepfm_fast.adam_catch_up.default(tables, state, last_step, catchup, step, ids, row_begin, row_end)
+
+
+def embedding_fm_step(weight: Tensor, linear_weight: Tensor, indices: Tensor, offsets: Optional[Tensor],
+                      per_sample_weights: Optional[Tensor], *, num_fields: int, mode: str, pooling, return_pooled: bool,
+                      weight_state: List[Tensor], linear_state: List[Tensor], step: Tensor,
+                      last_step: Optional[Tensor], catchup: Optional[Tensor], optimizer: int, lr: float, eps: float,
+                      beta1: float, beta2: float, weight_decay: float, sync: int = 0) -> EmbeddingFMOutput:
+    """`embedding_fm` whose backward applies a fused optimizer to the rows of ``weight`` and
+    ``linear_weight`` the batch touched (`fused_row_update`, same optimizer arguments; at most two
+    states per table), in place; the tables get no gradient. The training forward of `EmbeddingFM`
+    with a fused optimizer. ``sync`` names a process group of `deepfm_fast.distributed` whose ranks
+    merge their rows before the update."""
+    mode = mode_code(mode)
+    indices, offsets, per_sample_weights, num_fields = as_csr(indices, offsets, per_sample_weights, num_fields)
+    pooling = pooling_codes(pooling, num_fields)
+    want_pooled = return_pooled or backward_reuses_pooled(weight, mode)
+    states = list(weight_state) + [None] * (2 - len(weight_state)) + list(linear_state) + [None] * (2 - len(linear_state))
+    fm, linear, pooled = torch.ops.deepfm_fast.embedding_fm_step.default(
+        weight, linear_weight, indices, offsets, per_sample_weights, num_fields, mode, pooling, want_pooled, *states,
+        step, last_step, catchup, optimizer, lr, eps, beta1, beta2, weight_decay, sync)
+    return EmbeddingFMOutput(fm, linear, pooled if return_pooled else pooled.new_empty(0))
 
 
 def _register_fused_row_update():
-    @torch.library.register_fake("deepfm_fast::fused_row_update")
-    def _(tables, state, ids, row_grads, optimizer, lr, eps, beta1, beta2, weight_decay, step):
+    lib = "deepfm_fast::"
+
+    @torch.library.register_fake(lib + "fused_row_update")
+    def _(tables, state, ids, row_grads, step, optimizer, lr, eps, beta1, beta2, weight_decay, last_step=None,
+          catchup=None, check_ids=True):
         torch._check(len(tables) >= 1, lambda: "fused_row_update: tables must hold at least one tensor")
         return None
+
+    @torch.library.register_fake(lib + "adam_catch_up")
+    def _(tables, state, last_step, catchup, step, ids=None, row_begin=0, row_end=-1):
+        torch._check(len(tables) >= 1, lambda: "adam_catch_up: tables must hold at least one tensor")
+        return None
+
+    def embedding_fm_step_forward(weight, linear_weight, indices, offsets, per_sample_weights, num_fields, mode, pooling,
+                                  return_pooled, *_optimizer_args):
+        return torch.ops.deepfm_fast.embedding_fm.default(weight, indices, offsets, per_sample_weights, linear_weight,
+                                                          num_fields, mode, pooling, return_pooled)
+
+    torch.library.register_kernel(lib + "embedding_fm_step", "CompositeExplicitAutograd", embedding_fm_step_forward)
+    torch.library.register_fake(lib + "embedding_fm_step", embedding_fm_step_forward)
+
+    def setup_context(ctx, inputs, output):
+        (weight, linear_weight, indices, offsets, psw, num_fields, mode, pooling, return_pooled, *states, step, last_step,
+         catchup, optimizer, lr, eps, beta1, beta2, weight_decay, sync) = inputs
+        pooled = output[2] if return_pooled else None
+        ctx.save_for_backward(weight, linear_weight, indices, offsets, psw, pooled, step, last_step, catchup,
+                              *[s for s in states if s is not None])
+        ctx.args = (num_fields, mode, pooling, optimizer, lr, eps, beta1, beta2, weight_decay, sync)
+
+    def backward(ctx, grad_fm, grad_linear, grad_pooled):
+        weight, linear_weight, indices, offsets, psw, pooled, step, last_step, catchup, *state = ctx.saved_tensors
+        num_fields, mode, pooling, optimizer, lr, eps, beta1, beta2, weight_decay, sync = ctx.args
+        batch = (offsets.shape[0] - 1) // num_fields
+        grad_fm = weight.new_zeros(batch) if grad_fm is None else grad_fm
+        grad_linear = weight.new_zeros(batch) if grad_linear is None else grad_linear
+        want_grad_psw = psw is not None and ctx.needs_input_grad[4]
+        unique_ids, row_grads, linear_row_grads, grad_psw = embedding_fm_backward(
+            grad_fm, grad_linear, grad_pooled, weight, indices, offsets, psw, linear_weight, num_fields, mode, pooling,
+            pooled, want_grad_psw)
+        grads = [row_grads, linear_row_grads]
+        if sync:
+            from . import distributed
+
+            unique_ids, grads = distributed.merge_rows(sync, unique_ids, grads, batch)
+        torch.ops.deepfm_fast.fused_row_update.default([weight, linear_weight], state, unique_ids, grads, step,
+                                                       optimizer, lr, eps, beta1, beta2, weight_decay, last_step,
+                                                       catchup, False)
+        return (None,) * 4 + (grad_psw if want_grad_psw else None,) + (None,) * 18
+
+    torch.library.register_autograd(lib + "embedding_fm_step", backward, setup_context=setup_context)
 
 
 if _backend.compiled():

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._args import ADAGRAD, ADAM, MODES, ROWWISE_ADAGRAD, SGD, EmbeddingFMOutput, as_csr, mode_code, pooling_codes
+from ._args import (ADAGRAD, ADAM, LAZY_ADAM, MODES, ROWWISE_ADAGRAD, SGD, STATES_PER_TABLE, EmbeddingFMOutput, as_csr,
+                    mode_code, pooling_codes)
 
 
 def fm_interaction(emb: Tensor, reduce_sum: bool = True) -> Tensor:
@@ -78,47 +79,165 @@ def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor] = No
 
 # ---- fused_row_update ---------------------------------------------------------------------------
 
-STATES_PER_TABLE = {SGD: 0, ROWWISE_ADAGRAD: 1, ADAGRAD: 1, ADAM: 2}
-
-
 @torch.no_grad()
-def fused_row_update(tables: List[Tensor], state: List[Tensor], ids: Tensor, row_grads: List[Tensor], optimizer: int,
-                     lr: float, eps: float, beta1: float, beta2: float, weight_decay: float, step: int) -> None:
+def fused_row_update(tables: List[Tensor], state: List[Tensor], ids: Tensor, row_grads: List[Tensor], step: Tensor,
+                     optimizer: int, lr: float, eps: float, beta1: float, beta2: float, weight_decay: float,
+                     last_step: Optional[Tensor] = None, catchup: Optional[Tensor] = None,
+                     check_ids: bool = True) -> None:
     """One optimizer step on the rows ``ids`` (sorted, unique) of every table, in place.
 
-    ``state`` lists each table's state tensors in turn; ``row_grads[t]`` is ``[U, D_t]``. The math,
-    per touched row ``r`` with ``g = row_grads[r] + weight_decay * V_r`` (L2 on the touched rows only):
+    ``step`` (a CPU int64 scalar) is incremented first; its new value ``t`` is the step of the bias
+    corrections. ``state`` lists each table's state tensors in turn; ``row_grads[t]`` is ``[U]`` or
+    ``[U, D_t]``. Per touched row ``r``, with ``g = row_grads[r] + weight_decay * V_r`` (L2 on the
+    touched rows only):
 
     - SGD: ``V_r -= lr * g``
     - row-wise Adagrad (FBGEMM ``EXACT_ROWWISE_ADAGRAD``): ``G_r += mean_k(g^2)``, ``V_r -= lr * g / (sqrt(G_r) + eps)``
     - Adagrad (``torch.optim.Adagrad``): ``G += g^2``, ``V -= lr * g / (sqrt(G) + eps)``
-    - Adam on the touched rows (``torch.optim.SparseAdam``): the moments of the touched rows only,
-      bias-corrected with the shared step count ``step``.
+    - lazy Adam (``torch.optim.SparseAdam``): the moments of the touched rows only.
+    - Adam (``torch.optim.Adam``): first the missed steps of the row since ``last_step[r]`` (see
+      `adam_catch_up`), then the step; then the step's slice of rows is caught up to ``t``.
     """
+    if check_ids and ids.numel() and not (bool((ids[1:] > ids[:-1]).all()) and int(ids.min()) >= 0
+                                          and int(ids.max()) < tables[0].shape[0]):
+        raise ValueError("fused_row_update: ids must be sorted, unique and in range")
+    step += 1
+    t = int(step)
     per_table = STATES_PER_TABLE[optimizer]
-    for t, (table, grads) in enumerate(zip(tables, row_grads)):
-        table_state = state[t * per_table:(t + 1) * per_table]
+    if optimizer == ADAM:
+        missed = (t - 1) - last_step[ids]
+        _catch_up(tables, state, ids, missed, catchup)
+    for n, (table, grads) in enumerate(zip(tables, row_grads)):
+        table_state = state[n * per_table:(n + 1) * per_table]
         acc_dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
         rows = table[ids].to(acc_dtype)
-        grad = grads.to(acc_dtype) + weight_decay * rows
+        grad = grads.to(acc_dtype).reshape(rows.shape) + weight_decay * rows
         old = [s[ids] for s in table_state]
         if optimizer == SGD:
             new_rows, new_state = rows - lr * grad, []
         elif optimizer == ROWWISE_ADAGRAD:
-            accumulator = old[0] + grad.pow(2).mean(dim=1)
-            new_rows = rows - (lr / (accumulator.sqrt() + eps)).unsqueeze(1) * grad
-            new_state = [accumulator]
+            accumulator = old[0] + grad.pow(2).reshape(len(ids), -1).mean(dim=1)
+            multiplier = (lr / (accumulator.sqrt() + eps)).reshape((-1,) + (1,) * (grad.dim() - 1))
+            new_rows, new_state = rows - multiplier * grad, [accumulator]
         elif optimizer == ADAGRAD:
             accumulator = old[0] + grad * grad
             new_rows, new_state = rows - lr * (grad / (accumulator.sqrt() + eps)), [accumulator]
-        elif optimizer == ADAM:
+        elif optimizer == LAZY_ADAM:
             exp_avg = old[0] + (grad - old[0]) * (1 - beta1)
             exp_avg_sq = old[1] + (grad * grad - old[1]) * (1 - beta2)
-            step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+            step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
             new_rows = rows - step_size * (exp_avg / (exp_avg_sq.sqrt() + eps))
+            new_state = [exp_avg, exp_avg_sq]
+        elif optimizer == ADAM:  # torch.optim.Adam's single-tensor update, in its order
+            exp_avg = old[0] + (grad - old[0]) * (1 - beta1)
+            exp_avg_sq = old[1] * beta2 + (1 - beta2) * grad * grad
+            denom = exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t) + eps
+            new_rows = rows - lr / (1 - beta1**t) * (exp_avg / denom)
             new_state = [exp_avg, exp_avg_sq]
         else:
             raise ValueError(f"fused_row_update: unknown optimizer code {optimizer}")
         table[ids] = new_rows.to(table.dtype)
         for s, value in zip(table_state, new_state):
             s[ids] = value
+    if optimizer == ADAM:
+        last_step[ids] = t
+        advance_catch_up_table(catchup, lr, eps, beta1, beta2, t)
+        window = catchup.shape[0] - 1
+        rows_per_slice = -(-tables[0].shape[0] // window)
+        begin = min(tables[0].shape[0], ((t - 1) % window) * rows_per_slice)
+        adam_catch_up(tables, state, last_step, catchup, step, None, begin, begin + rows_per_slice)
+
+
+@torch.no_grad()
+def adam_catch_up(tables: List[Tensor], state: List[Tensor], last_step: Tensor, catchup: Tensor, step: Tensor,
+                  ids: Optional[Tensor] = None, row_begin: int = 0, row_end: int = -1) -> None:
+    """Adam's rows in ``ids`` (duplicates allowed), or else in ``[row_begin, row_end)``, brought up to
+    step ``step``.
+
+    A row last updated at step ``t0`` missed the steps ``s = t0 + k``, ``k = 1..j``; with zero gradient
+    dense Adam decays its moments (``m beta1^k``, ``v beta2^k``) and moves it by the sum over ``k`` of
+    ``a_s rho^k m / (sqrt(v) + eps W_k)`` (``csrc/fused_row_update.h`` derives it). Entry ``j`` of the
+    catch-up table holds that sum as a 2-node Gauss rule and the decays ``beta1^j``, ``beta2^j``.
+    """
+    num_rows = tables[0].shape[0]
+    row_end = num_rows if row_end < 0 else min(row_end, num_rows)
+    if ids is not None:
+        rows = torch.unique(ids.long())
+    else:
+        rows = torch.arange(row_begin, row_end, device=last_step.device)
+    missed = int(step) - last_step[rows]
+    behind = missed > 0
+    rows, missed = rows[behind], missed[behind]
+    if rows.numel() and int(missed.max()) >= catchup.shape[0]:
+        raise ValueError("adam_catch_up: a row is further behind than the catch-up window")
+    _catch_up(tables, state, rows, missed, catchup)
+    last_step[rows] = int(step)
+
+
+def _catch_up(tables, state, rows, missed, catchup):
+    """The rows ``rows`` of every table after ``missed`` (per row, >= 0) steps with zero gradient."""
+    entry = catchup[missed.clamp(min=0)]  # entry 0: nothing missed, nothing moves
+    for n, table in enumerate(tables):
+        exp_avg, exp_avg_sq = state[2 * n], state[2 * n + 1]
+        acc_dtype = exp_avg.dtype
+        shape = (-1,) + (1,) * (table.dim() - 1)
+        coeff = [entry[:, c].to(acc_dtype).reshape(shape) for c in range(5, 11)]
+        alpha1, eps_x1, alpha2, eps_x2, decay1, decay2 = coeff
+        m, v = exp_avg[rows], exp_avg_sq[rows]
+        u = v.sqrt()
+        ratio1 = torch.where(u + eps_x1 > 0, alpha1 / (u + eps_x1), torch.zeros_like(u))
+        ratio2 = torch.where(u + eps_x2 > 0, alpha2 / (u + eps_x2), torch.zeros_like(u))
+        moved = torch.where(m != 0, m * (ratio1 + ratio2), torch.zeros_like(m))
+        moved = torch.where(missed.reshape(shape) > 0, moved, torch.zeros_like(m))
+        table[rows] = (table[rows].to(acc_dtype) - moved).to(table.dtype)
+        exp_avg[rows] = torch.where(missed.reshape(shape) > 0, m * decay1, m)
+        exp_avg_sq[rows] = torch.where(missed.reshape(shape) > 0, v * decay2, v)
+
+
+@torch.no_grad()
+def advance_catch_up_table(catchup: Tensor, lr: float, eps: float, beta1: float, beta2: float, step: int) -> None:
+    """The catch-up table after step ``step`` from the table after ``step - 1``, in place.
+
+    Entry ``j`` (a row last updated ``j`` steps before ``step``) gains the term of the missed step
+    ``step`` (``k = j``): weight ``beta_k = a / e * beta1^k`` at ``W_k = e * beta2^(-k/2)``, with
+    ``e = sqrt(1 - beta2^step)`` and ``a = lr * e / (1 - beta1^step)``. Moments of order 0..3 about
+    the entry's first ``W`` give the 2-node Gauss rule ``(alpha_i, x_i)`` of the catch-up sum.
+    """
+    window = catchup.shape[0] - 1
+    prev = catchup.clone()
+    j = torch.arange(window + 1, dtype=torch.float64, device=catchup.device)
+    e = math.sqrt(1.0 - beta2**step)
+    a = lr * e / (1.0 - beta1**step)
+    decay1, decay2 = beta1**j, beta2**j
+    weight = a / e * decay1
+    w = e * beta2 ** (-0.5 * j)
+    before = torch.cat([torch.zeros_like(prev[:1]), prev[:-1]])  # entry j - 1 of the previous table
+    first = ~(before[:, 0] > 0)
+    shift = torch.where(first, w, before[:, 4])
+    d = w - shift
+    keep = (~first).to(torch.float64)
+    m = [weight * d**p + keep * before[:, p] for p in range(4)]
+    safe_m0 = torch.where(m[0] > 0, m[0], torch.ones_like(m[0]))
+    delta = m[1] / safe_m0
+    c = shift + delta
+    mu2 = m[2] / safe_m0 - delta**2
+    mu3 = m[3] / safe_m0 - 3 * delta * m[2] / safe_m0 + 2 * delta**3
+    two = mu2 > 1e-12 * c * c
+    ratio = mu3 / torch.where(two, mu2, torch.ones_like(mu2))
+    root = torch.sqrt(ratio**2 + 4 * mu2.clamp(min=0))
+    y1, y2 = 0.5 * (ratio - root), 0.5 * (ratio + root)
+    x1, x2 = c + y1, c + y2
+    span = torch.where(two, y2 - y1, torch.ones_like(y1))
+    alpha1, alpha2 = m[0] * y2 / span * x1, -m[0] * y1 / span * x2
+    two = two & (x1 > 0) & (x2 > 0)
+    alpha1 = torch.where(two, alpha1, m[0] * c)
+    alpha2 = torch.where(two, alpha2, torch.zeros_like(alpha2))
+    x1, x2 = torch.where(two, x1, c), torch.where(two, x2, c)
+    empty = ~(m[0] > 0)
+    alpha1 = torch.where(empty, torch.zeros_like(alpha1), alpha1)
+    x1 = torch.where(empty, torch.ones_like(x1), x1)
+    x2 = torch.where(empty, torch.ones_like(x2), x2)
+    columns = m + [shift, alpha1, eps * x1, alpha2, eps * x2, decay1, decay2]
+    out = torch.stack(columns, dim=1)
+    out[0, :9] = 0.0  # gap 0: nothing missed
+    catchup.copy_(out)

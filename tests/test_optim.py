@@ -1,5 +1,6 @@
 """Fused sparse optimizers: the update op against the plain-PyTorch update, the module against the
-reference module and against torch.optim on sparse gradients, and state_dict round trips."""
+reference module and against torch.optim (SparseAdam, SGD, Adagrad on sparse gradients; Adam on the
+dense gradient), state_dict round trips, and bad input."""
 import copy
 
 import pytest
@@ -16,50 +17,61 @@ OPTIMIZERS = {
     "sgd": lambda wd=0.0: optim.SGD(0.1, weight_decay=wd),
     "rowwise_adagrad": lambda wd=0.0: optim.RowWiseAdagrad(0.1, weight_decay=wd),
     "adagrad": lambda wd=0.0: optim.Adagrad(0.1, weight_decay=wd),
-    "adam": lambda wd=0.0: optim.Adam(0.01, weight_decay=wd),
+    "lazy_adam": lambda wd=0.0: optim.LazyAdam(0.01, weight_decay=wd),
+    "adam": lambda wd=0.0: optim.Adam(0.01, weight_decay=wd, catch_up_window=8),
 }
 FIELD_DIMS = [40, 25, 7, 3]
 
 
-def reference_update(opt, table, state, ids, grads, step):
-    reference.fused_row_update([table], state, ids, [grads], opt.code, opt.lr, opt.eps, *opt.betas, opt.weight_decay,
-                               step)
+def counter(value=0):
+    """A step counter as the ops take it: a CPU int64 scalar."""
+    return torch.tensor(value, dtype=torch.int64)
 
 
-def random_unique_ids(num_rows, count, device):
-    return torch.randperm(num_rows, device=device)[:count].sort().values
+def random_unique_ids(num_rows, count, device, generator=None):
+    return torch.randperm(num_rows, generator=generator).to(device)[:count].sort().values
 
 
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("name,dtype,weight_decay", product(OPTIMIZERS, [torch.float64, torch.float32], [0.0, 0.01]))
 def test_update_op_matches_reference_update(device, name, dtype, weight_decay):
     opt = OPTIMIZERS[name](weight_decay)
-    for dim in (1, 5, 16, 33):
-        table = torch.randn(60, dim, dtype=dtype, device=device)
-        state = opt.new_state(table)
+    for shape in ((60,), (60, 5), (60, 16), (60, 33)):
+        table = torch.randn(shape, dtype=dtype, device=device)
+        state, row_state = opt.new_state(table), opt.new_row_state(60, device)
         table_ref, state_ref = table.clone(), [s.clone() for s in state]
-        for step in range(1, 5):
+        row_state_ref = {k: v.clone() for k, v in row_state.items()}
+        step, step_ref = counter(), counter()
+        for _ in range(12):  # more steps than Adam's window: rows are caught up by the sweep too
             ids = random_unique_ids(60, 17, device)
-            grads = torch.randn(17, dim, dtype=dtype, device=device)
-            opt.update(table, state, ids, grads, step)
-            reference_update(opt, table_ref, state_ref, ids, grads, step)
+            grads = torch.randn((17,) + shape[1:], dtype=dtype, device=device)
+            opt.update(table, state, ids, grads, step, row_state)
+            reference.fused_row_update([table_ref], state_ref, ids, [grads], step_ref, opt.code, opt.lr, opt.eps,
+                                       *opt.betas, opt.weight_decay, row_state_ref.get("last_step"),
+                                       row_state_ref.get("catchup"))
+        assert int(step) == int(step_ref) == 12
         assert_close(table, table_ref)
         for s, s_ref in zip(state, state_ref):
             assert_close(s, s_ref)
+        for key in row_state:
+            assert_close(row_state[key].double(), row_state_ref[key].double(), torch.float64 if key == "catchup"
+                         else dtype)
 
 
 @pytest.mark.parametrize("device", device_params())
 def test_update_op_reduced_precision_tables_keep_float32_state(device):
     for dtype in (torch.float16, torch.bfloat16):
-        opt = optim.Adam(0.01)
-        table = torch.randn(30, 8, device=device).to(dtype)
-        state = opt.new_state(table)
-        assert all(s.dtype == torch.float32 for s in state)
-        table_ref, state_ref = table.clone(), [s.clone() for s in state]
-        ids, grads = random_unique_ids(30, 9, device), torch.randn(9, 8, device=device).to(dtype)
-        opt.update(table, state, ids, grads, 1)
-        reference_update(opt, table_ref, state_ref, ids, grads, 1)
-        assert_close(table, table_ref)
+        for opt in (optim.LazyAdam(0.01), optim.Adam(0.01)):
+            table = torch.randn(30, 8, device=device).to(dtype)
+            state, row_state = opt.new_state(table), opt.new_row_state(30, device)
+            assert all(s.dtype == torch.float32 for s in state)
+            table_ref, state_ref = table.clone(), [s.clone() for s in state]
+            row_state_ref = {k: v.clone() for k, v in row_state.items()}
+            ids, grads = random_unique_ids(30, 9, device), torch.randn(9, 8, device=device).to(dtype)
+            opt.update(table, state, ids, grads, counter(), row_state)
+            reference.fused_row_update([table_ref], state_ref, ids, [grads], counter(), opt.code, opt.lr, opt.eps,
+                                       *opt.betas, 0.0, row_state_ref.get("last_step"), row_state_ref.get("catchup"))
+            assert_close(table, table_ref)
 
 
 def make_batches(device, steps=3, batch=32, multi_hot=False, seed=0):
@@ -106,6 +118,8 @@ def test_fused_module_matches_reference_module(device, name, mode, multi_hot):
     train(fused, batches)
     train(ref, batches)
     assert int(fused.optimizer_step) == len(batches)
+    fused.eval()
+    ref.eval()
     assert_close(fused.weight, ref.weight)
     assert_close(fused.linear_weight, ref.linear_weight)
     for a, b in zip(*[sum(m.optimizer_states(), []) for m in (fused, ref)]):
@@ -118,7 +132,7 @@ def test_fused_module_matches_reference_module(device, name, mode, multi_hot):
     [
         (lambda: optim.SGD(0.1), lambda params: torch.optim.SGD(params, lr=0.1)),
         (lambda: optim.Adagrad(0.1), lambda params: torch.optim.Adagrad(params, lr=0.1)),
-        (lambda: optim.Adam(0.01), lambda params: torch.optim.SparseAdam(params, lr=0.01)),
+        (lambda: optim.LazyAdam(0.01), lambda params: torch.optim.SparseAdam(params, lr=0.01)),
     ],
     ids=["SGD", "Adagrad", "SparseAdam"],
 )
@@ -134,6 +148,85 @@ def test_fused_optimizer_equals_torch_optimizer_on_sparse_gradients(device, fuse
     assert_close(fused.bias, plain.bias)
 
 
+def gap_schedule(steps, seed=0):
+    """Batches of two fields (ids [B, 2], local) where some rows are used at every step, some every
+    10 or 100 steps, some at step 1 and next after about 1,000 steps, some never; duplicates in
+    every batch."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for t in range(1, steps + 1):
+        first = [0, 1, 0]  # 0 twice: a duplicate
+        first += [2 + t % 4] if t % 10 == 0 else []
+        first += [6 + (t // 100) % 4] if t % 100 == 7 else []
+        first += [10, 11] if t in (1, 1003) else []
+        first += torch.randint(12, 30, (1,), generator=generator).tolist()
+        second = torch.randint(0, 8, (len(first),), generator=generator).tolist()
+        labels = torch.randint(0, 2, (len(first),), generator=generator).double()
+        batches.append((torch.tensor([first, second]).T, labels))
+    return batches
+
+
+def train_against_torch_adam(device, steps, window, logit_scale=1.0, weight_decay=0.01):
+    """The fused Adam and torch.optim.Adam on the dense gradient of the same loss (BCE + the L2
+    penalty on the rows each batch uses, whose gradient is the fused weight_decay), with the
+    learning rate lowered halfway; returns both modules after the fused one's flush."""
+    torch.manual_seed(0)
+    dims = [40, 8]
+    fused = EmbeddingFM(dims, 6, init_std=0.3,
+                        optimizer=optim.Adam(0.01, weight_decay=weight_decay, catch_up_window=window))
+    fused = fused.double().to(device)
+    dense = EmbeddingFM(dims, 6, init_std=0.3).double().to(device)
+    dense.load_state_dict(fused.state_dict(), strict=False)
+    torch_adam = torch.optim.Adam([dense.weight, dense.linear_weight], lr=0.01)
+    for t, (ids, labels) in enumerate(gap_schedule(steps), 1):
+        ids, labels = ids.to(device), labels.to(device)
+        if t == steps // 2:
+            fused.optimizer.lr = 0.002
+            torch_adam.param_groups[0]["lr"] = 0.002
+        F.binary_cross_entropy_with_logits(logit_scale * fused(ids), labels).backward()
+        loss = F.binary_cross_entropy_with_logits(logit_scale * dense(ids), labels)
+        loss = loss + weight_decay * dense.l2_penalty(ids)
+        torch_adam.zero_grad()
+        loss.backward()
+        torch_adam.step()
+    fused.eval()  # the flush: every row up to date
+    return fused, dense
+
+
+def relative_error(actual, expected, start):
+    """The largest error over the largest movement from `start` (so that rows near 0 do not inflate it)."""
+    return float(((actual - expected).abs().max() / (expected - start).abs().max()).detach())
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("window", [64, 2048])
+def test_fused_adam_equals_torch_adam_on_the_dense_gradient(device, window):
+    # Gaps of 1 to 1,000 steps, a learning-rate change, duplicates, L2 on the used rows; window 64
+    # catches rows up through the sweep, 2048 through their next touch.
+    torch.manual_seed(0)
+    start = EmbeddingFM([40, 8], 6, init_std=0.3).double()
+    fused, dense = train_against_torch_adam(device, 1050, window)
+    assert int(fused.optimizer_step) == 1050
+    assert bool((fused.optimizer_last_step == 1050).all())
+    for name in ("weight", "linear_weight"):
+        actual, expected = getattr(fused, name), getattr(dense, name)
+        # Measured 5e-15: float64 round-off (the optim docs state 1e-12).
+        assert relative_error(actual.cpu(), expected.cpu(), getattr(start, name)) < 1e-12, name
+    assert not torch.equal(fused.weight[40].cpu(), start.weight[40])  # rows moved
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_fused_adam_where_eps_dominates_stays_within_the_stated_bound(device):
+    # Gradients ~1e-9, so sqrt(v) ~ eps: the catch-up rule is exact at sqrt(v) = 0 and sqrt(v) >> eps,
+    # approximate in between. The error stays below the bound the optim docs state.
+    torch.manual_seed(0)
+    start = EmbeddingFM([40, 8], 6, init_std=0.3).double()
+    fused, dense = train_against_torch_adam(device, 1050, 2048, logit_scale=1e-8, weight_decay=0.0)
+    for name in ("weight", "linear_weight"):
+        error = relative_error(getattr(fused, name).cpu(), getattr(dense, name).cpu(), getattr(start, name))
+        assert error < 1e-4, (name, error)  # measured 5e-6
+
+
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_state_dict_round_trip_continues_exactly(device, name):
@@ -142,14 +235,33 @@ def test_state_dict_round_trip_continues_exactly(device, name):
     train(module, batches[:2])
     saved = copy.deepcopy(module.state_dict())
     assert "optimizer_step" in saved and (name == "sgd" or "weight_optimizer_state0" in saved)
+    assert (name == "adam") == ("optimizer_last_step" in saved and "optimizer_catchup" in saved)
     train(module, batches[2:])
     reloaded = EmbeddingFM(FIELD_DIMS, 8, optimizer=OPTIMIZERS[name](0.01)).double().to(device)
     reloaded.load_state_dict(saved)
     train(reloaded, batches[2:])
+    for m in (module, reloaded):
+        m.flush()
     assert torch.equal(module.weight, reloaded.weight)
     assert torch.equal(module.linear_weight, reloaded.linear_weight)
     for a, b in zip(*[sum(m.optimizer_states(), []) for m in (module, reloaded)]):
         assert torch.equal(a, b)
+
+
+def test_checkpoints_with_first_order_state_of_shape_n_by_1_load():
+    module = EmbeddingFM([10, 5], 4, optimizer=optim.LazyAdam(0.01))
+    old = module.state_dict()
+    old = {k: (v.view(-1, 1) if k.startswith("linear_optimizer_state") else v) for k, v in old.items()}
+    reloaded = EmbeddingFM([10, 5], 4, optimizer=optim.LazyAdam(0.01))
+    reloaded.load_state_dict(old)
+    assert reloaded.linear_optimizer_state0.shape == (15,)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_step_count_stays_on_the_host(device):
+    module = EmbeddingFM([10, 5], 4, optimizer=optim.Adam(0.01)).to(device).double()
+    assert module.optimizer_step.device.type == "cpu"
+    assert module.weight.device.type == module.optimizer_last_step.device.type == torch.device(device).type
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -176,13 +288,20 @@ def test_per_sample_weights_still_get_gradients():
     assert_close(grads[0], grads[1])
 
 
-def test_update_op_opcheck():
-    tables, ids = [torch.randn(20, 4), torch.randn(20, 1)], torch.tensor([1, 5, 7])
-    grads = [torch.randn(3, 4), torch.randn(3, 1)]
-    for opt in (optim.SGD(0.1), optim.RowWiseAdagrad(0.1), optim.Adam(0.1)):
+def test_update_ops_opcheck():
+    ids = torch.tensor([1, 5, 7])
+    for opt in (optim.SGD(0.1), optim.RowWiseAdagrad(0.1), optim.LazyAdam(0.1), optim.Adam(0.1, catch_up_window=4)):
+        tables, grads = [torch.randn(20, 4), torch.randn(20)], [torch.randn(3, 4), torch.randn(3)]
         state = [s for t in tables for s in opt.new_state(t)]
+        row_state = opt.new_row_state(20, "cpu")
         torch.library.opcheck(torch.ops.deepfm_fast.fused_row_update.default,
-                              (tables, state, ids, grads, opt.code, 0.1, opt.eps, *opt.betas, 0.0, 1))
+                              (tables, state, ids, grads, counter(3), opt.code, 0.1, opt.eps, *opt.betas, 0.0,
+                               row_state.get("last_step"), row_state.get("catchup")))
+        if row_state:
+            for rows in (dict(ids=torch.tensor([7, 1, 7])), dict(row_begin=2, row_end=9)):
+                args = (tables, state, row_state["last_step"], row_state["catchup"], counter(2),
+                        rows.get("ids"), rows.get("row_begin", 0), rows.get("row_end", -1))
+                torch.library.opcheck(torch.ops.deepfm_fast.adam_catch_up.default, args)
 
 
 @pytest.mark.parametrize(
@@ -193,41 +312,57 @@ def test_update_op_opcheck():
         (dict(ids=torch.tensor([1, 5, 20])), r"ids\[2\] = 20 is out of range for tables with 20 rows"),
         (dict(ids=torch.tensor([-1, 5, 7])), r"ids\[0\] = -1 is out of range"),
         (dict(ids=torch.tensor([1.0, 5.0, 7.0])), r"ids must be an int64 tensor, got Float"),
-        (dict(row_grads=[torch.randn(2, 4), torch.randn(3, 1)]), r"row_grads\[0\] must have shape \[3, 4\]"),
+        (dict(row_grads=[torch.randn(2, 4), torch.randn(3)]), r"row_grads\[0\] must have the shape of tables\[0\].*\[3, 4\]"),
         (dict(row_grads=[torch.randn(3, 4)]), r"row_grads must hold one tensor per table \(2\), got 1"),
         (dict(state=[torch.zeros(20)]), r"takes 1 state tensors per table, so 2 for 2 tables, got 1"),
         (dict(state=[torch.zeros(20, dtype=torch.float64), torch.zeros(20)]), r"state\[0\] must have dtype Float"),
         (dict(state=[torch.zeros(20), torch.zeros(20, 1)]), r"state\[1\] \(of tables\[1\]\) must have shape \[20\]"),
-        (dict(tables=[torch.randn(20, 4), torch.randn(19, 1)]), r"tables\[1\] has 19"),
-        (dict(tables=[torch.randn(20, 4), torch.randn(20, 1, dtype=torch.float64)]),
+        (dict(tables=[torch.randn(20, 4), torch.randn(19)]), r"tables\[1\] has 19"),
+        (dict(tables=[torch.randn(20, 4), torch.randn(20, dtype=torch.float64)]),
          r"tables\[1\] has dtype Double but tables\[0\] has dtype Float"),
+        (dict(tables=[torch.randn(20, 4, 2)]), r"tables\[0\] must be a 1-D \[num_rows\] or 2-D"),
         (dict(optimizer=7), r"optimizer must be 0 \(SGD\)"),
+        (dict(step=torch.zeros(2, dtype=torch.int64)), r"step must be a CPU int64 tensor with one element"),
+        (dict(step=torch.zeros((), dtype=torch.int32)), r"step must be a CPU int64 tensor"),
+        (dict(optimizer=4, state=[torch.zeros(20, 4)] * 2 + [torch.zeros(20)] * 2),
+         r"Adam \(optimizer 4\) needs last_step and catchup"),
+        (dict(optimizer=4, state=[torch.zeros(20, 4)] * 2 + [torch.zeros(20)] * 2, last_step=torch.zeros(20),
+              catchup=torch.zeros(5, 11, dtype=torch.float64)), r"last_step must be a contiguous int64 tensor"),
+        (dict(optimizer=4, state=[torch.zeros(20, 4)] * 2 + [torch.zeros(20)] * 2,
+              last_step=torch.zeros(20, dtype=torch.int64), catchup=torch.zeros(5, 10, dtype=torch.float64)),
+         r"catchup must be a contiguous float64 tensor of shape \[window \+ 1, 11\]"),
     ],
 )
 def test_update_op_bad_inputs_name_the_argument(change, match):
-    args = dict(tables=[torch.randn(20, 4), torch.randn(20, 1)], state=[torch.zeros(20), torch.zeros(20)],
-                ids=torch.tensor([1, 5, 7]), row_grads=[torch.randn(3, 4), torch.randn(3, 1)], optimizer=1)
+    args = dict(tables=[torch.randn(20, 4), torch.randn(20)], state=[torch.zeros(20), torch.zeros(20)],
+                ids=torch.tensor([1, 5, 7]), row_grads=[torch.randn(3, 4), torch.randn(3)], optimizer=1,
+                step=counter(), last_step=None, catchup=None)
     args.update(change)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.deepfm_fast.fused_row_update(args["tables"], args["state"], args["ids"], args["row_grads"],
-                                               args["optimizer"], 0.1, 1e-8, 0.9, 0.999, 0.0, 1)
+                                               args["step"], args["optimizer"], 0.1, 1e-8, 0.9, 0.999, 0.0,
+                                               args["last_step"], args["catchup"])
+    assert int(args["step"].reshape(-1)[0]) == 0  # nothing was done
 
 
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_two_tables_in_one_pass_equal_two_separate_updates(device, name):
     opt = OPTIMIZERS[name](0.01)
-    tables = [torch.randn(40, 6, dtype=torch.float64, device=device), torch.randn(40, 1, dtype=torch.float64,
+    tables = [torch.randn(40, 6, dtype=torch.float64, device=device), torch.randn(40, dtype=torch.float64,
                                                                                  device=device)]
     states = [opt.new_state(t) for t in tables]
+    row_state = opt.new_row_state(40, device)
     separate = [t.clone() for t in tables]
     separate_states = [[s.clone() for s in st] for st in states]
-    for step in range(1, 4):
+    separate_row_states = [{k: v.clone() for k, v in row_state.items()} for _ in tables]
+    step, separate_steps = counter(), [counter(), counter()]
+    for _ in range(12):
         ids = random_unique_ids(40, 11, device)
-        grads = [torch.randn(11, t.shape[1], dtype=torch.float64, device=device) for t in tables]
-        opt.update(tables, states, ids, grads, step)
-        for t, st, g in zip(separate, separate_states, grads):
-            opt.update(t, st, ids, g, step)
+        grads = [torch.randn((11,) + t.shape[1:], dtype=torch.float64, device=device) for t in tables]
+        opt.update(tables, states, ids, grads, step, row_state)
+        for t, st, g, rs, sc in zip(separate, separate_states, grads, separate_row_states, separate_steps):
+            opt.update(t, st, ids, g, sc, rs)
     for a, b in zip(tables, separate):
         assert torch.equal(a, b)
 
@@ -241,3 +376,9 @@ def test_module_rejects_bad_optimizer_settings():
         optim.SGD(-1.0)
     with pytest.raises(ValueError, match="betas must be"):
         optim.Adam(betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="catch_up_window must be >= 1"):
+        optim.Adam(catch_up_window=0)
+    with pytest.raises(ValueError, match="too small for catch_up_window"):
+        optim.Adam(betas=(0.9, 0.3), catch_up_window=4096)
+    with pytest.raises(ValueError, match="unknown fused table optimizer 'lamb'"):
+        optim.by_name("lamb", 0.1)

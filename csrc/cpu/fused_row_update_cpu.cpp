@@ -1,12 +1,15 @@
-// CPU kernel of fused_row_update: the optimizer step on the touched rows of one or more tables that
-// share the ids (the embedding table and the first-order weights), in place. The ids are unique
-// (sorted, as embedding_fm_backward returns them), so rows are split between threads with no two
-// threads on one row and no atomics. Tables are updated one after the other: measured here, one
-// pass over both tables per row was no faster and made the row-wise Adagrad pass 2.5x slower.
+// CPU kernels of fused_row_update and adam_catch_up: the optimizer step on the touched rows of one
+// or more tables that share the ids (the embedding table and the first-order weights), in place.
+// The ids are unique (sorted, as embedding_fm_backward returns them), so rows are split between
+// threads with no two threads on one row and no atomics. Tables are updated one after the other:
+// measured here, one pass over both tables per row was no faster and made the row-wise Adagrad
+// pass 2.5x slower.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "cpu/parallel.h"
 #include "fused_row_update_checks.h"
@@ -23,38 +26,76 @@ inline void prefetch_for_write(const void* p, int64_t bytes) {
   for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(c + offset, 1, 1);
 }
 
-template <int64_t kOptimizer, typename scalar_t>
-void update_rows(scalar_t* weight, at::TensorList state, const int64_t* ids, const scalar_t* row_grads,
-                 int64_t num_ids, int64_t dim, const RowUpdateParams<at::opmath_type<scalar_t>>& params) {
+// One table of an update, with its state (per element, or per row for row-wise Adagrad).
+template <typename scalar_t>
+struct TableRef {
+  scalar_t* weight;
+  at::opmath_type<scalar_t>* state0;
+  at::opmath_type<scalar_t>* state1;
+  int64_t dim;
+};
+
+template <typename scalar_t>
+std::vector<TableRef<scalar_t>> table_refs(at::TensorList tables, at::TensorList state, int64_t states_per_table) {
   using acc_t = at::opmath_type<scalar_t>;
-  acc_t* state0 = state.size() > 0 ? state[0].mutable_data_ptr<acc_t>() : nullptr;
-  acc_t* state1 = state.size() > 1 ? state[1].mutable_data_ptr<acc_t>() : nullptr;
+  std::vector<TableRef<scalar_t>> refs;
+  for (size_t t = 0; t < tables.size(); ++t) {
+    const at::TensorList s = state.slice(t * states_per_table, states_per_table);
+    refs.push_back({tables[t].mutable_data_ptr<scalar_t>(), s.size() > 0 ? s[0].mutable_data_ptr<acc_t>() : nullptr,
+                    s.size() > 1 ? s[1].mutable_data_ptr<acc_t>() : nullptr, table_width(tables[t])});
+  }
+  return refs;
+}
+
+// Adam: the elements of row `row` of table `t` after the missed steps of catch-up entry `entry`.
+template <typename scalar_t>
+void catch_up_row(const TableRef<scalar_t>& t, int64_t row, const double* entry) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const CatchUp<acc_t> c = catch_up_coefficients<acc_t>(entry);
+  scalar_t* value = t.weight + row * t.dim;
+  acc_t* m = t.state0 + row * t.dim;
+  acc_t* v = t.state1 + row * t.dim;
+  for (int64_t k = 0; k < t.dim; ++k)
+    value[k] = static_cast<scalar_t>(catch_up_element<acc_t>(static_cast<acc_t>(value[k]), m + k, v + k, c));
+}
+
+template <int64_t kOptimizer, typename scalar_t>
+void update_rows(const TableRef<scalar_t>& t, const int64_t* ids, const scalar_t* row_grads, int64_t num_ids,
+                 const RowUpdateParams<at::opmath_type<scalar_t>>& params, const int64_t* last_step,
+                 const double* catchup, int64_t step) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t dim = t.dim;
+  const int64_t state0_width = kOptimizer == kRowWiseAdagrad ? 1 : dim;
   at::parallel_for(0, num_ids, grain_size(dim), [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       if (u + kPrefetchDistance < end) {
         const int64_t ahead = ids[u + kPrefetchDistance];
-        prefetch_for_write(weight + ahead * dim, dim * sizeof(scalar_t));
-        if (state0) prefetch_for_write(state0 + ahead * (kOptimizer == kRowWiseAdagrad ? 1 : dim),
-                                       (kOptimizer == kRowWiseAdagrad ? 1 : dim) * sizeof(acc_t));
-        if (state1) prefetch_for_write(state1 + ahead * dim, dim * sizeof(acc_t));
+        prefetch_for_write(t.weight + ahead * dim, dim * sizeof(scalar_t));
+        if (t.state0) prefetch_for_write(t.state0 + ahead * state0_width, state0_width * sizeof(acc_t));
+        if (t.state1) prefetch_for_write(t.state1 + ahead * dim, dim * sizeof(acc_t));
+        if (kOptimizer == kAdam) __builtin_prefetch(last_step + ahead);
       }
       const int64_t row = ids[u];
-      scalar_t* value = weight + row * dim;
+      scalar_t* value = t.weight + row * dim;
       const scalar_t* grad = row_grads + u * dim;
+      if constexpr (kOptimizer == kAdam) {
+        const int64_t missed = step - 1 - last_step[row];
+        if (missed > 0) catch_up_row(t, row, catchup + missed * kCatchUpColumns);
+      }
       if constexpr (kOptimizer == kRowWiseAdagrad) {
         acc_t sum_sq = acc_t(0);
         for (int64_t k = 0; k < dim; ++k) {
           const acc_t g = decayed_grad<acc_t>(grad[k], value[k], params);
           sum_sq += g * g;
         }
-        const acc_t multiplier = rowwise_adagrad_multiplier<acc_t>(state0 + row, sum_sq, dim, params);
+        const acc_t multiplier = rowwise_adagrad_multiplier<acc_t>(t.state0 + row, sum_sq, dim, params);
         for (int64_t k = 0; k < dim; ++k) {
           const acc_t v = value[k];
           value[k] = static_cast<scalar_t>(v - multiplier * decayed_grad<acc_t>(grad[k], v, params));
         }
       } else {
-        acc_t* s0 = state0 ? state0 + row * dim : nullptr;
-        acc_t* s1 = state1 ? state1 + row * dim : nullptr;
+        acc_t* s0 = t.state0 ? t.state0 + row * dim : nullptr;
+        acc_t* s1 = t.state1 ? t.state1 + row * dim : nullptr;
         for (int64_t k = 0; k < dim; ++k) {
           const acc_t v = value[k];
           const acc_t g = decayed_grad<acc_t>(grad[k], v, params);
@@ -66,39 +107,136 @@ void update_rows(scalar_t* weight, at::TensorList state, const int64_t* ids, con
   });
 }
 
+// Adam: every row of [begin, end) that is behind step `target` is caught up to it with the table
+// after that step (entry target - last_step[row] <= window).
+template <typename scalar_t>
+void catch_up_rows(const std::vector<TableRef<scalar_t>>& refs, int64_t* last_step, const double* catchup,
+                   int64_t window, int64_t target, int64_t begin, int64_t end) {
+  at::parallel_for(begin, end, grain_size(8 * refs[0].dim), [&](int64_t lo, int64_t hi) {
+    for (int64_t row = lo; row < hi; ++row) {
+      const int64_t missed = target - last_step[row];
+      if (missed <= 0) continue;
+      TORCH_CHECK(missed <= window, "adam_catch_up: row ", row, " was last updated at step ", last_step[row],
+                  ", more than the catch-up window (", window, ") before step ", target,
+                  "; were last_step or the catch-up table replaced?");
+      for (const auto& t : refs) catch_up_row(t, row, catchup + missed * kCatchUpColumns);
+      last_step[row] = target;
+    }
+  });
+}
+
+// The table after step `step` from the table after step - 1 (read from a copy), the powers of the
+// betas by running products.
+void advance_catch_up_table(double* catchup, int64_t window, const CatchUpStep& s) {
+  const std::vector<double> prev(catchup, catchup + (window + 1) * kCatchUpColumns);
+  const double inv_sqrt_beta2 = 1.0 / std::sqrt(s.beta2);
+  double beta1_j = 1.0, beta2_j = 1.0, inv_sqrt_beta2_j = 1.0;
+  for (int64_t j = 0; j <= window; ++j) {
+    advance_catch_up_entry(j > 0 ? prev.data() + (j - 1) * kCatchUpColumns : nullptr, catchup + j * kCatchUpColumns,
+                           j, s, beta1_j, beta2_j, inv_sqrt_beta2_j);
+    beta1_j *= s.beta1;
+    beta2_j *= s.beta2;
+    inv_sqrt_beta2_j *= inv_sqrt_beta2;
+  }
+}
+
+// Adam: the rows in `ids` (duplicates allowed) that are behind step `target`, caught up to it.
+// Each part of the work takes the rows congruent to it modulo the number of parts, so that no two
+// threads catch up one row.
+template <typename scalar_t>
+void catch_up_ids(const std::vector<TableRef<scalar_t>>& refs, int64_t* last_step, const double* catchup,
+                  int64_t window, int64_t target, const int64_t* ids, int64_t num_ids) {
+  const int64_t parts = num_ids < 4096 ? 1 : at::get_num_threads();
+  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+    for (int64_t part = part_begin; part < part_end; ++part) {
+      for (int64_t i = 0; i < num_ids; ++i) {
+        const int64_t row = ids[i];
+        if (row % parts != part) continue;
+        const int64_t missed = target - last_step[row];
+        if (missed <= 0) continue;
+        TORCH_CHECK(missed <= window, "adam_catch_up: row ", row, " was last updated at step ", last_step[row],
+                    ", more than the catch-up window (", window, ") before step ", target);
+        for (const auto& t : refs) catch_up_row(t, row, catchup + missed * kCatchUpColumns);
+        last_step[row] = target;
+      }
+    }
+  });
+}
+
 void fused_row_update_cpu(at::TensorList tables, at::TensorList state, const at::Tensor& ids_in,
-                          at::TensorList row_grads, int64_t optimizer, double lr, double eps, double beta1,
-                          double beta2, double weight_decay, int64_t step) {
-  check_fused_row_update_args(tables, state, ids_in, row_grads, optimizer, step);
+                          at::TensorList row_grads, const at::Tensor& step_counter, int64_t optimizer, double lr,
+                          double eps, double beta1, double beta2, double weight_decay,
+                          const c10::optional<at::Tensor>& last_step, const c10::optional<at::Tensor>& catchup,
+                          bool check_ids) {
+  check_fused_row_update_args(tables, state, ids_in, row_grads, optimizer, last_step, catchup);
+  int64_t* counter = check_step("fused_row_update", step_counter);
   const at::Tensor ids = ids_in.contiguous();
   const int64_t num_ids = ids.numel(), num_rows = tables[0].size(0);
   const int64_t* id = ids.const_data_ptr<int64_t>();
   // Unique and in range: one pass, before any row is written.
-  for (int64_t u = 0; u < num_ids; ++u) check_row_id(u, id[u], u > 0 ? id[u - 1] : 0, num_rows);
-  if (num_ids == 0) return;
+  if (check_ids)
+    for (int64_t u = 0; u < num_ids; ++u) check_row_id(u, id[u], u > 0 ? id[u - 1] : 0, num_rows);
+  const int64_t step = ++*counter;
   const int64_t states_per_table = row_optimizer_states(optimizer);
-  for (size_t t = 0; t < tables.size(); ++t) {
-    const at::Tensor& weight = tables[t];
-    const at::Tensor grads = row_grads[t].contiguous();
-    const int64_t dim = weight.size(1);
-    const at::TensorList table_state = state.slice(t * states_per_table, states_per_table);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "fused_row_update_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const auto params = make_row_update_params<acc_t>(lr, eps, beta1, beta2, weight_decay, optimizer, step);
-      scalar_t* w = weight.mutable_data_ptr<scalar_t>();
+  int64_t* last = optimizer == kAdam ? last_step->mutable_data_ptr<int64_t>() : nullptr;
+  double* coefficients = optimizer == kAdam ? catchup->mutable_data_ptr<double>() : nullptr;
+  const int64_t window = optimizer == kAdam ? catchup->size(0) - 1 : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "fused_row_update_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto params = make_row_update_params<acc_t>(lr, eps, beta1, beta2, weight_decay, optimizer, step);
+    const auto refs = table_refs<scalar_t>(tables, state, states_per_table);
+    for (size_t t = 0; t < refs.size(); ++t) {
+      const at::Tensor grads = row_grads[t].contiguous();
       const scalar_t* g = grads.const_data_ptr<scalar_t>();
       switch (optimizer) {
-        case kSGD: return update_rows<kSGD>(w, table_state, id, g, num_ids, dim, params);
-        case kRowWiseAdagrad: return update_rows<kRowWiseAdagrad>(w, table_state, id, g, num_ids, dim, params);
-        case kAdagrad: return update_rows<kAdagrad>(w, table_state, id, g, num_ids, dim, params);
-        default: return update_rows<kAdam>(w, table_state, id, g, num_ids, dim, params);
+        case kSGD: update_rows<kSGD>(refs[t], id, g, num_ids, params, last, coefficients, step); break;
+        case kRowWiseAdagrad:
+          update_rows<kRowWiseAdagrad>(refs[t], id, g, num_ids, params, last, coefficients, step);
+          break;
+        case kAdagrad: update_rows<kAdagrad>(refs[t], id, g, num_ids, params, last, coefficients, step); break;
+        case kLazyAdam: update_rows<kLazyAdam>(refs[t], id, g, num_ids, params, last, coefficients, step); break;
+        default: update_rows<kAdam>(refs[t], id, g, num_ids, params, last, coefficients, step); break;
       }
-    });
+    }
+    if (optimizer != kAdam) return;
+    for (int64_t u = 0; u < num_ids; ++u) last[id[u]] = step;
+    advance_catch_up_table(coefficients, window, make_catch_up_step(lr, eps, beta1, beta2, step));
+    const auto [begin, end] = sweep_rows(num_rows, window, step);
+    catch_up_rows(refs, last, coefficients, window, step, begin, end);
+  });
+}
+
+void adam_catch_up_cpu(at::TensorList tables, at::TensorList state, const at::Tensor& last_step,
+                       const at::Tensor& catchup, const at::Tensor& step_counter,
+                       const c10::optional<at::Tensor>& ids_in, int64_t row_begin, int64_t row_end) {
+  constexpr const char* op = "adam_catch_up";
+  check_tables_and_state(op, tables, state, 2, false);
+  check_catch_up_state(op, tables[0], last_step, catchup);
+  const int64_t target = *check_step(op, step_counter);
+  const int64_t num_rows = tables[0].size(0), window = catchup.size(0) - 1;
+  const auto [begin, end] = check_catch_up_rows(op, num_rows, ids_in, row_begin, row_end);
+  at::Tensor ids;
+  if (ids_in.has_value()) {
+    ids = ids_in->to(at::kLong).contiguous();
+    const int64_t* id = ids.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < ids.numel(); ++i)
+      TORCH_CHECK(id[i] >= 0 && id[i] < num_rows, op, ": ids[", i, "] = ", id[i], " is out of range for tables with ",
+                  num_rows, " rows");
   }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_catch_up_cpu", [&] {
+    const auto refs = table_refs<scalar_t>(tables, state, 2);
+    int64_t* last = last_step.mutable_data_ptr<int64_t>();
+    const double* coefficients = catchup.const_data_ptr<double>();
+    if (ids.defined()) catch_up_ids(refs, last, coefficients, window, target, ids.const_data_ptr<int64_t>(), ids.numel());
+    else catch_up_rows(refs, last, coefficients, window, target, begin, end);
+  });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(deepfm_fast, CPU, m) { m.impl("fused_row_update", &fused_row_update_cpu); }
+TORCH_LIBRARY_IMPL(deepfm_fast, CPU, m) {
+  m.impl("fused_row_update", &fused_row_update_cpu);
+  m.impl("adam_catch_up", &adam_catch_up_cpu);
+}
 
 }  // namespace deepfm_fast

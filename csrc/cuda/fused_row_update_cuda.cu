@@ -1,6 +1,8 @@
-// CUDA kernel of fused_row_update: a group of lanes per touched row updates that row in every table
-// (the ids are unique, so no two groups write one row and no atomics are needed; the update is
-// deterministic). Row-wise Adagrad reduces each row's squared gradient with shuffles.
+// CUDA kernels of fused_row_update and adam_catch_up: a group of lanes per touched row updates that
+// row in every table (the ids are unique, so no two groups write one row and no atomics are needed;
+// the update is deterministic). Row-wise Adagrad reduces each row's squared gradient with shuffles.
+// Adam catches a row up before its step, advances the catch-up table (one thread per entry, from a
+// copy) and then catches up the step's slice of rows (fused_row_update.h).
 //
 // The ids are checked like the CPU checks them, under the bounds-check mode of bounds_check.h:
 // "error" checks them on the device and raises the CPU's error after one device->host sync,
@@ -12,6 +14,7 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "bounds_check.h"
 #include "cuda/cuda_utils.cuh"
@@ -32,18 +35,56 @@ struct DeviceTables {
   int count;
 };
 
+template <typename scalar_t, typename acc_t>
+DeviceTables<scalar_t, acc_t> device_tables(at::TensorList tables, at::TensorList state,
+                                            const std::vector<at::Tensor>& row_grads, int64_t states_per_table) {
+  DeviceTables<scalar_t, acc_t> args{};
+  args.count = static_cast<int>(tables.size());
+  for (size_t t = 0; t < tables.size(); ++t) {
+    args.weight[t] = tables[t].mutable_data_ptr<scalar_t>();
+    args.grads[t] = row_grads.empty() ? nullptr : row_grads[t].const_data_ptr<scalar_t>();
+    args.dim[t] = table_width(tables[t]);
+    args.state0[t] = states_per_table > 0 ? state[t * states_per_table].mutable_data_ptr<acc_t>() : nullptr;
+    args.state1[t] = states_per_table > 1 ? state[t * states_per_table + 1].mutable_data_ptr<acc_t>() : nullptr;
+  }
+  return args;
+}
+
+// Adam: every lane of the group catches its elements of row `row` of table t up with `entry`.
+template <int kLanes, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void catch_up_row(const DeviceTables<scalar_t, acc_t>& tables, int t, int64_t row,
+                                             const double* entry, int lane) {
+  const CatchUp<acc_t> c = catch_up_coefficients<acc_t>(entry);
+  const int64_t dim = tables.dim[t];
+  scalar_t* value = tables.weight[t] + row * dim;
+  acc_t* m = tables.state0[t] + row * dim;
+  acc_t* v = tables.state1[t] + row * dim;
+  for (int64_t k = lane; k < dim; k += kLanes)
+    value[k] = static_cast<scalar_t>(catch_up_element<acc_t>(static_cast<acc_t>(value[k]), m + k, v + k, c));
+}
+
 template <int64_t kOptimizer, int kLanes, typename scalar_t, typename acc_t>
 __global__ void update_rows_kernel(DeviceTables<scalar_t, acc_t> tables, const int64_t* __restrict__ ids,
-                                   int64_t num_ids, int64_t num_rows, RowUpdateParams<acc_t> params) {
+                                   int64_t num_ids, int64_t num_rows, RowUpdateParams<acc_t> params,
+                                   int64_t* __restrict__ last_step, const double* __restrict__ catchup,
+                                   int64_t window, int64_t step) {
   const int lane = threadIdx.x % kLanes;
   const int64_t u = cuda::group_index<kLanes>();
   if (u >= num_ids) return;  // the whole group leaves together
   const int64_t row = ids[u];
   if (row < 0 || row >= num_rows) return;  // only in "clamp"/"off" mode: never a write outside the tables
+  int64_t missed = 0;
+  if constexpr (kOptimizer == kAdam) {
+    missed = step - 1 - last_step[row];
+    missed = missed < window ? missed : window;  // never more than the window (see the CPU kernel's check)
+  }
   for (int t = 0; t < tables.count; ++t) {
     const int64_t dim = tables.dim[t];
     scalar_t* value = tables.weight[t] + row * dim;
     const scalar_t* grad = tables.grads[t] + u * dim;
+    if constexpr (kOptimizer == kAdam) {
+      if (missed > 0) catch_up_row<kLanes>(tables, t, row, catchup + missed * kCatchUpColumns, lane);
+    }
     if constexpr (kOptimizer == kRowWiseAdagrad) {
       acc_t sum_sq = acc_t(0);
       for (int64_t k = lane; k < dim; k += kLanes) {
@@ -68,6 +109,66 @@ __global__ void update_rows_kernel(DeviceTables<scalar_t, acc_t> tables, const i
       }
     }
   }
+  if constexpr (kOptimizer == kAdam) {
+    __syncwarp(cuda::group_mask<kLanes>());  // every lane has read last_step[row]
+    if (lane == 0) last_step[row] = step;
+  }
+}
+
+// Adam: the rows of [begin, end) behind step `target`, caught up to it.
+template <int kLanes, typename scalar_t, typename acc_t>
+__global__ void catch_up_rows_kernel(DeviceTables<scalar_t, acc_t> tables, int64_t* __restrict__ last_step,
+                                     const double* __restrict__ catchup, int64_t window, int64_t target,
+                                     int64_t begin, int64_t end) {
+  const int lane = threadIdx.x % kLanes;
+  const int64_t row = begin + cuda::group_index<kLanes>();
+  if (row >= end) return;
+  int64_t missed = target - last_step[row];
+  if (missed <= 0) return;
+  missed = missed < window ? missed : window;
+  for (int t = 0; t < tables.count; ++t) catch_up_row<kLanes>(tables, t, row, catchup + missed * kCatchUpColumns, lane);
+  __syncwarp(cuda::group_mask<kLanes>());
+  if (lane == 0) last_step[row] = target;
+}
+
+// Adam: the rows in `ids` (duplicates allowed) behind step `target`, caught up to it. The group
+// that moves last_step[row] to `target` (compare-and-swap) catches the row up; the others skip it.
+template <int kLanes, typename scalar_t, typename acc_t, typename index_t>
+__global__ void catch_up_ids_kernel(DeviceTables<scalar_t, acc_t> tables, int64_t* __restrict__ last_step,
+                                    const double* __restrict__ catchup, int64_t window, int64_t target,
+                                    const index_t* __restrict__ ids, int64_t num_ids, int64_t num_rows) {
+  const int lane = threadIdx.x % kLanes;
+  const int64_t i = cuda::group_index<kLanes>();
+  if (i >= num_ids) return;
+  const int64_t row = static_cast<int64_t>(ids[i]);
+  if (row < 0 || row >= num_rows) return;  // embedding_fm reports bad ids
+  int64_t missed = 0;
+  if (lane == 0) {
+    auto* slot = reinterpret_cast<unsigned long long*>(last_step + row);
+    unsigned long long seen = *slot;
+    while (static_cast<int64_t>(seen) < target) {
+      const unsigned long long previous = atomicCAS(slot, seen, static_cast<unsigned long long>(target));
+      if (previous == seen) {
+        missed = target - static_cast<int64_t>(seen);
+        break;
+      }
+      seen = previous;
+    }
+  }
+  missed = cuda::group_broadcast<kLanes>(missed);
+  if (missed <= 0) return;
+  missed = missed < window ? missed : window;
+  for (int t = 0; t < tables.count; ++t) catch_up_row<kLanes>(tables, t, row, catchup + missed * kCatchUpColumns, lane);
+}
+
+// The table after step `step` (out) from the table after step - 1 (prev, a copy).
+__global__ void advance_catch_up_kernel(const double* __restrict__ prev, double* __restrict__ out, int64_t window,
+                                        CatchUpStep s) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j > window) return;
+  const double jd = static_cast<double>(j);
+  advance_catch_up_entry(j > 0 ? prev + (j - 1) * kCatchUpColumns : nullptr, out + j * kCatchUpColumns, j, s,
+                         pow(s.beta1, jd), pow(s.beta2, jd), pow(s.beta2, -0.5 * jd));
 }
 
 // first_bad (uint64, pre-filled with all ones): the first position u whose id is out of range or
@@ -98,53 +199,112 @@ void check_ids(const at::Tensor& ids, int64_t num_rows, cudaStream_t stream) {
   check_row_id(u, v[u > 0 ? 1 : 0], u > 0 ? v[0] : 0, num_rows);
 }
 
+template <typename scalar_t, typename acc_t>
+void launch_catch_up_rows(const DeviceTables<scalar_t, acc_t>& args, int64_t max_dim, int64_t* last_step,
+                          const double* catchup, int64_t window, int64_t target, int64_t begin, int64_t end,
+                          cudaStream_t stream) {
+  if (end <= begin) return;
+  cuda::dispatch_lanes(cuda::lanes_for_dim(max_dim), [&](auto kLanes) {
+    catch_up_rows_kernel<kLanes.value>
+        <<<cuda::ceil_div(end - begin, cuda::kThreadsPerBlock / kLanes.value), cuda::kThreadsPerBlock, 0, stream>>>(
+            args, last_step, catchup, window, target, begin, end);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+int64_t max_width(at::TensorList tables) {
+  int64_t width = 1;
+  for (const auto& t : tables) width = std::max<int64_t>(width, table_width(t));
+  return width;
+}
+
 }  // namespace
 
 void fused_row_update_cuda(at::TensorList tables, at::TensorList state, const at::Tensor& ids_in,
-                           at::TensorList row_grads_in, int64_t optimizer, double lr, double eps, double beta1,
-                           double beta2, double weight_decay, int64_t step) {
-  check_fused_row_update_args(tables, state, ids_in, row_grads_in, optimizer, step);
+                           at::TensorList row_grads_in, const at::Tensor& step_counter, int64_t optimizer, double lr,
+                           double eps, double beta1, double beta2, double weight_decay,
+                           const c10::optional<at::Tensor>& last_step, const c10::optional<at::Tensor>& catchup,
+                           bool check_ids_arg) {
+  check_fused_row_update_args(tables, state, ids_in, row_grads_in, optimizer, last_step, catchup);
+  int64_t* counter = check_step("fused_row_update", step_counter);
   const c10::cuda::CUDAGuard device_guard(tables[0].device());
   const at::Tensor ids = ids_in.contiguous();
   std::vector<at::Tensor> row_grads;
-  int64_t max_dim = 1;
-  for (size_t t = 0; t < tables.size(); ++t) {
-    row_grads.push_back(row_grads_in[t].contiguous());
-    max_dim = std::max<int64_t>(max_dim, tables[t].size(1));
-  }
-  const int64_t num_ids = ids.numel(), num_rows = tables[0].size(0);
-  if (num_ids == 0) return;
+  for (size_t t = 0; t < tables.size(); ++t) row_grads.push_back(row_grads_in[t].contiguous());
+  const int64_t num_ids = ids.numel(), num_rows = tables[0].size(0), max_dim = max_width(tables);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // A graph being captured cannot sync: "error" then behaves as "off" (the kernel stays in bounds).
-  if (cuda_bounds_check() == kBoundsError &&
+  if (check_ids_arg && num_ids > 0 && cuda_bounds_check() == kBoundsError &&
       c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
     check_ids(ids, num_rows, stream);
+  const int64_t step = ++*counter;
   const int64_t states_per_table = row_optimizer_states(optimizer);
+  int64_t* last = optimizer == kAdam ? last_step->mutable_data_ptr<int64_t>() : nullptr;
+  double* coefficients = optimizer == kAdam ? catchup->mutable_data_ptr<double>() : nullptr;
+  const int64_t window = optimizer == kAdam ? catchup->size(0) - 1 : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "fused_row_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = make_row_update_params<acc_t>(lr, eps, beta1, beta2, weight_decay, optimizer, step);
-    DeviceTables<scalar_t, acc_t> args{};
-    args.count = static_cast<int>(tables.size());
-    for (size_t t = 0; t < tables.size(); ++t) {
-      args.weight[t] = tables[t].mutable_data_ptr<scalar_t>();
-      args.grads[t] = row_grads[t].const_data_ptr<scalar_t>();
-      args.dim[t] = tables[t].size(1);
-      args.state0[t] = states_per_table > 0 ? state[t * states_per_table].mutable_data_ptr<acc_t>() : nullptr;
-      args.state1[t] = states_per_table > 1 ? state[t * states_per_table + 1].mutable_data_ptr<acc_t>() : nullptr;
+    const auto args = device_tables<scalar_t, acc_t>(tables, state, row_grads, states_per_table);
+    if (num_ids > 0) {
+      cuda::dispatch_lanes(cuda::lanes_for_dim(max_dim), [&](auto kLanes) {
+        const auto grid = cuda::ceil_div(num_ids, cuda::kThreadsPerBlock / kLanes.value);
+        auto launch = [&](auto kernel) {
+          kernel<<<grid, cuda::kThreadsPerBlock, 0, stream>>>(args, ids.const_data_ptr<int64_t>(), num_ids, num_rows,
+                                                              params, last, coefficients, window, step);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        switch (optimizer) {
+          case kSGD: return launch(update_rows_kernel<kSGD, kLanes.value, scalar_t, acc_t>);
+          case kRowWiseAdagrad: return launch(update_rows_kernel<kRowWiseAdagrad, kLanes.value, scalar_t, acc_t>);
+          case kAdagrad: return launch(update_rows_kernel<kAdagrad, kLanes.value, scalar_t, acc_t>);
+          case kLazyAdam: return launch(update_rows_kernel<kLazyAdam, kLanes.value, scalar_t, acc_t>);
+          default: return launch(update_rows_kernel<kAdam, kLanes.value, scalar_t, acc_t>);
+        }
+      });
     }
-    cuda::dispatch_lanes(cuda::lanes_for_dim(max_dim), [&](auto kLanes) {
-      const auto grid = cuda::ceil_div(num_ids, cuda::kThreadsPerBlock / kLanes.value);
-      auto launch = [&](auto kernel) {
-        kernel<<<grid, cuda::kThreadsPerBlock, 0, stream>>>(args, ids.const_data_ptr<int64_t>(), num_ids, num_rows,
-                                                            params);
+    if (optimizer != kAdam) return;
+    const at::Tensor previous = catchup->clone();
+    advance_catch_up_kernel<<<cuda::ceil_div(window + 1, cuda::kThreadsPerBlock), cuda::kThreadsPerBlock, 0,
+                              stream>>>(previous.const_data_ptr<double>(), coefficients, window,
+                                        make_catch_up_step(lr, eps, beta1, beta2, step));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const auto [begin, end] = sweep_rows(num_rows, window, step);
+    launch_catch_up_rows(args, max_dim, last, coefficients, window, step, begin, end, stream);
+  });
+}
+
+void adam_catch_up_cuda(at::TensorList tables, at::TensorList state, const at::Tensor& last_step,
+                        const at::Tensor& catchup, const at::Tensor& step_counter,
+                        const c10::optional<at::Tensor>& ids_in, int64_t row_begin, int64_t row_end) {
+  constexpr const char* op = "adam_catch_up";
+  check_tables_and_state(op, tables, state, 2, false);
+  check_catch_up_state(op, tables[0], last_step, catchup);
+  const int64_t target = *check_step(op, step_counter);
+  const int64_t num_rows = tables[0].size(0), window = catchup.size(0) - 1;
+  const auto [begin, end] = check_catch_up_rows(op, num_rows, ids_in, row_begin, row_end);
+  if (ids_in.has_value()) check_same_device(op, "ids", *ids_in, "tables[0]", tables[0]);
+  const c10::cuda::CUDAGuard device_guard(tables[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_catch_up_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto args = device_tables<scalar_t, acc_t>(tables, state, {}, 2);
+    int64_t* last = last_step.mutable_data_ptr<int64_t>();
+    const double* coefficients = catchup.const_data_ptr<double>();
+    if (!ids_in.has_value()) {
+      launch_catch_up_rows(args, max_width(tables), last, coefficients, window, target, begin, end, stream);
+      return;
+    }
+    const at::Tensor ids = ids_in->contiguous();
+    const int64_t num_ids = ids.numel();
+    if (num_ids == 0) return;
+    AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "adam_catch_up_ids_cuda", [&] {
+      cuda::dispatch_lanes(cuda::lanes_for_dim(max_width(tables)), [&](auto kLanes) {
+        catch_up_ids_kernel<kLanes.value>
+            <<<cuda::ceil_div(num_ids, cuda::kThreadsPerBlock / kLanes.value), cuda::kThreadsPerBlock, 0, stream>>>(
+                args, last, coefficients, window, target, ids.const_data_ptr<index_t>(), num_ids, num_rows);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      switch (optimizer) {
-        case kSGD: return launch(update_rows_kernel<kSGD, kLanes.value, scalar_t, acc_t>);
-        case kRowWiseAdagrad: return launch(update_rows_kernel<kRowWiseAdagrad, kLanes.value, scalar_t, acc_t>);
-        case kAdagrad: return launch(update_rows_kernel<kAdagrad, kLanes.value, scalar_t, acc_t>);
-        default: return launch(update_rows_kernel<kAdam, kLanes.value, scalar_t, acc_t>);
-      }
+      });
     });
   });
 }

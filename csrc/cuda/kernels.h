@@ -13,8 +13,12 @@ at::Tensor fm_interaction_cuda(const at::Tensor& emb, bool reduce_sum);
 at::Tensor fm_interaction_backward_cuda(const at::Tensor& grad_out, const at::Tensor& emb);
 
 void fused_row_update_cuda(at::TensorList tables, at::TensorList state, const at::Tensor& ids,
-                           at::TensorList row_grads, int64_t optimizer, double lr, double eps, double beta1,
-                           double beta2, double weight_decay, int64_t step);
+                           at::TensorList row_grads, const at::Tensor& step, int64_t optimizer, double lr, double eps,
+                           double beta1, double beta2, double weight_decay, const c10::optional<at::Tensor>& last_step,
+                           const c10::optional<at::Tensor>& catchup, bool check_ids);
+void adam_catch_up_cuda(at::TensorList tables, at::TensorList state, const at::Tensor& last_step,
+                        const at::Tensor& catchup, const at::Tensor& step, const c10::optional<at::Tensor>& ids,
+                        int64_t row_begin, int64_t row_end);
 
 // embedding_fm_cuda.cu: the fused embedding gather + FM forward and its coalesced backward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_fm_cuda(

@@ -12,6 +12,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from .. import _args
 from ..features import FieldSpec, MultiHotField, NumericField, SparseField
 
 __all__ = ["EncodedDataset", "Batch", "iterate_batches", "to_csr", "field_offsets"]
@@ -214,8 +215,7 @@ def iterate_batches(
 
 def field_offsets(fields: Sequence[FieldSpec]) -> torch.Tensor:
     """int64 ``[F]``: first row of each field in the shared table (exclusive cumsum of sizes)."""
-    sizes = torch.tensor([f.vocab_size for f in fields], dtype=torch.int64)
-    return torch.cumsum(sizes, 0) - sizes
+    return _args.field_offsets([f.vocab_size for f in fields])
 
 
 def to_csr(batch: Batch, fields: Sequence[FieldSpec]) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
