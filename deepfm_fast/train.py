@@ -43,7 +43,6 @@ Example::
 from __future__ import annotations
 
 import math
-import os
 import random
 import sys
 import time
@@ -55,6 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._io import atomic_write
 from .data.dataset import EncodedDataset, iterate_batches
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "seed_everything", "evaluate", "predict",
@@ -71,15 +71,9 @@ def seed_everything(seed: int) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``torch.save`` to ``path`` atomically (:func:`deepfm_fast._io.atomic_write`)."""
+    with atomic_write(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:

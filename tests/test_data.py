@@ -282,6 +282,20 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     assert not other.from_cache and other.cache_path != third.cache_path
 
 
+def test_cache_leaves_nothing_half_written_on_error(tmp_path):
+    train = write_criteo(tmp_path / "train.txt", tiny_criteo_rows())
+    rows = tiny_criteo_rows()
+    rows[3] = rows[3][:-1]                                   # a short row in the test file
+    test = write_criteo(tmp_path / "test.txt", rows)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataFormatError, match=r"test\.txt, line 4"):
+        prepare_data(CriteoFormat(), train, test=test, cache_dir=cache)
+    (root,) = cache.iterdir()
+    # The finished train split stays; the test split's temporary directory and files are gone.
+    assert sorted(p.name.split("-")[0] for p in root.iterdir()) == ["train"]
+    assert not list(cache.rglob("*.tmp"))
+
+
 def test_cache_matches_in_memory_with_weights_and_bags(tmp_path):
     p = tmp_path / "g.libfm"
     p.write_text("1 3:2 10:1\n-1 4:1\n1 3:1 10:1 20:1\n" * 5)

@@ -8,7 +8,7 @@ import torch
 from deepfm_fast.data import make_synthetic
 from deepfm_fast.features import MultiHotField, NumericField, SparseField
 from deepfm_fast.models import DeepFM, FM
-from deepfm_fast.train import TrainConfig, Trainer, evaluate, load_checkpoint, predict, seed_everything
+from deepfm_fast.train import TrainConfig, Trainer, atomic_save, evaluate, load_checkpoint, predict, seed_everything
 
 FIELDS = [SparseField("u", 60), SparseField("i", 90), MultiHotField("g", 10, pooling="mean"), NumericField("x")]
 
@@ -59,6 +59,15 @@ def test_resume_continues_exactly(tmp_path, data):
     assert r2.epochs_run == 2
     _same_state(again.state_dict(), straight.state_dict())
     assert not list(tmp_path.rglob("*.tmp"))           # atomic writes leave no temporaries
+
+
+def test_atomic_save_keeps_the_old_file_on_error(tmp_path):
+    path = tmp_path / "x.pt"
+    atomic_save({"a": torch.ones(2)}, path)
+    with pytest.raises(Exception):
+        atomic_save({"a": lambda: 0}, path)            # a lambda cannot be pickled: fails mid-write
+    assert torch.equal(load_checkpoint(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
 
 
 def test_same_seed_same_result_other_seed_differs(data):
