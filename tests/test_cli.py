@@ -81,7 +81,7 @@ def test_same_seed_same_metrics_and_resume(files, tmp_path):
     assert c["test_auc"] == b["test_auc"] and c["test_logloss"] == b["test_logloss"]
 
 
-def test_table_optimizer_flags(files, tmp_path):
+def test_table_optimizer_flags(files, tmp_path, capsys):
     """Each --table-optimizer trains and round-trips through the checkpoint; --table-lr defaults to --lr."""
     train, test = files
     aucs = {}
@@ -97,11 +97,43 @@ def test_table_optimizer_flags(files, tmp_path):
                      "--metrics-out", str(d / "e.json")]) == 0
         assert json.loads((d / "e.json").read_text())["auc"] == pytest.approx(m["test_auc"], abs=1e-9)
     assert all(a > 0.6 for a in aucs.values()), aucs
+    capsys.readouterr()
     assert main(train_args(train, test, tmp_path / "x", "--sparse")) == 0   # old spelling of sparse_adam
     assert json.loads((tmp_path / "x" / "m.json").read_text())["hparams"]["table_optimizer"] == "sparse_adam"
+    assert "--sparse is deprecated" in capsys.readouterr().err             # and it says the new one
 
 
-def test_config_file_and_flag_override(files, tmp_path):
+def test_choices_come_from_the_modules_and_help_works(monkeypatch, capsys):
+    """--model, --table-optimizer, --monitor, --format list what the library defines, nothing hard-coded."""
+    from deepfm_fast import models, train
+    from deepfm_fast.cli import build_parser
+    from deepfm_fast.data.formats import FORMATS
+
+    def choices(parser, command, flag):
+        sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+        return list(next(a for a in sub._actions if flag in a.option_strings).choices)
+
+    parser = build_parser()
+    assert choices(parser, "train", "--model") == list(models.MODELS)
+    assert choices(parser, "train", "--table-optimizer") == list(models.TABLE_OPTIMIZERS)
+    assert choices(parser, "train", "--monitor") == list(train.MONITORS)
+    assert choices(parser, "train", "--format") == list(FORMATS)
+    assert choices(parser, "demo", "--table-optimizer") == list(models.FUSED_TABLE_OPTIMIZERS)
+    # An optimizer added to the library shows up in the command and its help without a CLI change.
+    monkeypatch.setattr(models, "TABLE_OPTIMIZERS", models.TABLE_OPTIMIZERS + ("lamb",))
+    monkeypatch.setattr(models, "FUSED_TABLE_OPTIMIZERS", models.FUSED_TABLE_OPTIMIZERS + ("lamb",))
+    assert "lamb" in choices(build_parser(), "train", "--table-optimizer")
+    for argv in ([], ["train"], ["evaluate"], ["predict"], ["demo"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv + ["--help"])
+        assert exit_.value.code == 0
+        assert "usage: deepfm-fast" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "lamb" in capsys.readouterr().out
+
+
+def test_config_file_and_flag_override(files, tmp_path, capsys):
     train, test = files
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model: fm\nformat: libfm\ntrain: {train}\ntest: {test}\nepochs: 2\nbatch-size: 100\n"
@@ -117,6 +149,9 @@ def test_config_file_and_flag_override(files, tmp_path):
     assert main(["train", "--config", str(tmp_path / "bad.json")]) == 1
     (tmp_path / "bad2.json").write_text(json.dumps({"table_optimizer": "lamb"}))
     assert main(["train", "--config", str(tmp_path / "bad2.json")]) == 1
+    (tmp_path / "bad3.json").write_text(json.dumps({"format": "parquet"}))
+    assert main(["train", "--config", str(tmp_path / "bad3.json")]) == 1
+    assert "'format' must be one of ['criteo', 'libfm', 'csv']" in capsys.readouterr().err
 
 
 def test_bad_data_is_a_clean_error_or_skipped(tmp_path, capsys):

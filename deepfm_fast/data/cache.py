@@ -44,13 +44,13 @@ from .._io import atomic_write, write_json
 from ..features import MultiHotField
 from .dataset import EncodedDataset
 from .encode import FeatureEncoder
-from .readers import CSVFormat, CriteoFormat, LibFMFormat, ReadStats, file_signature
+from .formats import Format
+from .readers import LibFMFormat, ReadStats, file_signature
 
 __all__ = ["prepare_data", "PreparedData", "encode_file", "CACHE_VERSION"]
 
 CACHE_VERSION = 1
 _HEADER_BYTES = 128  # fixed .npy header size, so the final shape can be written in place
-Format = Union[CriteoFormat, LibFMFormat, CSVFormat]
 
 
 @dataclass

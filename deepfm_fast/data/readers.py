@@ -491,6 +491,11 @@ class LibFMFormat:
         """Fix the layout fitted on the training file so every other file is read alike."""
         self._fixed = (mode, pairs)
 
+    @property
+    def layout(self) -> Optional[Tuple[str, int]]:
+        """The layout fixed by :meth:`set_layout` (``(mode, pairs per row)``), or None."""
+        return self._fixed
+
     def columns(self, path: Union[str, Path]) -> List[Column]:
         mode, pairs = self._mode(Path(path))
         if mode == "position":
