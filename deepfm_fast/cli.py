@@ -17,7 +17,7 @@ error naming the file and line (exit status 1), or is skipped and counted with
 ``--skip-bad-lines``. Set ``DEEPFM_FAST_DEBUG=1`` to see tracebacks.
 
 This module parses and dispatches; the work is in :mod:`deepfm_fast.data` (formats and their
-specs) and :mod:`deepfm_fast.train`.
+specs), :mod:`deepfm_fast.train` and :mod:`deepfm_fast.timing`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -464,36 +463,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _time_steps(runs, batches, steps: int) -> List[List[float]]:
-    """Alternate one training step per (model, optimizers); per-model lists of seconds."""
-    import torch.nn.functional as F
-
-    times: List[List[float]] = [[] for _ in runs]
-    for i in range(steps + 2):  # the first two rounds are warm-up
-        batch = batches[i % len(batches)]
-        for j, (model, opts) in enumerate(runs):
-            t0 = time.perf_counter()
-            logits = model(batch)
-            loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()  # a fused table optimizer updates the touched rows here
-            for opt in opts:
-                opt.step()
-            dt = time.perf_counter() - t0
-            if i >= 2:
-                times[j].append(dt)
-    return times
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     import copy
+    import itertools
 
     import torch
 
     from . import backend
     from .data import iterate_batches, make_synthetic
     from .models import DeepFM
+    from .timing import alternating_medians
     from .train import TrainConfig, Trainer, seed_everything
 
     _set_threads(args.threads)
@@ -523,17 +502,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     # Step time: the same model (same weights) with the fused op + fused table optimizer, and on the
     # reference ops with dense table gradients + torch Adam on everything (what plain PyTorch users
-    # write); one step each in turn on the same batches, medians.
+    # write); the trainer's step (its optimizers: Adam on whatever has a gradient), one step each in
+    # turn on the same batches, medians.
     fused = copy.deepcopy(model).train()
     ref = DeepFM(data.fields, **hp, use_reference=True, table_optimizer="dense").train()
     ref.load_state_dict(fused.state_dict(), strict=False)  # strict=False: no fused-optimizer buffers
-    runs = [(fused, [torch.optim.Adam([p for p in fused.parameters() if p.requires_grad], lr=args.lr)]),
-            (ref, [torch.optim.Adam(ref.parameters(), lr=args.lr)])]  # the lr does not change the step time
+    step_cfg = TrainConfig(lr=args.lr, table_lr=args.table_lr, progress=False)  # lrs do not change the step time
     gen = torch.Generator().manual_seed(args.seed)
     batches = [b for _, b in zip(range(4), iterate_batches(data.train, args.timing_batch_size, shuffle=True,
                                                             generator=gen))]
-    t_fused, t_ref = _time_steps(runs, batches, args.timing_steps)
-    mf, mr = statistics.median(t_fused) * 1e3, statistics.median(t_ref) * 1e3
+    steps = {name: (lambda t=Trainer(m, step_cfg), it=itertools.cycle(batches): t.train_step(next(it)))
+             for name, m in (("fused", fused), ("reference", ref))}
+    medians = alternating_medians(steps, rounds=args.timing_steps, warmup=2)
+    mf, mr = medians["fused"] * 1e3, medians["reference"] * 1e3
     print(f"training step, batch {args.timing_batch_size} (forward + backward + update), median of "
           f"{args.timing_steps} alternating steps, same model and weights:")
     print(f"  fused ops ({backend()}), table: fused {args.table_optimizer} in the backward, "
