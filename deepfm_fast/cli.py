@@ -16,6 +16,10 @@ A config file (YAML or JSON) holds the same option names as the flags, with ``-`
 error naming the file and line (exit status 1), or is skipped and counted with
 ``--skip-bad-lines``. Set ``DEEPFM_FAST_DEBUG=1`` to see tracebacks.
 
+``predict`` reads files without labels too (Criteo's ``test.txt``, libFM rows that start with
+``id:value``, a CSV without the label column: see :mod:`deepfm_fast.data.readers`) and then
+writes ``row,probability`` only.
+
 This module parses and dispatches; the work is in :mod:`deepfm_fast.data` (formats and their
 specs), :mod:`deepfm_fast.train` and :mod:`deepfm_fast.timing`.
 """
@@ -192,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub, choices)
 
     for name, helptext in (("evaluate", "AUC and logloss of a checkpoint on a labelled file"),
-                           ("predict", "write the predicted click probabilities of a file to CSV")):
+                           ("predict", "write the predicted click probabilities of a file, labelled or not, to CSV")):
         p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + "; the file is "
                            "read in the format of the training file (stored in the checkpoint).")
         p.add_argument("--checkpoint", required=True, help="best.pt, or the --checkpoint-dir of a train run")
@@ -200,8 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--test", "--input", dest="input", required=True, help="labelled file to score")
             p.add_argument("--metrics-out", help="write the metrics as JSON here")
         else:
-            p.add_argument("--input", "--test", dest="input", required=True, help="file to score (same format)")
-            p.add_argument("--output", required=True, help="CSV to write: row,probability,label")
+            p.add_argument("--input", "--test", dest="input", required=True,
+                           help="file to score; without labels (Criteo test.txt: 39 columns; libFM rows starting "
+                                "with id:value; CSV without the label column) it is scored all the same")
+            p.add_argument("--output", required=True,
+                           help="CSV to write: row,probability, and label when the input has labels")
         p.add_argument("--batch-size", type=int, default=16384, help="rows per forward pass (default 16384)")
         p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed rows")
         p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -440,6 +447,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     model, fmt, encoder = _load_for_inference(args.checkpoint)
+    _check_file(args.input, "input")
+    why = fmt.no_label_reason(args.input)
+    if why is not None:
+        raise CLIError(f"{args.input}: {why}; evaluate needs labels ('{PROG} predict' scores such a file)")
     ds = _encode_input(fmt, encoder, args.input, args.skip_bad_lines)
     m = evaluate(model, ds, args.batch_size)
     print(f"AUC {m['auc']:.6f}  logloss {m['logloss']:.6f}  rows {m['rows']}")
@@ -456,10 +467,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model, fmt, encoder = _load_for_inference(args.checkpoint)
     ds = _encode_input(fmt, encoder, args.input, args.skip_bad_lines)
     probs = predict(model, ds, args.batch_size).numpy()
+    labelled = ds.has_labels
     with atomic_write(args.output, newline="") as fh:
-        fh.write("row,probability,label\n")
-        fh.writelines(f"{i},{p:.8f},{int(y)}\n" for i, (p, y) in enumerate(zip(probs, ds.labels.numpy())))
-    print(f"wrote {len(probs)} probabilities to {args.output}")
+        if labelled:
+            fh.write("row,probability,label\n")
+            fh.writelines(f"{i},{p:.8f},{int(y)}\n" for i, (p, y) in enumerate(zip(probs, ds.labels.numpy())))
+        else:
+            fh.write("row,probability\n")
+            fh.writelines(f"{i},{p:.8f}\n" for i, p in enumerate(probs))
+    print(f"wrote {len(probs)} probabilities to {args.output}" + ("" if labelled else " (the input has no labels)"))
     return 0
 
 

@@ -222,6 +222,8 @@ def evaluate(model: torch.nn.Module, dataset: EncodedDataset, batch_size: int = 
     """
     from sklearn.metrics import log_loss, roc_auc_score
 
+    if not dataset.has_labels:
+        raise ValueError("evaluate: the dataset has no labels (read from a file without a label column)")
     probs = predict(model, dataset, batch_size).numpy()
     labels = dataset.labels.numpy()
     if len(labels) == 0:
@@ -397,6 +399,9 @@ class Trainer:
         cfg = self.config
         if len(train) == 0:
             raise ValueError("fit: the training set is empty")
+        for name, ds in (("training", train), ("validation", valid)):
+            if ds is not None and not ds.has_labels:
+                raise ValueError(f"fit: the {name} set has no labels")
         start_epoch, history = 0, []
         best = {"epoch": 0, "score": -math.inf, "metrics": {}, "stopping_steps": 0}
         last = self.ckpt_dir / "last.pt" if self.ckpt_dir else None

@@ -66,6 +66,30 @@ def test_train_evaluate_predict(files, tmp_path, capsys):
     assert ((probs > 0) & (probs < 1)).all()
 
 
+def without_labels(path, out):
+    """The rows of a libFM file without their label: what a test set to predict on looks like."""
+    out.write_text("".join(line.split(" ", 1)[1] for line in path.read_text().splitlines(keepends=True)))
+    return out
+
+
+def test_predict_without_labels_and_evaluate_refuses(files, tmp_path, capsys):
+    train, test = files
+    assert main(train_args(train, test, tmp_path, "--epochs", "1", "--model", "fm")) == 0
+    ckpt = str(tmp_path / "ckpt")
+    assert main(["predict", "--checkpoint", ckpt, "--input", str(test), "--output", str(tmp_path / "a.csv")]) == 0
+    bare = without_labels(test, tmp_path / "bare.libfm")
+    assert main(["predict", "--checkpoint", ckpt, "--input", str(bare), "--output", str(tmp_path / "b.csv")]) == 0
+    assert "no labels" in capsys.readouterr().out
+    a, b = (tmp_path / "a.csv").read_text().splitlines(), (tmp_path / "b.csv").read_text().splitlines()
+    assert a[0] == "row,probability,label" and b[0] == "row,probability" and len(b) == 201
+    assert [x.rsplit(",", 1)[0] for x in a[1:]] == b[1:]          # same rows, same probabilities
+    assert main(["evaluate", "--checkpoint", ckpt, "--test", str(bare)]) == 1
+    err = capsys.readouterr().err
+    assert "bare.libfm: no labels" in err and "predict" in err and "Traceback" not in err
+    assert main(train_args(train, bare, tmp_path / "t")) == 1     # a test set must have labels
+    assert "bare.libfm: no labels" in capsys.readouterr().err
+
+
 def test_same_seed_same_metrics_and_resume(files, tmp_path):
     train, test = files
     for model in ("fm", "lr"):

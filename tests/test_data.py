@@ -252,6 +252,75 @@ def test_label_range_empty_file_and_missing_column(tmp_path):
         CSVFormat({"a": "sparse"})
 
 
+# -- files without labels (to predict on) -------------------------------------------------
+CRITEO_HEADER = [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+
+
+@pytest.mark.parametrize("layout", ["tsv", "csv"])
+def test_criteo_without_labels(tmp_path, layout):
+    rows = tiny_criteo_rows()
+    d = prepare_data(CriteoFormat(), write_criteo(tmp_path / "train.txt", rows))
+    sep = "\t" if layout == "tsv" else ","
+    head = [",".join(CRITEO_HEADER)] if layout == "csv" else []
+    path = tmp_path / f"test.{layout}"                   # test.txt's layout: 13 ints + 26 cats, no label
+    path.write_text("\n".join(head + [sep.join(r[1:]) for r in rows]) + "\n")
+    fmt = CriteoFormat()
+    assert "no label column" in fmt.no_label_reason(path) and fmt.no_label_reason(tmp_path / "train.txt") is None
+    enc = encode_file(fmt, d.encoder, path)
+    assert not enc.has_labels and torch.isnan(enc.labels).all() and d.train.has_labels
+    assert torch.equal(enc.sparse, d.train.sparse) and torch.equal(enc.numeric, d.train.numeric)
+    with pytest.raises(DataFormatError, match=rf"test\.{layout}: no label column.*need labels"):
+        prepare_data(CriteoFormat(), tmp_path / "train.txt", test=path)
+    # A labelled row inside a file without labels is a malformed row, named by file and line.
+    lines = path.read_text().splitlines()
+    lines[len(head) + 2] = sep.join(rows[2])
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFormatError, match=rf"test\.{layout}, line {len(head) + 3}: expected 39 columns, got 40"):
+        encode_file(fmt, d.encoder, path)
+    assert len(encode_file(fmt, d.encoder, path, skip_bad_lines=True)) == 4
+
+
+def test_libfm_without_labels(tmp_path):
+    p = tmp_path / "f.libfm"
+    p.write_text("1 3:1 10:1 20:0.5\n-1 4:1 10:1 21:1\n0 3:1 11:1 20:1\n")
+    fmt = LibFMFormat()
+    d = prepare_data(fmt, p)
+    q = tmp_path / "q.libfm"                             # the same rows, starting with id:value
+    q.write_text("3:1 10:1 20:0.5\n4:1 10:1 21:1\n3:1 11:1 20:1\n")
+    assert "id:value" in fmt.no_label_reason(q) and fmt.no_label_reason(p) is None
+    enc = encode_file(fmt, d.encoder, q)
+    assert not enc.has_labels and torch.equal(enc.sparse, d.train.sparse)
+    assert torch.equal(enc.sparse_weights, d.train.sparse_weights)
+    q.write_text("3:1 10:1 20:0.5\n1 4:1 10:1 21:1\n")  # a label on line 2 only
+    with pytest.raises(DataFormatError, match=r"q\.libfm, line 2: expected 3 id:value pairs, got 4"):
+        encode_file(fmt, d.encoder, q)
+    bag = prepare_data(LibFMFormat(fields="bag"), p)
+    with pytest.raises(DataFormatError, match=r"q\.libfm, line 2: bad libFM token '1'.*no labels"):
+        encode_file(LibFMFormat(fields="bag"), bag.encoder, q)
+    with pytest.raises(DataFormatError, match=r"q\.libfm: no labels"):
+        prepare_data(LibFMFormat(), q)
+
+
+def test_csv_without_label_column(tmp_path):
+    schema = {"label": "label", "user": "sparse", "age": {"role": "numeric", "transform": "standardize"}}
+    train = tmp_path / "train.csv"
+    train.write_text("label,user,age\n1,u1,30\n0,u2,\n1,u1,40\n")
+    d = prepare_data(CSVFormat(schema), train)
+    test = tmp_path / "test.csv"
+    test.write_text("age,user\n30,u1\n40,u3\n")      # no label; column order does not matter
+    fmt = CSVFormat(schema)
+    assert fmt.no_label_reason(test) == "the header has no label column 'label'"
+    enc = encode_file(fmt, d.encoder, test)
+    assert not enc.has_labels and enc.sparse[:, 0].tolist() == [2, OOV_ID]
+    assert enc.numeric[:, 0].tolist() == pytest.approx([-1, 1])
+    test.write_text("age,user\n30,u1\nabc,u3\n")
+    with pytest.raises(DataFormatError, match=r"test\.csv, line 3: column 'age': 'abc' is not a number"):
+        encode_file(fmt, d.encoder, test)
+    test.write_text("user\nu1\n")                      # other schema columns are still required
+    with pytest.raises(DataFormatError, match=r"schema column\(s\) \['age'\]"):
+        encode_file(fmt, d.encoder, test)
+
+
 # -- cache ---------------------------------------------------------------------------------
 def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     train = write_criteo(tmp_path / "train.txt", tiny_criteo_rows())

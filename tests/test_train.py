@@ -139,6 +139,21 @@ def test_evaluate_and_bad_config(data):
         TrainConfig(batch_size=0)
 
 
+def test_unlabelled_data_predicts_but_does_not_evaluate_or_train(data):
+    """NaN labels (a file read without labels) can be scored, not evaluated or trained on."""
+    unlabelled = data.valid.subset(torch.arange(len(data.valid)))
+    unlabelled.labels = torch.full_like(unlabelled.labels, float("nan"))
+    assert not unlabelled.has_labels and data.valid.has_labels
+    model = _model()
+    assert torch.equal(predict(model, unlabelled), predict(model, data.valid))
+    with pytest.raises(ValueError, match="no labels"):
+        evaluate(model, unlabelled)
+    with pytest.raises(ValueError, match="training set has no labels"):
+        Trainer(model, _cfg()).fit(unlabelled)
+    with pytest.raises(ValueError, match="validation set has no labels"):
+        Trainer(model, _cfg()).fit(data.train, unlabelled)
+
+
 def _scripted(trainer, metrics):
     """Replace the validation metrics by a script of (auc, logloss) per epoch."""
     it = iter(metrics)

@@ -45,7 +45,7 @@ from ..features import MultiHotField
 from .dataset import EncodedDataset
 from .encode import FeatureEncoder
 from .formats import Format
-from .readers import LibFMFormat, ReadStats, file_signature
+from .readers import DataFormatError, LibFMFormat, ReadStats, file_signature
 
 __all__ = ["prepare_data", "PreparedData", "encode_file", "CACHE_VERSION"]
 
@@ -198,7 +198,11 @@ def _assemble(encoder: FeatureEncoder, arrays: Dict[str, np.ndarray]) -> Encoded
 
 def encode_file(fmt: Format, encoder: FeatureEncoder, path: Union[str, Path], *, chunk_rows: int = 65536,
                 skip_bad_lines: bool = False) -> EncodedDataset:
-    """Encode one more file (e.g. for ``predict``) with an already fitted encoder, in memory."""
+    """Encode one more file (e.g. for ``predict``) with an already fitted encoder, in memory.
+
+    The file may lack labels (see :mod:`deepfm_fast.data.readers`); the dataset's labels are then
+    NaN and ``has_labels`` is False.
+    """
     stats = ReadStats()
     arrays = _encode_to(encoder, fmt.read(Path(path), chunk_rows, skip_bad_lines, stats), None)
     return _assemble(encoder, arrays)
@@ -231,6 +235,7 @@ def prepare_data(
         fmt: a :class:`CriteoFormat`, :class:`LibFMFormat` or :class:`CSVFormat`.
         train: training file (vocabularies and numeric statistics come from it only).
         valid, test: optional files encoded with the training vocabularies (unseen -> OOV).
+            Every file must have labels (:class:`DataFormatError` otherwise).
         cache_dir: directory for the cache (created); None = encode in memory, no cache.
         chunk_rows: rows per parsed chunk.
         skip_bad_lines: drop malformed rows and count them instead of raising.
@@ -245,6 +250,10 @@ def prepare_data(
     train = Path(train)
     files = {"train": train, "valid": valid, "test": test}
     files = {k: Path(v) for k, v in files.items() if v is not None}
+    for path in files.values():
+        why = fmt.no_label_reason(path)
+        if why is not None:
+            raise DataFormatError(f"{path}: {why}; training, validation and test files need labels")
     sigs = {k: file_signature(p) for k, p in files.items()}
     opts = {"version": CACHE_VERSION, "format": fmt.options(), "skip_bad_lines": skip_bad_lines}
 

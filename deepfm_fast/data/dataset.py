@@ -24,7 +24,7 @@ class Batch(NamedTuple):
         sparse: int64 ``[B, Fs]`` local ids of the SparseFields.
         multi_hot: one int64 ``[B, L_i]`` per MultiHotField, ``-1`` = padding.
         numeric: float32 ``[B, Fn]`` transformed values of the NumericFields.
-        labels: float32 ``[B]`` in {0, 1}.
+        labels: float32 ``[B]`` in {0, 1}; NaN when unknown.
         sparse_weights: float32 ``[B, Fs]`` per-id values (libFM ``id:value``), or None (all 1).
         multi_hot_weights: one float32 ``[B, L_i]`` or None per MultiHotField.
     """
@@ -47,7 +47,7 @@ class EncodedDataset:
 
     Attributes:
         fields: the specs, in model order.
-        labels: float32 ``[R]``.
+        labels: float32 ``[R]``; NaN when unknown (a file read without labels, to predict on).
         sparse: int64 ``[R, Fs]``, local ids ``0..vocab_size-1``.
         multi_hot: tuple of int64 ``[R, L_i]``, ``-1``-padded bags.
         numeric: float32 ``[R, Fn]``.
@@ -103,6 +103,11 @@ class EncodedDataset:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def has_labels(self) -> bool:
+        """False when some label is unknown (NaN): such a dataset can be predicted, not evaluated."""
+        return not bool(torch.isnan(self.labels).any())
 
     @property
     def positive_rate(self) -> float:
