@@ -16,12 +16,14 @@ A config file (YAML or JSON) holds the same option names as the flags, with ``-`
 error naming the file and line (exit status 1), or is skipped and counted with
 ``--skip-bad-lines``. Set ``DEEPFM_FAST_DEBUG=1`` to see tracebacks.
 
+``train --metrics-out runs/m.json`` also draws the learning curves into ``runs/m.png``
+(``--curves-out`` to choose the file; needs matplotlib: ``pip install 'deepfm_fast[plot]'``).
 ``predict`` reads files without labels too (Criteo's ``test.txt``, libFM rows that start with
 ``id:value``, a CSV without the label column: see :mod:`deepfm_fast.data.readers`) and then
 writes ``row,probability`` only.
 
 This module parses and dispatches; the work is in :mod:`deepfm_fast.data` (formats and their
-specs), :mod:`deepfm_fast.train` and :mod:`deepfm_fast.timing`.
+specs), :mod:`deepfm_fast.train`, :mod:`deepfm_fast.plots` and :mod:`deepfm_fast.timing`.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "seed": 2021, "checkpoint_dir": None, "resume": False, "metrics_out": None, "cache_dir": None,
     "skip_bad_lines": False, "threads": None, "max_rows": None, "min_count": 1, "sparse": False,
     "device": "cpu", "progress": True, "init_std": 1e-2, "table_optimizer": "adam", "table_lr": None,
-    "monitor": "auc-logloss", "precise_bn_batches": 16,
+    "monitor": "auc-logloss", "precise_bn_batches": 16, "curves_out": None,
 }
 SPLITS = ("random", "ordered")
 
@@ -93,7 +95,7 @@ _TYPES = {"valid_fraction": float, "test_fraction": float, "epochs": int, "batch
           "patience": int, "seed": int, "threads": int, "max_rows": int, "min_count": int,
           "init_std": float}
 _BOOLS = ("batch_norm", "resume", "skip_bad_lines", "sparse", "progress")
-_PATHS = ("schema", "train", "valid", "test", "checkpoint_dir", "metrics_out", "cache_dir")
+_PATHS = ("schema", "train", "valid", "test", "checkpoint_dir", "metrics_out", "curves_out", "cache_dir")
 
 
 # `deepfm-fast demo` defaults: 30-60 s on 2 cores, within ~0.02 AUC of the planted truth
@@ -176,7 +178,10 @@ def _add_train_parser(sub, choices: Dict[str, Sequence[str]]) -> None:
     g.add_argument("--checkpoint-dir", help="write last.pt (resume) and best.pt (evaluate/predict) here")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="continue from --checkpoint-dir/last.pt")
-    g.add_argument("--metrics-out", help="write final metrics as JSON to this file")
+    g.add_argument("--metrics-out", help="write final metrics as JSON to this file, and the learning curves "
+                                         "as a PNG beside it (same name, .png)")
+    g.add_argument("--curves-out", help="write the learning curves (train loss, valid AUC and logloss, learning "
+                                        "rates per epoch; needs matplotlib) to this PNG instead")
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--device", help="cpu (default) or cuda")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm progress bars")
@@ -356,6 +361,27 @@ def _table_optimizer(opts: Dict[str, Any]) -> str:
     return "sparse_adam"
 
 
+def _curves_path(opts: Dict[str, Any]) -> Optional[Path]:
+    """--curves-out, else the --metrics-out file with the suffix .png, else None."""
+    if opts["curves_out"]:
+        return Path(opts["curves_out"])
+    if opts["metrics_out"]:
+        metrics = Path(opts["metrics_out"])
+        return metrics.with_suffix(".png" if metrics.suffix != ".png" else ".curves.png")
+    return None
+
+
+def _write_curves(path: Path, result, title: str) -> None:
+    from .plots import write_learning_curves
+
+    try:
+        write_learning_curves(result.history, path, best_epoch=result.best_epoch, title=title)
+    except ImportError as exc:  # matplotlib is optional; the run itself succeeded
+        print(f"{PROG} train: no learning-curve plot: {exc}", file=sys.stderr)
+        return
+    print(f"learning curves: {path}", file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from . import backend
     from .models import build_model
@@ -410,6 +436,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"no test set; best epoch {result.best_epoch}, valid {result.best_valid}")
     if opts["metrics_out"]:
         write_json(opts["metrics_out"], metrics)
+    curves = _curves_path(opts)
+    if curves is not None:
+        _write_curves(curves, result, f"{opts['model']} on {Path(opts['train']).name}")
     return 0
 
 

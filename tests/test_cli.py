@@ -1,6 +1,7 @@
 """The deepfm-fast command: train/evaluate/predict/demo, metrics JSON, config files, clean errors."""
 
 import json
+import struct
 import subprocess
 import sys
 
@@ -88,6 +89,43 @@ def test_predict_without_labels_and_evaluate_refuses(files, tmp_path, capsys):
     assert "bare.libfm: no labels" in err and "predict" in err and "Traceback" not in err
     assert main(train_args(train, bare, tmp_path / "t")) == 1     # a test set must have labels
     assert "bare.libfm: no labels" in capsys.readouterr().err
+
+
+def png_size(path):
+    """(width, height) of a PNG file; fails unless it starts with the PNG signature and IHDR."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
+    return struct.unpack(">II", data[16:24])
+
+
+def test_train_writes_learning_curves(files, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the plot extra: pip install 'deepfm_fast[plot]'")
+    train, test = files
+    assert main(train_args(train, test, tmp_path, "--epochs", "2")) == 0
+    width, height = png_size(tmp_path / "m.png")                  # beside m.json
+    assert width > 300 and height > 100 and (tmp_path / "m.png").stat().st_size > 5000
+    assert f"learning curves: {tmp_path / 'm.png'}" in capsys.readouterr().err
+
+
+def test_train_without_matplotlib_says_how_to_get_the_plot(files, tmp_path, monkeypatch, capsys):
+    for name in [m for m in sys.modules if m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)              # import matplotlib fails
+    train, test = files
+    curves = tmp_path / "curves.png"
+    assert main(train_args(train, test, tmp_path, "--epochs", "1", "--curves-out", str(curves))) == 0
+    captured = capsys.readouterr()
+    assert [ln for ln in captured.err.splitlines() if "plot" in ln] == [
+        "deepfm-fast train: no learning-curve plot: matplotlib is not installed (pip install 'deepfm_fast[plot]')"]
+    assert "test AUC" in captured.out and (tmp_path / "m.json").is_file()
+    assert not curves.exists() and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_learning_curves_without_validation(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot extra: pip install 'deepfm_fast[plot]'")
+    from deepfm_fast.plots import write_learning_curves
+
+    history = [{"epoch": e, "loss": 0.6 - 0.1 * e, "lr": 1e-3, "table_lr": 1e-2} for e in (1, 2, 3)]
+    assert png_size(write_learning_curves(history, tmp_path / "x" / "c.png", best_epoch=3))[0] > 300
 
 
 def test_same_seed_same_metrics_and_resume(files, tmp_path):
