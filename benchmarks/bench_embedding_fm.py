@@ -18,6 +18,7 @@ from torch import nn
 
 import workloads as W
 from conftest import alternating_medians, synchronize
+from recording import alternating_info
 from deepfm_fast import EmbeddingFM, ops, reference
 
 DEVICE = os.environ.get("DEEPFM_FAST_BENCH_DEVICE", "cpu")
@@ -35,10 +36,7 @@ def record(benchmark, group, impls, rounds, **info):
     medians = alternating_medians(impls, rounds=rounds, device=DEVICE)
     fused = next(iter(impls))
     benchmark.group = group + ON
-    benchmark.extra_info.update(
-        threads=torch.get_num_threads(), device=DEVICE, **info,
-        alternating_median_ms={name: round(m * 1e3, 3) for name, m in medians.items()},
-        speedup_of_fused_vs={name: round(m / medians[fused], 2) for name, m in medians.items() if name != fused})
+    benchmark.extra_info.update(device=DEVICE, **info, **alternating_info(medians))
     benchmark.pedantic(lambda: (impls[fused](), synchronize(DEVICE)), rounds=10, warmup_rounds=1)
 
 

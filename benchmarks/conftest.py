@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import recording
 from deepfm_fast.timing import alternating_medians, synchronize  # noqa: F401  (re-exported)
 
 
@@ -21,3 +22,8 @@ def one_thread():
     torch.set_num_threads(threads)
     yield threads
     torch.set_num_threads(previous)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The --benchmark-json files name the torch version and the command too (recording.py)."""
+    machine_info.update(recording.machine(), command=recording.command(["-m", "pytest", *config.invocation_params.args]))

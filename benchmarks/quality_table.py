@@ -5,12 +5,12 @@ Writes benchmarks/results/quality.json (per-run numbers, mean ± sample std over
 reference values, the machine) and benchmarks/results/quality_table.md (the table quoted in quality.md).
 """
 import json
-import os
-import platform
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+import recording
 
 runs_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/quality_runs")
 results = Path(__file__).resolve().parent / "results"
@@ -52,15 +52,7 @@ for (dataset, model), runs in sorted(groups.items()):
                     "bars": None if bars is None else {"dataset": BARS_DATA[dataset], "test_auc": bars[0],
                                                        "test_logloss": bars[1], "comparable": False},
                     "runs": runs})
-machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-           "cpus_visible": os.cpu_count(), "python": platform.python_version()}
-try:
-    import torch
-
-    machine["torch"] = torch.__version__
-except ImportError:
-    pass
-(results / "quality.json").write_text(json.dumps({"machine": machine, "command": "benchmarks/quality.sh",
+(results / "quality.json").write_text(json.dumps({"machine": recording.machine(), "command": "benchmarks/quality.sh",
                                                   "summary": summary}, indent=1) + "\n")
 lines = ["| dataset | model | test AUC (mean ± std) | test logloss (mean ± std) | best epochs (of run) | s/epoch "
          "| BARS x1 AUC / logloss (not comparable) |",
