@@ -18,8 +18,8 @@ from torch import nn
 
 import workloads as W
 from conftest import alternating_medians, synchronize
-from recording import alternating_info
 from deepfm_fast import EmbeddingFM, ops, reference
+from recording import alternating_info
 
 DEVICE = os.environ.get("DEEPFM_FAST_BENCH_DEVICE", "cpu")
 ON = "" if DEVICE == "cpu" else f" {DEVICE}"  # suffix of the benchmark groups
@@ -76,7 +76,9 @@ def tbe_forward(model, table):
     """FBGEMM TBE (one table per field) holding the fused model's rows, + the FM expression."""
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-        ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
 
     rows = W.TABLE_ROWS[table]
     tbe = SplitTableBatchedEmbeddingBagsCodegen(

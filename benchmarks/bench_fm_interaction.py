@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import alternating_medians, synchronize
-from recording import alternating_info
 from deepfm_fast import ops, reference
+from recording import alternating_info
 
 DEVICE = os.environ.get("DEEPFM_FAST_BENCH_DEVICE", "cpu")
 DTYPE = getattr(torch, os.environ.get("DEEPFM_FAST_BENCH_DTYPE", "float32"))

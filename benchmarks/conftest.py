@@ -26,4 +26,5 @@ def one_thread():
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     """The --benchmark-json files name the torch version and the command too (recording.py)."""
-    machine_info.update(recording.machine(), command=recording.command(["-m", "pytest", *config.invocation_params.args]))
+    args = ["-m", "pytest", *config.invocation_params.args]
+    machine_info.update(recording.machine(), command=recording.command(args))

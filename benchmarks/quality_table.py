@@ -70,7 +70,8 @@ for s in sorted(summary, key=lambda s: (s["dataset"], order.get(s["model"], 9)))
     ll = f"**{ll}**" if s["test_logloss_mean"] == b["ll"] else ll
     epochs = ", ".join(f"{e} ({n})" for e, n in zip(s["best_epochs"], s["epochs_run"]))
     bars = f"{s['bars']['test_auc']:.4f} / {s['bars']['test_logloss']:.4f}" if s["bars"] else "–"
-    lines.append(f"| {s['dataset']} | {s['model']} | {auc} | {ll} | {epochs} | {s['seconds_per_epoch_mean']:.1f} | {bars} |")
+    seconds = f"{s['seconds_per_epoch_mean']:.1f}"
+    lines.append(f"| {s['dataset']} | {s['model']} | {auc} | {ll} | {epochs} | {seconds} | {bars} |")
 table = "\n".join(lines)
 (results / "quality_table.md").write_text(table + "\n")
 print(table)

@@ -59,7 +59,7 @@ def _hidden_units(text: Any) -> List[int]:
     try:
         out = [int(u) for u in units]
     except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"hidden units must be integers like 400,400,400, got {text!r}")
+        raise argparse.ArgumentTypeError(f"hidden units must be integers like 400,400,400, got {text!r}") from None
     if any(u < 1 for u in out):
         raise argparse.ArgumentTypeError(f"hidden units must be >= 1, got {text!r}")
     return out
@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=DEMO["epochs"])
     p.add_argument("--batch-size", type=int, default=DEMO["batch_size"])
     p.add_argument("--lr", type=float, default=DEMO["lr"], help="Adam learning rate of the DNN and bias")
-    p.add_argument("--table-lr", type=float, default=DEMO["table_lr"], help="learning rate of the fused table optimizer")
+    p.add_argument("--table-lr", type=float, default=DEMO["table_lr"],
+                   help="learning rate of the fused table optimizer")
     p.add_argument("--init-std", type=float, default=DEMO["init_std"], help="embedding init std")
     p.add_argument("--embedding-dim", type=int, default=DEMO["embedding_dim"])
     p.add_argument("--hidden-units", type=_hidden_units, default=DEMO["hidden_units"])
@@ -540,9 +541,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     test = trainer.evaluate(data.test)
     dnn = "x".join(map(str, hidden)) if len(set(hidden)) > 1 else f"{hidden[0]}x{len(hidden)}"
     print(f"DeepFM (emb {args.embedding_dim}, DNN {dnn}, batch norm; DNN: Adam lr {args.lr:g}; table: fused "
-          f"{args.table_optimizer} lr {args.table_lr:g}), {result.epochs_run} epoch(s), best epoch {result.best_epoch}, "
-          f"{result.seconds_per_epoch:.1f} s/epoch, {result.train_rows_per_second:,.0f} train rows/s")
-    print(f"  test AUC     {test['auc']:.4f}   (best achievable {data.best_auc:.4f}, gap {data.best_auc - test['auc']:.4f})")
+          f"{args.table_optimizer} lr {args.table_lr:g}), {result.epochs_run} epoch(s), "
+          f"best epoch {result.best_epoch}, {result.seconds_per_epoch:.1f} s/epoch, "
+          f"{result.train_rows_per_second:,.0f} train rows/s")
+    print(f"  test AUC     {test['auc']:.4f}   (best achievable {data.best_auc:.4f}, "
+          f"gap {data.best_auc - test['auc']:.4f})")
     print(f"  test logloss {test['logloss']:.4f}   (best achievable {data.best_logloss:.4f})")
 
     # Step time: the same model (same weights) with the fused op + fused table optimizer, and on the
@@ -556,9 +559,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     batches = [b for _, b in zip(range(4), iterate_batches(data.train, args.timing_batch_size, shuffle=True,
                                                             generator=gen))]
-    steps = {name: (lambda t=Trainer(m, step_cfg), it=itertools.cycle(batches): t.train_step(next(it)))
-             for name, m in (("fused", fused), ("reference", ref))}
-    medians = alternating_medians(steps, rounds=args.timing_steps, warmup=2)
+    def stepper(model):
+        trainer, cycle = Trainer(model, step_cfg), itertools.cycle(batches)
+        return lambda: trainer.train_step(next(cycle))
+
+    medians = alternating_medians({"fused": stepper(fused), "reference": stepper(ref)}, rounds=args.timing_steps,
+                                  warmup=2)
     mf, mr = medians["fused"] * 1e3, medians["reference"] * 1e3
     print(f"training step, batch {args.timing_batch_size} (forward + backward + update), median of "
           f"{args.timing_steps} alternating steps, same model and weights:")

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from deepfm_fast.features import MultiHotField, NumericField, SparseField, field_from_dict, fields_from_dicts
 from deepfm_fast.data import (
     MISSING_ID,
     OOV_ID,
@@ -30,8 +29,8 @@ from deepfm_fast.data import (
     to_csr,
 )
 from deepfm_fast.data import readers as readers_mod
+from deepfm_fast.features import MultiHotField, NumericField, SparseField, field_from_dict, fields_from_dicts
 from testing import shared_data_file
-
 
 
 def criteo_row(label, ints, cats):

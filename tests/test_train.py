@@ -7,7 +7,7 @@ import torch
 
 from deepfm_fast.data import make_synthetic
 from deepfm_fast.features import MultiHotField, NumericField, SparseField
-from deepfm_fast.models import DeepFM, FM
+from deepfm_fast.models import FM, DeepFM
 from deepfm_fast.train import TrainConfig, Trainer, atomic_save, evaluate, load_checkpoint, predict, seed_everything
 
 FIELDS = [SparseField("u", 60), SparseField("i", 90), MultiHotField("g", 10, pooling="mean"), NumericField("x")]
@@ -61,11 +61,16 @@ def test_resume_continues_exactly(tmp_path, data):
     assert not list(tmp_path.rglob("*.tmp"))           # atomic writes leave no temporaries
 
 
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this")
+
+
 def test_atomic_save_keeps_the_old_file_on_error(tmp_path):
     path = tmp_path / "x.pt"
     atomic_save({"a": torch.ones(2)}, path)
-    with pytest.raises(Exception):
-        atomic_save({"a": lambda: 0}, path)            # a lambda cannot be pickled: fails mid-write
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        atomic_save({"a": _Unpicklable()}, path)        # fails half-way through writing
     assert torch.equal(load_checkpoint(path)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
 

@@ -202,11 +202,15 @@ def iterate_batches(
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         if perm is None:
-            end = min(start + batch_size, n)
-            take = lambda t: None if t is None else t[start:end]  # noqa: E731
+            rows = slice(start, min(start + batch_size, n))
+
+            def take(t, rows=rows):
+                return None if t is None else t[rows]
         else:
             idx = perm[start:start + batch_size]
-            take = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
+
+            def take(t, idx=idx):
+                return None if t is None else t.index_select(0, idx)
         yield Batch(
             sparse=take(dataset.sparse),
             multi_hot=tuple(take(t) for t in dataset.multi_hot),
