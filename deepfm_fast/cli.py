@@ -23,7 +23,7 @@ error naming the file and line (exit status 1), or is skipped and counted with
 writes ``row,probability`` only.
 
 This module parses and dispatches; the work is in :mod:`deepfm_fast.data` (formats and their
-specs), :mod:`deepfm_fast.train`, :mod:`deepfm_fast.plots` and :mod:`deepfm_fast.timing`.
+specs), :mod:`deepfm_fast.train`, :mod:`deepfm_fast.plots` and :mod:`deepfm_fast.demo`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -96,12 +95,6 @@ _TYPES = {"valid_fraction": float, "test_fraction": float, "epochs": int, "batch
           "init_std": float}
 _BOOLS = ("batch_norm", "resume", "skip_bad_lines", "sparse", "progress")
 _PATHS = ("schema", "train", "valid", "test", "checkpoint_dir", "metrics_out", "curves_out", "cache_dir")
-
-
-# `deepfm-fast demo` defaults: 30-60 s on 2 cores, within ~0.02 AUC of the planted truth
-# (the default make_synthetic data: 1M rows, 3,851 Zipf ids, planted rank-4 DeepFM).
-DEMO: Dict[str, Any] = {"rows": 1_000_000, "epochs": 4, "batch_size": 4096, "lr": 3e-3, "table_lr": 2e-2,
-                        "init_std": 1e-2, "embedding_dim": 10, "hidden_units": [256, 256], "dropout": 0.0}
 
 
 def _add_data_args(p: argparse.ArgumentParser, choices: Dict[str, Sequence[str]]) -> None:
@@ -218,18 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed rows")
         p.add_argument("--threads", type=int, help="torch CPU threads")
 
+    from .demo import DEMO_DEFAULTS
+
     p = sub.add_parser("demo", help="train DeepFM on planted-truth synthetic data; fused vs reference step time",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--rows", type=int, default=DEMO["rows"], help="synthetic rows (train+valid+test)")
-    p.add_argument("--epochs", type=int, default=DEMO["epochs"])
-    p.add_argument("--batch-size", type=int, default=DEMO["batch_size"])
-    p.add_argument("--lr", type=float, default=DEMO["lr"], help="Adam learning rate of the DNN and bias")
-    p.add_argument("--table-lr", type=float, default=DEMO["table_lr"],
+    p.add_argument("--rows", type=int, default=DEMO_DEFAULTS["rows"], help="synthetic rows (train+valid+test)")
+    p.add_argument("--epochs", type=int, default=DEMO_DEFAULTS["epochs"])
+    p.add_argument("--batch-size", type=int, default=DEMO_DEFAULTS["batch_size"])
+    p.add_argument("--lr", type=float, default=DEMO_DEFAULTS["lr"], help="Adam learning rate of the DNN and bias")
+    p.add_argument("--table-lr", type=float, default=DEMO_DEFAULTS["table_lr"],
                    help="learning rate of the fused table optimizer")
-    p.add_argument("--init-std", type=float, default=DEMO["init_std"], help="embedding init std")
-    p.add_argument("--embedding-dim", type=int, default=DEMO["embedding_dim"])
-    p.add_argument("--hidden-units", type=_hidden_units, default=DEMO["hidden_units"])
-    p.add_argument("--dropout", type=float, default=DEMO["dropout"])
+    p.add_argument("--init-std", type=float, default=DEMO_DEFAULTS["init_std"], help="embedding init std")
+    p.add_argument("--embedding-dim", type=int, default=DEMO_DEFAULTS["embedding_dim"])
+    p.add_argument("--hidden-units", type=_hidden_units, default=DEMO_DEFAULTS["hidden_units"])
+    p.add_argument("--dropout", type=float, default=DEMO_DEFAULTS["dropout"])
     p.add_argument("--table-optimizer", choices=FUSED_TABLE_OPTIMIZERS, default="adam",
                    help="fused table optimizer of the trained model")
     p.add_argument("--seed", type=int, default=0)
@@ -510,80 +505,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import copy
-    import itertools
-
-    import torch
-
-    from . import backend
-    from .data import iterate_batches, make_synthetic
-    from .models import DeepFM
-    from .timing import alternating_medians
-    from .train import TrainConfig, Trainer, seed_everything
+    from .demo import run_demo
 
     _set_threads(args.threads)
-    t_start = time.perf_counter()
-    print(f"deepfm_fast demo: backend {backend()}, {torch.get_num_threads()} CPU thread(s)")
-    data = make_synthetic(args.rows, seed=args.seed)
-    print(f"synthetic data: {len(data.train):,} train / {len(data.valid):,} valid / {len(data.test):,} test rows, "
-          f"{len(data.fields)} fields ({sum(f.vocab_size for f in data.fields):,} ids, Zipf), "
-          f"positive rate {data.positive_rate:.3f}; labels drawn from a planted DeepFM")
-    hidden = tuple(args.hidden_units)
-    hp = dict(embedding_dim=args.embedding_dim, hidden_units=hidden, batch_norm=True, dropout=args.dropout,
-              l2_embedding=0.0)
-    seed_everything(args.seed)
-    model = DeepFM(data.fields, **hp, init_std=args.init_std, table_optimizer=args.table_optimizer,
-                   table_lr=args.table_lr)
-    trainer = Trainer(model, TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                         table_lr=args.table_lr,
-                                         seed=args.seed, patience=2, progress=args.progress))
-    result = trainer.fit(data.train, data.valid)
-    test = trainer.evaluate(data.test)
-    dnn = "x".join(map(str, hidden)) if len(set(hidden)) > 1 else f"{hidden[0]}x{len(hidden)}"
-    print(f"DeepFM (emb {args.embedding_dim}, DNN {dnn}, batch norm; DNN: Adam lr {args.lr:g}; table: fused "
-          f"{args.table_optimizer} lr {args.table_lr:g}), {result.epochs_run} epoch(s), "
-          f"best epoch {result.best_epoch}, {result.seconds_per_epoch:.1f} s/epoch, "
-          f"{result.train_rows_per_second:,.0f} train rows/s")
-    print(f"  test AUC     {test['auc']:.4f}   (best achievable {data.best_auc:.4f}, "
-          f"gap {data.best_auc - test['auc']:.4f})")
-    print(f"  test logloss {test['logloss']:.4f}   (best achievable {data.best_logloss:.4f})")
-
-    # Step time: the same model (same weights) with the fused op + fused table optimizer, and on the
-    # reference ops with dense table gradients + torch Adam on everything (what plain PyTorch users
-    # write); the trainer's step (its optimizers: Adam on whatever has a gradient), one step each in
-    # turn on the same batches, medians.
-    fused = copy.deepcopy(model).train()
-    ref = DeepFM(data.fields, **hp, use_reference=True, table_optimizer="dense").train()
-    ref.load_state_dict(fused.state_dict(), strict=False)  # strict=False: no fused-optimizer buffers
-    step_cfg = TrainConfig(lr=args.lr, table_lr=args.table_lr, progress=False)  # lrs do not change the step time
-    gen = torch.Generator().manual_seed(args.seed)
-    batches = [b for _, b in zip(range(4), iterate_batches(data.train, args.timing_batch_size, shuffle=True,
-                                                            generator=gen))]
-    def stepper(model):
-        trainer, cycle = Trainer(model, step_cfg), itertools.cycle(batches)
-        return lambda: trainer.train_step(next(cycle))
-
-    medians = alternating_medians({"fused": stepper(fused), "reference": stepper(ref)}, rounds=args.timing_steps,
-                                  warmup=2)
-    mf, mr = medians["fused"] * 1e3, medians["reference"] * 1e3
-    print(f"training step, batch {args.timing_batch_size} (forward + backward + update), median of "
-          f"{args.timing_steps} alternating steps, same model and weights:")
-    print(f"  fused ops ({backend()}), table: fused {args.table_optimizer} in the backward, "
-          f"DNN: torch Adam: {mf:8.1f} ms")
-    print(f"  reference ops, table: dense gradient + torch Adam (plain PyTorch):    {mr:8.1f} ms")
-    print(f"  speed-up: {mr / mf:.2f}x  (this table has {sum(f.vocab_size for f in data.fields):,} rows, so the "
-          f"DNN dominates both; the gap grows with the table: benchmarks/results)")
-    total = time.perf_counter() - t_start
-    print(f"total {total:.0f} s")
+    # The demo's flags are run_demo's parameters, by name.
+    numbers = run_demo(**{k: v for k, v in vars(args).items() if k not in ("command", "threads", "metrics_out")})
     if args.metrics_out:
-        write_json(args.metrics_out, {
-            "test_auc": test["auc"], "test_logloss": test["logloss"], "best_auc": data.best_auc,
-            "best_logloss": data.best_logloss, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-            "seconds_per_epoch": result.seconds_per_epoch, "train_rows_per_second": result.train_rows_per_second,
-            "step_ms_fused": mf, "step_ms_reference": mr, "speedup": mr / mf, "backend": backend(),
-            "table_optimizer_fused": args.table_optimizer, "table_optimizer_reference": "dense gradient + Adam",
-            "timing_batch_size": args.timing_batch_size, "total_seconds": total,
-            "rows": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)}})
+        write_json(args.metrics_out, numbers)
     return 0
 
 
