@@ -201,6 +201,33 @@ def test_csv_schema_reader_multi_hot_and_keep(tmp_path):
     assert prepare_data(CSVFormat(yml), p).fields == d.fields
 
 
+def test_format_specs_round_trip_through_json(tmp_path):
+    """A spec (what a checkpoint stores) rebuilds a reader that reads files as training did."""
+    from deepfm_fast.data import format_spec, make_format, trained_spec
+
+    schema = {"label": "label", "user": "sparse", "age": {"role": "numeric", "transform": "standardize"}}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "s.csv").write_text("label,user,age\n1,u1,30\n0,u2,\n")
+    spec = json.loads(json.dumps(format_spec("csv", schema=tmp_path / "schema.json")))
+    (tmp_path / "schema.json").unlink()                    # the spec holds the schema itself
+    assert prepare_data(make_format(spec), tmp_path / "s.csv").fields == prepare_data(
+        CSVFormat(schema), tmp_path / "s.csv").fields
+    assert make_format(format_spec("csv", schema="sparrow_movielens")).schema["movieGenre1"].pooling == "mean"
+    p = tmp_path / "g.libfm"
+    p.write_text("1 3:2 10:1\n-1 4:1\n")
+    fmt = make_format(format_spec("libfm", min_count=2))
+    prepare_data(fmt, p)
+    spec = json.loads(json.dumps(trained_spec(format_spec("libfm"), fmt)))
+    assert spec["kwargs"]["layout"] == ["bag", 2] and make_format(spec).layout == ("bag", 2)
+    assert make_format(format_spec("criteo")).options()["format"] == "criteo"
+    with pytest.raises(ValueError, match="unknown format 'parquet'"):
+        format_spec("parquet")
+    with pytest.raises(ValueError, match="needs a schema"):
+        format_spec("csv")
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        format_spec("csv", schema=tmp_path / "nope.yaml")
+
+
 # -- bad input -----------------------------------------------------------------------------
 BAD_CASES = [
     ("criteo", lambda r: r[:3] + [r[3][:-1]] + r[4:], 4, "columns"),          # wrong column count

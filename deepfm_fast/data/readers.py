@@ -390,7 +390,8 @@ def parse_schema(schema: Union[Dict[str, Any], str, Path]) -> Dict[str, Column]:
     Args:
         schema: a dict, or the path of a ``.json`` / ``.yaml`` / ``.yml`` file holding one.
             Values are a role (``"sparse"``) or a dict (``{"role": "multi_hot", "sep": "|",
-            "field": "genres", "pooling": "mean"}``; ``"type"`` is accepted for ``"role"``).
+            "field": "genres", "pooling": "mean"}``; ``"type"`` is accepted for ``"role"``, and
+            ``"name"`` if it is the column's, so a :class:`Column` as a dict reads back).
             Exactly one column must be the label. Columns of the file not in the schema are
             an error unless the schema holds ``"*": "ignore"``.
     """
@@ -411,6 +412,8 @@ def parse_schema(schema: Union[Dict[str, Any], str, Path]) -> Dict[str, Column]:
         spec = dict(spec)
         if "type" in spec:
             spec["role"] = spec.pop("type")
+        if spec.pop("name", name) != name:  # a Column as a dict (asdict) names itself
+            raise ValueError(f"schema column {name!r} holds another name: {spec!r}")
         out[name] = Column(name=name, **spec)
     labels = [n for n, c in out.items() if c.role == "label" and n != "*"]
     if len(labels) != 1:
