@@ -13,7 +13,6 @@ from deepfm_fast.data import CriteoFormat, LibFMFormat, iterate_batches, make_sy
 from testing import shared_data_file
 
 
-
 @pytest.mark.parametrize("name,fmt,rel", [
     ("criteo_csv_gz", CriteoFormat(layout="csv"), "criteo_sample_10k/criteo_sampled_data_10k.csv.gz"),
     ("frappe_libfm", LibFMFormat(fields="position"), "frappe/frappe.validation.libfm"),

@@ -19,6 +19,7 @@ from torch import nn
 import workloads as W
 from conftest import alternating_medians, synchronize
 from deepfm_fast import EmbeddingFM, ops, reference
+from recording import alternating_info
 
 DEVICE = os.environ.get("DEEPFM_FAST_BENCH_DEVICE", "cpu")
 ON = "" if DEVICE == "cpu" else f" {DEVICE}"  # suffix of the benchmark groups
@@ -35,10 +36,7 @@ def record(benchmark, group, impls, rounds, **info):
     medians = alternating_medians(impls, rounds=rounds, device=DEVICE)
     fused = next(iter(impls))
     benchmark.group = group + ON
-    benchmark.extra_info.update(
-        threads=torch.get_num_threads(), device=DEVICE, **info,
-        alternating_median_ms={name: round(m * 1e3, 3) for name, m in medians.items()},
-        speedup_of_fused_vs={name: round(m / medians[fused], 2) for name, m in medians.items() if name != fused})
+    benchmark.extra_info.update(device=DEVICE, **info, **alternating_info(medians))
     benchmark.pedantic(lambda: (impls[fused](), synchronize(DEVICE)), rounds=10, warmup_rounds=1)
 
 
@@ -78,7 +76,9 @@ def tbe_forward(model, table):
     """FBGEMM TBE (one table per field) holding the fused model's rows, + the FM expression."""
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-        ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
 
     rows = W.TABLE_ROWS[table]
     tbe = SplitTableBatchedEmbeddingBagsCodegen(

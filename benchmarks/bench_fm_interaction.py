@@ -14,6 +14,7 @@ import torch
 
 from conftest import alternating_medians, synchronize
 from deepfm_fast import ops, reference
+from recording import alternating_info
 
 DEVICE = os.environ.get("DEEPFM_FAST_BENCH_DEVICE", "cpu")
 DTYPE = getattr(torch, os.environ.get("DEEPFM_FAST_BENCH_DTYPE", "float32"))
@@ -71,13 +72,7 @@ def test_w1(benchmark, shape, backward):
     steps = {name: step_fn(fn, emb, backward) for name, fn in impls.items()}
     medians = alternating_medians(steps, device=DEVICE)
     benchmark.group = f"W1 {'fwd+bwd' if backward else 'fwd'} {DEVICE} {DTYPE}".replace("torch.", "")
-    benchmark.extra_info.update(
-        shape=list(shape),
-        device=DEVICE,
-        dtype=str(DTYPE),
-        threads=torch.get_num_threads(),
-        alternating_median_ms={name: round(m * 1e3, 4) for name, m in medians.items()},
-        speedup_of_fused_vs={name: round(m / medians["fused"], 2) for name, m in medians.items() if name != "fused"},
-    )
+    benchmark.extra_info.update(shape=list(shape), device=DEVICE, dtype=str(DTYPE),
+                                **alternating_info(medians, fused="fused", digits=4))
     fused = steps["fused"]
     benchmark.pedantic(lambda: (fused(), synchronize(DEVICE)), rounds=30, warmup_rounds=2)

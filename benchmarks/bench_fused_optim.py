@@ -22,6 +22,7 @@ import torch
 
 import workloads as W
 from conftest import alternating_medians
+from recording import alternating_info
 
 ROWS = W.TABLE_ROWS[os.environ.get("DEEPFM_FAST_BENCH_TABLE", "large")]
 DEVICE = os.environ.get("DEEPFM_FAST_BENCH_DEVICE", "cpu")
@@ -77,10 +78,7 @@ def run_case(benchmark, workload, variants, batch, dim, dist, rounds):
     benchmark.group = f"{workload} K={dim} B={batch} {dist} {DEVICE}"
     benchmark.extra_info.update(
         workload=workload, rows=ROWS * W.FIELDS, dim=dim, batch=batch, dist=dist, device=DEVICE,
-        threads=torch.get_num_threads(),
-        unique_rows_per_step=unique_rows,
-        alternating_median_ms={name: round(m * 1e3, 3) for name, m in medians.items()},
-        speedup_of_fused_vs={name: round(m / medians[fused], 2) for name, m in medians.items() if name != fused},
+        unique_rows_per_step=unique_rows, **alternating_info(medians, fused),
     )
     synchronize = (lambda: torch.cuda.synchronize()) if DEVICE == "cuda" else (lambda: None)
     benchmark.pedantic(lambda: (steps[fused](), synchronize()), rounds=5, warmup_rounds=1)

@@ -1,12 +1,15 @@
-"""Shared benchmark settings: one thread (the CPU comparisons of ../shared/docs/benchmarks.md), and
-a helper that times implementations ALTERNATING in one process, so that noise on these shared
-machines hits all of them alike; compare medians and ratios, not single runs."""
+"""Shared benchmark settings: one thread (the CPU comparisons of ../shared/docs/benchmarks.md).
+
+Implementations are timed ALTERNATING in one process, so that noise on these shared machines hits
+all of them alike; compare medians and ratios, not single runs. The timing helper is
+``deepfm_fast.timing`` (``deepfm-fast demo`` uses it too); the bench files import it from here."""
 import os
-import statistics
-import time
 
 import pytest
 import torch
+
+import recording
+from deepfm_fast.timing import alternating_medians, synchronize  # noqa: F401  (re-exported)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -21,22 +24,7 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def synchronize(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def alternating_medians(fns, rounds=30, warmup=3, device="cpu"):
-    """Runs each fn of {name: fn} once per round, in turn; returns {name: median seconds}."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    synchronize(device)
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(samples) for name, samples in times.items()}
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The --benchmark-json files name the torch version and the command too (recording.py)."""
+    args = ["-m", "pytest", *config.invocation_params.args]
+    machine_info.update(recording.machine(), command=recording.command(args))

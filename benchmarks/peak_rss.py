@@ -68,8 +68,11 @@ def main():
         results.append(measure(name, args))
         print(json.dumps(results[-1]), flush=True)
     if args.out:
+        import recording
+
         with open(args.out, "w") as f:
             json.dump({"dim": args.dim, "batch": args.batch, "steps": args.steps, "table": args.table,
+                       "machine": recording.machine(), "command": recording.command(sys.argv),
                        "results": results}, f, indent=1)
 
 

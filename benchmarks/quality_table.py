@@ -5,12 +5,12 @@ Writes benchmarks/results/quality.json (per-run numbers, mean ± sample std over
 reference values, the machine) and benchmarks/results/quality_table.md (the table quoted in quality.md).
 """
 import json
-import os
-import platform
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+import recording
 
 runs_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/quality_runs")
 results = Path(__file__).resolve().parent / "results"
@@ -52,15 +52,7 @@ for (dataset, model), runs in sorted(groups.items()):
                     "bars": None if bars is None else {"dataset": BARS_DATA[dataset], "test_auc": bars[0],
                                                        "test_logloss": bars[1], "comparable": False},
                     "runs": runs})
-machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-           "cpus_visible": os.cpu_count(), "python": platform.python_version()}
-try:
-    import torch
-
-    machine["torch"] = torch.__version__
-except ImportError:
-    pass
-(results / "quality.json").write_text(json.dumps({"machine": machine, "command": "benchmarks/quality.sh",
+(results / "quality.json").write_text(json.dumps({"machine": recording.machine(), "command": "benchmarks/quality.sh",
                                                   "summary": summary}, indent=1) + "\n")
 lines = ["| dataset | model | test AUC (mean ± std) | test logloss (mean ± std) | best epochs (of run) | s/epoch "
          "| BARS x1 AUC / logloss (not comparable) |",
@@ -78,7 +70,8 @@ for s in sorted(summary, key=lambda s: (s["dataset"], order.get(s["model"], 9)))
     ll = f"**{ll}**" if s["test_logloss_mean"] == b["ll"] else ll
     epochs = ", ".join(f"{e} ({n})" for e, n in zip(s["best_epochs"], s["epochs_run"]))
     bars = f"{s['bars']['test_auc']:.4f} / {s['bars']['test_logloss']:.4f}" if s["bars"] else "–"
-    lines.append(f"| {s['dataset']} | {s['model']} | {auc} | {ll} | {epochs} | {s['seconds_per_epoch_mean']:.1f} | {bars} |")
+    seconds = f"{s['seconds_per_epoch_mean']:.1f}"
+    lines.append(f"| {s['dataset']} | {s['model']} | {auc} | {ll} | {epochs} | {seconds} | {bars} |")
 table = "\n".join(lines)
 (results / "quality_table.md").write_text(table + "\n")
 print(table)

@@ -8,12 +8,7 @@ speed-up of the fused one over each other; this prints them, with the machine th
 import json
 import sys
 
-
-def machine_line(data):
-    m = data.get("machine_info", {})
-    cpu = m.get("cpu", {})
-    return (f"Machine: {cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores, {m.get('system', '?')} "
-            f"{m.get('release', '')}, Python {m.get('python_version', '?')}; run {data.get('datetime', '?')}")
+from recording import machine_line
 
 
 def table(data):
@@ -36,7 +31,8 @@ def main(paths):
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        print(f"### {path}\n\n{machine_line(data)}\n\n{table(data)}\n")
+        print(f"### {path}\n\n{machine_line(data.get('machine_info', {}), data.get('datetime', '?'))}\n\n"
+              f"{table(data)}\n")
 
 
 if __name__ == "__main__":

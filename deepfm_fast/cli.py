@@ -15,6 +15,15 @@ A config file (YAML or JSON) holds the same option names as the flags, with ``-`
 (``hidden_units: [400, 400, 400]``, ``batch-norm: true``). Bad input data stops with a one-line
 error naming the file and line (exit status 1), or is skipped and counted with
 ``--skip-bad-lines``. Set ``DEEPFM_FAST_DEBUG=1`` to see tracebacks.
+
+``train --metrics-out runs/m.json`` also draws the learning curves into ``runs/m.png``
+(``--curves-out`` to choose the file; needs matplotlib: ``pip install 'deepfm_fast[plot]'``).
+``predict`` reads files without labels too (Criteo's ``test.txt``, libFM rows that start with
+``id:value``, a CSV without the label column: see :mod:`deepfm_fast.data.readers`) and then
+writes ``row,probability`` only.
+
+This module parses and dispatches; the work is in :mod:`deepfm_fast.data` (formats and their
+specs), :mod:`deepfm_fast.train`, :mod:`deepfm_fast.plots` and :mod:`deepfm_fast.demo`.
 """
 
 from __future__ import annotations
@@ -22,11 +31,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+from ._io import atomic_write, write_json
 
 __all__ = ["main", "build_parser"]
 
@@ -49,13 +58,13 @@ def _hidden_units(text: Any) -> List[int]:
     try:
         out = [int(u) for u in units]
     except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"hidden units must be integers like 400,400,400, got {text!r}")
+        raise argparse.ArgumentTypeError(f"hidden units must be integers like 400,400,400, got {text!r}") from None
     if any(u < 1 for u in out):
         raise argparse.ArgumentTypeError(f"hidden units must be >= 1, got {text!r}")
     return out
 
 
-# name -> (default, type used to coerce config-file values)
+# Every train option and its default; a config file may set any of them.
 TRAIN_DEFAULTS: Dict[str, Any] = {
     "model": "deepfm", "format": None, "schema": None, "train": None, "valid": None,
     "valid_fraction": 0.1, "test": None, "test_fraction": None, "split": "random", "split_by": None,
@@ -64,46 +73,56 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "seed": 2021, "checkpoint_dir": None, "resume": False, "metrics_out": None, "cache_dir": None,
     "skip_bad_lines": False, "threads": None, "max_rows": None, "min_count": 1, "sparse": False,
     "device": "cpu", "progress": True, "init_std": 1e-2, "table_optimizer": "adam", "table_lr": None,
-    "monitor": "auc-logloss", "precise_bn_batches": 16,
+    "monitor": "auc-logloss", "precise_bn_batches": 16, "curves_out": None,
 }
-_CHOICES = {"table_optimizer": ("adam", "rowwise_adagrad", "adagrad", "sgd", "sparse_adam", "dense"),
-            "monitor": ("auc-logloss", "auc"), "model": ("deepfm", "fm", "lr")}
+SPLITS = ("random", "ordered")
+
+
+def _choices() -> Dict[str, Sequence[str]]:
+    """The allowed values of the choice options, from the modules that define them."""
+    from .data.formats import FORMATS
+    from .models import MODELS, TABLE_OPTIMIZERS
+    from .train import MONITORS
+
+    return {"model": tuple(MODELS), "table_optimizer": TABLE_OPTIMIZERS, "monitor": MONITORS,
+            "format": FORMATS, "split": SPLITS}
+
+
 _TYPES = {"valid_fraction": float, "test_fraction": float, "epochs": int, "batch_size": int, "lr": float,
           "table_lr": float, "precise_bn_batches": int,
           "embedding_dim": int, "hidden_units": _hidden_units, "dropout": float, "l2_embedding": float,
           "patience": int, "seed": int, "threads": int, "max_rows": int, "min_count": int,
           "init_std": float}
 _BOOLS = ("batch_norm", "resume", "skip_bad_lines", "sparse", "progress")
-_PATHS = ("schema", "train", "valid", "test", "checkpoint_dir", "metrics_out", "cache_dir")
+_PATHS = ("schema", "train", "valid", "test", "checkpoint_dir", "metrics_out", "curves_out", "cache_dir")
 
 
-# `deepfm-fast demo` defaults: 30-60 s on 2 cores, within ~0.02 AUC of the planted truth
-# (the default make_synthetic data: 1M rows, 3,851 Zipf ids, planted rank-4 DeepFM).
-DEMO: Dict[str, Any] = {"rows": 1_000_000, "epochs": 4, "batch_size": 4096, "lr": 3e-3, "table_lr": 2e-2,
-                        "init_std": 1e-2, "embedding_dim": 10, "hidden_units": [256, 256], "dropout": 0.0}
+def _add_data_args(p: argparse.ArgumentParser, choices: Dict[str, Sequence[str]]) -> None:
+    from .data.formats import BUILTIN_SCHEMAS
 
-
-def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--format", choices=["criteo", "libfm", "csv"],
+    g.add_argument("--format", choices=choices["format"],
                    help="criteo: label,I1..I13,C1..C26 (TSV or CSV with header); libfm: 'label id:value ...'; "
                         "csv: header CSV described by --schema")
-    g.add_argument("--schema", help="csv: JSON/YAML file mapping column -> role, or 'sparrow_movielens'")
+    g.add_argument("--schema", help="csv: JSON/YAML file mapping column -> role, or a built-in schema: "
+                                    + ", ".join(sorted(BUILTIN_SCHEMAS)))
     g.add_argument("--skip-bad-lines", action=argparse.BooleanOptionalAction, default=None,
                    help="skip and count malformed rows instead of stopping")
     g.add_argument("--cache-dir", help="cache the encoded arrays here and reuse them on the next run")
     g.add_argument("--min-count", type=int, help="categorical values seen fewer times go to OOV (default 1)")
 
 
-def _add_train_parser(sub) -> None:
+def _add_train_parser(sub, choices: Dict[str, Sequence[str]]) -> None:
+    from .models import FUSED_TABLE_OPTIMIZERS
+
     # No ArgumentDefaultsHelpFormatter: every flag defaults to None (so a --config file can fill
     # it); the help texts name the real defaults (TRAIN_DEFAULTS).
     p = sub.add_parser("train", help="train a model, evaluate every epoch, stop early, report metrics",
                        description="Train on --train, early stopping on --valid (or a --valid-fraction hold-out), "
                                    "final metrics on --test. Options may come from --config.")
     p.add_argument("--config", help="YAML or JSON file of options (same names as the flags); flags override it")
-    p.add_argument("--model", choices=["deepfm", "fm", "lr"], help="model (default deepfm)")
-    _add_data_args(p)
+    p.add_argument("--model", choices=choices["model"], help="model (default deepfm)")
+    _add_data_args(p, choices)
     g = p.add_argument_group("splits")
     g.add_argument("--train", help="training file")
     g.add_argument("--valid", help="validation file for early stopping")
@@ -111,7 +130,7 @@ def _add_train_parser(sub) -> None:
                    help="without --valid: hold out this share of the training rows (default 0.1; 0 = none)")
     g.add_argument("--test", help="test file for the final metrics")
     g.add_argument("--test-fraction", type=float, help="without --test: hold out this share of the training rows")
-    g.add_argument("--split", choices=["random", "ordered"],
+    g.add_argument("--split", choices=choices["split"],
                    help="how hold-outs are taken: random rows (default) or the tail in file/--split-by order")
     g.add_argument("--split-by", help="ordered split: an extra ('keep') column to sort by, e.g. timestamp")
     g.add_argument("--max-rows", type=int, help="use only the first N training rows (quick runs)")
@@ -122,15 +141,16 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--dropout", type=float, help="DNN dropout (default 0)")
     g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help="DNN batch norm")
     g.add_argument("--l2-embedding", type=float, help="L2 on the table rows used in each batch (default 0)")
-    g.add_argument("--table-optimizer", choices=_CHOICES["table_optimizer"],
-                   help="how the embedding table (and first-order weights) is trained: adam (default; fused "
-                        "Adam on the rows each batch touches, inside the backward = SparseAdam semantics, "
-                        "fastest), rowwise_adagrad / adagrad / sgd (fused), sparse_adam (sparse gradients + "
-                        "torch SparseAdam), dense (dense gradients + Adam: the slow baseline). The DNN, bias "
-                        "and batch norm always use torch Adam")
+    plain = [o for o in choices["table_optimizer"] if o not in FUSED_TABLE_OPTIMIZERS]
+    g.add_argument("--table-optimizer", choices=choices["table_optimizer"],
+                   help="how the embedding table (and first-order weights) is trained. Fused, updating the rows "
+                        f"each batch touches inside the backward: {', '.join(FUSED_TABLE_OPTIMIZERS)} (default "
+                        "adam: SparseAdam semantics, the fastest). Plain PyTorch, for comparison: "
+                        f"{', '.join(plain)} (sparse_adam: sparse gradients + torch SparseAdam; dense: dense "
+                        "gradients + Adam, the slow baseline). The DNN, bias and batch norm always use torch Adam")
     g.add_argument("--table-lr", type=float, help="learning rate of the table optimizer (default: --lr)")
     g.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=None,
-                   help="old spelling of --table-optimizer sparse_adam")
+                   help="deprecated: the old spelling of --table-optimizer sparse_adam")
     g.add_argument("--init-std", type=float,
                    help="embedding init std (default 1e-2; FuxiCTR uses 1e-4, which leaves the FM term "
                         "inactive for many epochs when an epoch is only a few steps)")
@@ -144,65 +164,81 @@ def _add_train_parser(sub) -> None:
                    help="before each validation, recompute the batch-norm statistics over this many training "
                         "batches with the current weights (PreciseBN; default 16; 0 = plain running averages, "
                         "which lag badly with few steps per epoch)")
-    g.add_argument("--monitor", choices=_CHOICES["monitor"],
+    g.add_argument("--monitor", choices=choices["monitor"],
                    help="early-stopping score: auc-logloss (default; validation AUC - logloss, as the BARS "
                         "configs' monitor {AUC: 1, logloss: -1}) or auc")
     g.add_argument("--seed", type=int, help="seed (default 2021); same seed, same result on CPU")
     g.add_argument("--checkpoint-dir", help="write last.pt (resume) and best.pt (evaluate/predict) here")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="continue from --checkpoint-dir/last.pt")
-    g.add_argument("--metrics-out", help="write final metrics as JSON to this file")
+    g.add_argument("--metrics-out", help="write final metrics as JSON to this file, and the learning curves "
+                                         "as a PNG beside it (same name, .png)")
+    g.add_argument("--curves-out", help="write the learning curves (train loss, valid AUC and logloss, learning "
+                                        "rates per epoch; needs matplotlib) to this PNG instead")
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--device", help="cpu (default) or cuda")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="DeepFM / FM / LR for CTR prediction on fused kernels.")
     from . import __version__
+    from .models import FUSED_TABLE_OPTIMIZERS
+
+    parser = argparse.ArgumentParser(prog=PROG, description="DeepFM / FM / LR for CTR prediction on fused kernels.",
+                                     epilog=f"'{PROG} COMMAND --help' for the options of a command.")
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,demo}")
     sub.required = True
-    _add_train_parser(sub)
+    choices = _choices()
+    _add_train_parser(sub, choices)
 
     for name, helptext in (("evaluate", "AUC and logloss of a checkpoint on a labelled file"),
-                           ("predict", "write the predicted click probabilities of a file to CSV")):
-        p = sub.add_parser(name, help=helptext)
+                           ("predict", "write the predicted click probabilities of a file, labelled or not, to CSV")):
+        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + "; the file is "
+                           "read in the format of the training file (stored in the checkpoint).")
         p.add_argument("--checkpoint", required=True, help="best.pt, or the --checkpoint-dir of a train run")
         if name == "evaluate":
             p.add_argument("--test", "--input", dest="input", required=True, help="labelled file to score")
             p.add_argument("--metrics-out", help="write the metrics as JSON here")
         else:
-            p.add_argument("--input", "--test", dest="input", required=True, help="file to score (same format)")
-            p.add_argument("--output", required=True, help="CSV to write: row,probability[,label]")
-        p.add_argument("--batch-size", type=int, default=16384)
+            p.add_argument("--input", "--test", dest="input", required=True,
+                           help="file to score; without labels (Criteo test.txt: 39 columns; libFM rows starting "
+                                "with id:value; CSV without the label column) it is scored all the same")
+            p.add_argument("--output", required=True,
+                           help="CSV to write: row,probability, and label when the input has labels")
+        p.add_argument("--batch-size", type=int, default=16384, help="rows per forward pass (default 16384)")
         p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed rows")
-        p.add_argument("--threads", type=int)
+        p.add_argument("--threads", type=int, help="torch CPU threads")
+
+    from .demo import DEMO_DEFAULTS
 
     p = sub.add_parser("demo", help="train DeepFM on planted-truth synthetic data; fused vs reference step time",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--rows", type=int, default=DEMO["rows"], help="synthetic rows (train+valid+test)")
-    p.add_argument("--epochs", type=int, default=DEMO["epochs"])
-    p.add_argument("--batch-size", type=int, default=DEMO["batch_size"])
-    p.add_argument("--lr", type=float, default=DEMO["lr"], help="Adam learning rate of the DNN and bias")
-    p.add_argument("--table-lr", type=float, default=DEMO["table_lr"], help="learning rate of the fused table optimizer")
-    p.add_argument("--init-std", type=float, default=DEMO["init_std"], help="embedding init std")
-    p.add_argument("--embedding-dim", type=int, default=DEMO["embedding_dim"])
-    p.add_argument("--hidden-units", type=_hidden_units, default=DEMO["hidden_units"])
-    p.add_argument("--dropout", type=float, default=DEMO["dropout"])
-    p.add_argument("--table-optimizer", choices=("adam", "rowwise_adagrad", "adagrad", "sgd"), default="adam",
+    p.add_argument("--rows", type=int, default=DEMO_DEFAULTS["rows"], help="synthetic rows (train+valid+test)")
+    p.add_argument("--epochs", type=int, default=DEMO_DEFAULTS["epochs"])
+    p.add_argument("--batch-size", type=int, default=DEMO_DEFAULTS["batch_size"])
+    p.add_argument("--lr", type=float, default=DEMO_DEFAULTS["lr"], help="Adam learning rate of the DNN and bias")
+    p.add_argument("--table-lr", type=float, default=DEMO_DEFAULTS["table_lr"],
+                   help="learning rate of the fused table optimizer")
+    p.add_argument("--init-std", type=float, default=DEMO_DEFAULTS["init_std"], help="embedding init std")
+    p.add_argument("--embedding-dim", type=int, default=DEMO_DEFAULTS["embedding_dim"])
+    p.add_argument("--hidden-units", type=_hidden_units, default=DEMO_DEFAULTS["hidden_units"])
+    p.add_argument("--dropout", type=float, default=DEMO_DEFAULTS["dropout"])
+    p.add_argument("--table-optimizer", choices=FUSED_TABLE_OPTIMIZERS, default="adam",
                    help="fused table optimizer of the trained model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timing-steps", type=int, default=10, help="timed steps per model")
     p.add_argument("--timing-batch-size", type=int, default=4096, help="batch of the timed steps")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--metrics-out", help="write the demo numbers as JSON here")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return parser
 
 
 def _load_config(path: str) -> Dict[str, Any]:
+    from .data.formats import BUILTIN_SCHEMAS
+
     p = Path(path)
     if not p.is_file():
         raise CLIError(f"config file {path} not found")
@@ -222,6 +258,7 @@ def _load_config(path: str) -> Dict[str, Any]:
         raise CLIError(f"config file {path}: expected a mapping of option -> value, got {type(cfg).__name__}")
     out = {}
     base = p.resolve().parent
+    choices = _choices()
     for key, value in cfg.items():
         name = str(key).replace("-", "_")
         if name not in TRAIN_DEFAULTS:
@@ -231,11 +268,11 @@ def _load_config(path: str) -> Dict[str, Any]:
                 value = _TYPES[name](value)
             except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
                 raise CLIError(f"config file {path}: option {key!r}: {exc}") from None
-        if value is not None and name in _CHOICES and value not in _CHOICES[name]:
-            raise CLIError(f"config file {path}: option {key!r} must be one of {list(_CHOICES[name])}, got {value!r}")
+        if value is not None and name in choices and value not in choices[name]:
+            raise CLIError(f"config file {path}: option {key!r} must be one of {list(choices[name])}, got {value!r}")
         if value is not None and name in _BOOLS and not isinstance(value, bool):
             raise CLIError(f"config file {path}: option {key!r} must be true or false, got {value!r}")
-        if value is not None and name in _PATHS and not (name == "schema" and value == "sparrow_movielens"):
+        if value is not None and name in _PATHS and not (name == "schema" and value in BUILTIN_SCHEMAS):
             value = str(base / Path(os.path.expanduser(str(value))))  # relative to the config file
         out[name] = value
     return out
@@ -256,45 +293,6 @@ def resolve_train_options(args: argparse.Namespace) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
-def _make_format(spec: Dict[str, Any]):
-    from .data import CriteoFormat, CSVFormat, LibFMFormat
-
-    kind, kw = spec["format"], dict(spec["kwargs"])
-    if kind == "criteo":
-        return CriteoFormat(**kw)
-    if kind == "libfm":
-        layout = kw.pop("layout", None)
-        fmt = LibFMFormat(**kw)
-        if layout is not None:
-            fmt.set_layout(*layout)
-        return fmt
-    return CSVFormat(**kw)
-
-
-def _format_spec(opts: Dict[str, Any]) -> Dict[str, Any]:
-    kind = opts["format"]
-    if kind is None:
-        raise CLIError("--format is required (criteo, libfm or csv)")
-    if kind == "criteo":
-        return {"format": kind, "kwargs": {"min_count": opts["min_count"]}}
-    if kind == "libfm":
-        return {"format": kind, "kwargs": {"min_count": opts["min_count"]}}
-    schema = opts["schema"]
-    if schema is None:
-        raise CLIError("--format csv needs --schema (a JSON/YAML file, or 'sparrow_movielens')")
-    if schema == "sparrow_movielens":
-        from .data import SPARROW_MOVIELENS_SCHEMA
-
-        return {"format": kind, "kwargs": {"schema": SPARROW_MOVIELENS_SCHEMA}}
-    if not Path(schema).is_file():
-        raise CLIError(f"schema file {schema} not found")
-    from .data.readers import parse_schema
-    from dataclasses import asdict
-
-    # Store the parsed schema itself, so a checkpoint does not depend on the file.
-    return {"format": kind, "kwargs": {"schema": {n: asdict(c) for n, c in parse_schema(schema).items()}}}
-
-
 def _check_file(path: Optional[str], what: str) -> None:
     if path is not None and not Path(path).is_file():
         raise CLIError(f"{what} file {path} not found")
@@ -309,17 +307,21 @@ def _hold_out(ds, fraction: float, opts: Dict[str, Any]):
 def load_train_data(opts: Dict[str, Any]):
     """prepare_data + hold-outs; returns (prepared, train, valid, test, format spec)."""
     from .data import prepare_data
+    from .data.formats import FORMATS, format_spec, make_format, trained_spec
 
     if opts["train"] is None:
         raise CLIError("--train is required")
     for what in ("train", "valid", "test"):
         _check_file(opts[what], what)
-    spec = _format_spec(opts)
-    fmt = _make_format(spec)
+    if opts["format"] is None:
+        raise CLIError(f"--format is required ({', '.join(FORMATS)})")
+    if opts["format"] == "csv" and opts["schema"] is None:
+        raise CLIError("--format csv needs --schema (a JSON/YAML file, or a built-in schema name)")
+    spec = format_spec(opts["format"], schema=opts["schema"], min_count=opts["min_count"])
+    fmt = make_format(spec)
     data = prepare_data(fmt, opts["train"], opts["valid"], opts["test"], cache_dir=opts["cache_dir"],
                         skip_bad_lines=opts["skip_bad_lines"], progress=opts["progress"])
-    if spec["format"] == "libfm":
-        spec["kwargs"]["layout"] = list(fmt._mode(Path(opts["train"])))
+    spec = trained_spec(spec, fmt)
     train, valid, test = data.train, data.valid, data.test
     if opts["max_rows"] is not None and len(train) > opts["max_rows"]:
         import torch
@@ -342,20 +344,41 @@ def _set_threads(n: Optional[int]) -> None:
         torch.set_num_threads(n)
 
 
-def _write_json(path: str, obj: Dict[str, Any]) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(tmp, p)
-
-
 def _nan_to_none(x):
     return None if isinstance(x, float) and x != x else x
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _table_optimizer(opts: Dict[str, Any]) -> str:
+    """--table-optimizer, or sparse_adam for the deprecated --sparse (with a warning)."""
+    if not opts["sparse"]:
+        return opts["table_optimizer"]
+    print(f"{PROG} train: warning: --sparse is deprecated and will be removed; write --table-optimizer "
+          "sparse_adam (in a config file: table_optimizer: sparse_adam)", file=sys.stderr)
+    return "sparse_adam"
 
+
+def _curves_path(opts: Dict[str, Any]) -> Optional[Path]:
+    """--curves-out, else the --metrics-out file with the suffix .png, else None."""
+    if opts["curves_out"]:
+        return Path(opts["curves_out"])
+    if opts["metrics_out"]:
+        metrics = Path(opts["metrics_out"])
+        return metrics.with_suffix(".png" if metrics.suffix != ".png" else ".curves.png")
+    return None
+
+
+def _write_curves(path: Path, result, title: str) -> None:
+    from .plots import write_learning_curves
+
+    try:
+        write_learning_curves(result.history, path, best_epoch=result.best_epoch, title=title)
+    except ImportError as exc:  # matplotlib is optional; the run itself succeeded
+        print(f"{PROG} train: no learning-curve plot: {exc}", file=sys.stderr)
+        return
+    print(f"learning curves: {path}", file=sys.stderr)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from . import backend
     from .models import build_model
     from .train import TrainConfig, Trainer, evaluate, seed_everything
@@ -364,11 +387,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     _set_threads(opts["threads"])
     if opts["resume"] and not opts["checkpoint_dir"]:
         raise CLIError("--resume needs --checkpoint-dir")
+    table_optimizer = _table_optimizer(opts)
     data, train, valid, test, spec = load_train_data(opts)
     for split, n in data.bad_lines.items():
         if n:
             print(f"skipped {n} bad line(s) in {split}", file=sys.stderr)
-    table_optimizer = "sparse_adam" if opts["sparse"] else opts["table_optimizer"]
     table_lr = opts["table_lr"] if opts["table_lr"] is not None else opts["lr"]
     hparams = {"embedding_dim": opts["embedding_dim"], "hidden_units": opts["hidden_units"],
                "activation": opts["activation"], "dropout": opts["dropout"], "batch_norm": opts["batch_norm"],
@@ -408,12 +431,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"no test set; best epoch {result.best_epoch}, valid {result.best_valid}")
     if opts["metrics_out"]:
-        _write_json(opts["metrics_out"], metrics)
+        write_json(opts["metrics_out"], metrics)
+    curves = _curves_path(opts)
+    if curves is not None:
+        _write_curves(curves, result, f"{opts['model']} on {Path(opts['train']).name}")
     return 0
 
 
 def _load_for_inference(checkpoint: str):
     from .data.encode import FeatureEncoder
+    from .data.formats import make_format
     from .models import build_model
     from .train import load_checkpoint
 
@@ -430,7 +457,7 @@ def _load_for_inference(checkpoint: str):
     model = build_model(cfg.pop("name"), cfg.pop("fields"), **cfg)
     model.load_state_dict(ckpt["model"])
     model.eval()
-    return model, _make_format(meta["format"]), FeatureEncoder.from_dict(meta["encoder"])
+    return model, make_format(meta["format"]), FeatureEncoder.from_dict(meta["encoder"])
 
 
 def _encode_input(fmt, encoder, path: str, skip: bool):
@@ -445,12 +472,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     model, fmt, encoder = _load_for_inference(args.checkpoint)
+    _check_file(args.input, "input")
+    why = fmt.no_label_reason(args.input)
+    if why is not None:
+        raise CLIError(f"{args.input}: {why}; evaluate needs labels ('{PROG} predict' scores such a file)")
     ds = _encode_input(fmt, encoder, args.input, args.skip_bad_lines)
     m = evaluate(model, ds, args.batch_size)
     print(f"AUC {m['auc']:.6f}  logloss {m['logloss']:.6f}  rows {m['rows']}")
     if args.metrics_out:
-        _write_json(args.metrics_out, {"auc": _nan_to_none(m["auc"]), "logloss": m["logloss"], "rows": m["rows"],
-                                       "input": str(args.input), "checkpoint": str(args.checkpoint)})
+        write_json(args.metrics_out, {"auc": _nan_to_none(m["auc"]), "logloss": m["logloss"], "rows": m["rows"],
+                                      "input": str(args.input), "checkpoint": str(args.checkpoint)})
     return 0
 
 
@@ -461,107 +492,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model, fmt, encoder = _load_for_inference(args.checkpoint)
     ds = _encode_input(fmt, encoder, args.input, args.skip_bad_lines)
     probs = predict(model, ds, args.batch_size).numpy()
-    labels = ds.labels.numpy()
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write("row,probability,label\n")
-        for i, (p, y) in enumerate(zip(probs, labels)):
-            fh.write(f"{i},{p:.8f},{int(y)}\n")
-    os.replace(tmp, out)
-    print(f"wrote {len(probs)} probabilities to {out}")
+    labelled = ds.has_labels
+    with atomic_write(args.output, newline="") as fh:
+        if labelled:
+            fh.write("row,probability,label\n")
+            fh.writelines(f"{i},{p:.8f},{int(y)}\n" for i, (p, y) in enumerate(zip(probs, ds.labels.numpy())))
+        else:
+            fh.write("row,probability\n")
+            fh.writelines(f"{i},{p:.8f}\n" for i, p in enumerate(probs))
+    print(f"wrote {len(probs)} probabilities to {args.output}" + ("" if labelled else " (the input has no labels)"))
     return 0
 
 
-def _time_steps(runs, batches, steps: int) -> List[List[float]]:
-    """Alternate one training step per (model, optimizers); per-model lists of seconds."""
-    import torch.nn.functional as F
-
-    times: List[List[float]] = [[] for _ in runs]
-    for i in range(steps + 2):  # the first two rounds are warm-up
-        batch = batches[i % len(batches)]
-        for j, (model, opts) in enumerate(runs):
-            t0 = time.perf_counter()
-            logits = model(batch)
-            loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()  # a fused table optimizer updates the touched rows here
-            for opt in opts:
-                opt.step()
-            dt = time.perf_counter() - t0
-            if i >= 2:
-                times[j].append(dt)
-    return times
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    import copy
-
-    import torch
-
-    from . import backend
-    from .data import iterate_batches, make_synthetic
-    from .models import DeepFM
-    from .train import TrainConfig, Trainer, seed_everything
+    from .demo import run_demo
 
     _set_threads(args.threads)
-    t_start = time.perf_counter()
-    print(f"deepfm_fast demo: backend {backend()}, {torch.get_num_threads()} CPU thread(s)")
-    data = make_synthetic(args.rows, seed=args.seed)
-    print(f"synthetic data: {len(data.train):,} train / {len(data.valid):,} valid / {len(data.test):,} test rows, "
-          f"{len(data.fields)} fields ({sum(f.vocab_size for f in data.fields):,} ids, Zipf), "
-          f"positive rate {data.positive_rate:.3f}; labels drawn from a planted DeepFM")
-    hidden = tuple(args.hidden_units)
-    hp = dict(embedding_dim=args.embedding_dim, hidden_units=hidden, batch_norm=True, dropout=args.dropout,
-              l2_embedding=0.0)
-    seed_everything(args.seed)
-    model = DeepFM(data.fields, **hp, init_std=args.init_std, table_optimizer=args.table_optimizer,
-                   table_lr=args.table_lr)
-    trainer = Trainer(model, TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                         table_lr=args.table_lr,
-                                         seed=args.seed, patience=2, progress=args.progress))
-    result = trainer.fit(data.train, data.valid)
-    test = trainer.evaluate(data.test)
-    dnn = "x".join(map(str, hidden)) if len(set(hidden)) > 1 else f"{hidden[0]}x{len(hidden)}"
-    print(f"DeepFM (emb {args.embedding_dim}, DNN {dnn}, batch norm; DNN: Adam lr {args.lr:g}; table: fused "
-          f"{args.table_optimizer} lr {args.table_lr:g}), {result.epochs_run} epoch(s), best epoch {result.best_epoch}, "
-          f"{result.seconds_per_epoch:.1f} s/epoch, {result.train_rows_per_second:,.0f} train rows/s")
-    print(f"  test AUC     {test['auc']:.4f}   (best achievable {data.best_auc:.4f}, gap {data.best_auc - test['auc']:.4f})")
-    print(f"  test logloss {test['logloss']:.4f}   (best achievable {data.best_logloss:.4f})")
-
-    # Step time: the same model (same weights) with the fused op + fused table optimizer, and on the
-    # reference ops with dense table gradients + torch Adam on everything (what plain PyTorch users
-    # write); one step each in turn on the same batches, medians.
-    fused = copy.deepcopy(model).train()
-    ref = DeepFM(data.fields, **hp, use_reference=True, table_optimizer="dense").train()
-    ref.load_state_dict(fused.state_dict(), strict=False)  # strict=False: no fused-optimizer buffers
-    runs = [(fused, [torch.optim.Adam([p for p in fused.parameters() if p.requires_grad], lr=args.lr)]),
-            (ref, [torch.optim.Adam(ref.parameters(), lr=args.lr)])]  # the lr does not change the step time
-    gen = torch.Generator().manual_seed(args.seed)
-    batches = [b for _, b in zip(range(4), iterate_batches(data.train, args.timing_batch_size, shuffle=True,
-                                                            generator=gen))]
-    t_fused, t_ref = _time_steps(runs, batches, args.timing_steps)
-    mf, mr = statistics.median(t_fused) * 1e3, statistics.median(t_ref) * 1e3
-    print(f"training step, batch {args.timing_batch_size} (forward + backward + update), median of "
-          f"{args.timing_steps} alternating steps, same model and weights:")
-    print(f"  fused ops ({backend()}), table: fused {args.table_optimizer} in the backward, "
-          f"DNN: torch Adam: {mf:8.1f} ms")
-    print(f"  reference ops, table: dense gradient + torch Adam (plain PyTorch):    {mr:8.1f} ms")
-    print(f"  speed-up: {mr / mf:.2f}x  (this table has {sum(f.vocab_size for f in data.fields):,} rows, so the "
-          f"DNN dominates both; the gap grows with the table: benchmarks/results)")
-    total = time.perf_counter() - t_start
-    print(f"total {total:.0f} s")
+    # The demo's flags are run_demo's parameters, by name.
+    numbers = run_demo(**{k: v for k, v in vars(args).items() if k not in ("command", "threads", "metrics_out")})
     if args.metrics_out:
-        _write_json(args.metrics_out, {
-            "test_auc": test["auc"], "test_logloss": test["logloss"], "best_auc": data.best_auc,
-            "best_logloss": data.best_logloss, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-            "seconds_per_epoch": result.seconds_per_epoch, "train_rows_per_second": result.train_rows_per_second,
-            "step_ms_fused": mf, "step_ms_reference": mr, "speedup": mr / mf, "backend": backend(),
-            "table_optimizer_fused": args.table_optimizer, "table_optimizer_reference": "dense gradient + Adam",
-            "timing_batch_size": args.timing_batch_size, "total_seconds": total,
-            "rows": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)}})
+        write_json(args.metrics_out, numbers)
     return 0
 
 

@@ -43,7 +43,6 @@ Example::
 from __future__ import annotations
 
 import math
-import os
 import random
 import sys
 import time
@@ -55,6 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._io import atomic_write
 from .data.dataset import EncodedDataset, iterate_batches
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "seed_everything", "evaluate", "predict",
@@ -71,15 +71,9 @@ def seed_everything(seed: int) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``torch.save`` to ``path`` atomically (:func:`deepfm_fast._io.atomic_write`)."""
+    with atomic_write(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
@@ -228,6 +222,8 @@ def evaluate(model: torch.nn.Module, dataset: EncodedDataset, batch_size: int = 
     """
     from sklearn.metrics import log_loss, roc_auc_score
 
+    if not dataset.has_labels:
+        raise ValueError("evaluate: the dataset has no labels (read from a file without a label column)")
     probs = predict(model, dataset, batch_size).numpy()
     labels = dataset.labels.numpy()
     if len(labels) == 0:
@@ -403,6 +399,9 @@ class Trainer:
         cfg = self.config
         if len(train) == 0:
             raise ValueError("fit: the training set is empty")
+        for name, ds in (("training", train), ("validation", valid)):
+            if ds is not None and not ds.has_labels:
+                raise ValueError(f"fit: the {name} set has no labels")
         start_epoch, history = 0, []
         best = {"epoch": 0, "score": -math.inf, "metrics": {}, "stopping_steps": 0}
         last = self.ckpt_dir / "last.pt" if self.ckpt_dir else None

@@ -1,6 +1,7 @@
 """The deepfm-fast command: train/evaluate/predict/demo, metrics JSON, config files, clean errors."""
 
 import json
+import struct
 import subprocess
 import sys
 
@@ -66,6 +67,67 @@ def test_train_evaluate_predict(files, tmp_path, capsys):
     assert ((probs > 0) & (probs < 1)).all()
 
 
+def without_labels(path, out):
+    """The rows of a libFM file without their label: what a test set to predict on looks like."""
+    out.write_text("".join(line.split(" ", 1)[1] for line in path.read_text().splitlines(keepends=True)))
+    return out
+
+
+def test_predict_without_labels_and_evaluate_refuses(files, tmp_path, capsys):
+    train, test = files
+    assert main(train_args(train, test, tmp_path, "--epochs", "1", "--model", "fm")) == 0
+    ckpt = str(tmp_path / "ckpt")
+    assert main(["predict", "--checkpoint", ckpt, "--input", str(test), "--output", str(tmp_path / "a.csv")]) == 0
+    bare = without_labels(test, tmp_path / "bare.libfm")
+    assert main(["predict", "--checkpoint", ckpt, "--input", str(bare), "--output", str(tmp_path / "b.csv")]) == 0
+    assert "no labels" in capsys.readouterr().out
+    a, b = (tmp_path / "a.csv").read_text().splitlines(), (tmp_path / "b.csv").read_text().splitlines()
+    assert a[0] == "row,probability,label" and b[0] == "row,probability" and len(b) == 201
+    assert [x.rsplit(",", 1)[0] for x in a[1:]] == b[1:]          # same rows, same probabilities
+    assert main(["evaluate", "--checkpoint", ckpt, "--test", str(bare)]) == 1
+    err = capsys.readouterr().err
+    assert "bare.libfm: no labels" in err and "predict" in err and "Traceback" not in err
+    assert main(train_args(train, bare, tmp_path / "t")) == 1     # a test set must have labels
+    assert "bare.libfm: no labels" in capsys.readouterr().err
+
+
+def png_size(path):
+    """(width, height) of a PNG file; fails unless it starts with the PNG signature and IHDR."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
+    return struct.unpack(">II", data[16:24])
+
+
+def test_train_writes_learning_curves(files, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the plot extra: pip install 'deepfm_fast[plot]'")
+    train, test = files
+    assert main(train_args(train, test, tmp_path, "--epochs", "2")) == 0
+    width, height = png_size(tmp_path / "m.png")                  # beside m.json
+    assert width > 300 and height > 100 and (tmp_path / "m.png").stat().st_size > 5000
+    assert f"learning curves: {tmp_path / 'm.png'}" in capsys.readouterr().err
+
+
+def test_train_without_matplotlib_says_how_to_get_the_plot(files, tmp_path, monkeypatch, capsys):
+    for name in [m for m in sys.modules if m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)              # import matplotlib fails
+    train, test = files
+    curves = tmp_path / "curves.png"
+    assert main(train_args(train, test, tmp_path, "--epochs", "1", "--curves-out", str(curves))) == 0
+    captured = capsys.readouterr()
+    assert [ln for ln in captured.err.splitlines() if "plot" in ln] == [
+        "deepfm-fast train: no learning-curve plot: matplotlib is not installed (pip install 'deepfm_fast[plot]')"]
+    assert "test AUC" in captured.out and (tmp_path / "m.json").is_file()
+    assert not curves.exists() and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_learning_curves_without_validation(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot extra: pip install 'deepfm_fast[plot]'")
+    from deepfm_fast.plots import write_learning_curves
+
+    history = [{"epoch": e, "loss": 0.6 - 0.1 * e, "lr": 1e-3, "table_lr": 1e-2} for e in (1, 2, 3)]
+    assert png_size(write_learning_curves(history, tmp_path / "x" / "c.png", best_epoch=3))[0] > 300
+
+
 def test_same_seed_same_metrics_and_resume(files, tmp_path):
     train, test = files
     for model in ("fm", "lr"):
@@ -81,7 +143,7 @@ def test_same_seed_same_metrics_and_resume(files, tmp_path):
     assert c["test_auc"] == b["test_auc"] and c["test_logloss"] == b["test_logloss"]
 
 
-def test_table_optimizer_flags(files, tmp_path):
+def test_table_optimizer_flags(files, tmp_path, capsys):
     """Each --table-optimizer trains and round-trips through the checkpoint; --table-lr defaults to --lr."""
     train, test = files
     aucs = {}
@@ -97,11 +159,43 @@ def test_table_optimizer_flags(files, tmp_path):
                      "--metrics-out", str(d / "e.json")]) == 0
         assert json.loads((d / "e.json").read_text())["auc"] == pytest.approx(m["test_auc"], abs=1e-9)
     assert all(a > 0.6 for a in aucs.values()), aucs
+    capsys.readouterr()
     assert main(train_args(train, test, tmp_path / "x", "--sparse")) == 0   # old spelling of sparse_adam
     assert json.loads((tmp_path / "x" / "m.json").read_text())["hparams"]["table_optimizer"] == "sparse_adam"
+    assert "--sparse is deprecated" in capsys.readouterr().err             # and it says the new one
 
 
-def test_config_file_and_flag_override(files, tmp_path):
+def test_choices_come_from_the_modules_and_help_works(monkeypatch, capsys):
+    """--model, --table-optimizer, --monitor, --format list what the library defines, nothing hard-coded."""
+    from deepfm_fast import models, train
+    from deepfm_fast.cli import build_parser
+    from deepfm_fast.data.formats import FORMATS
+
+    def choices(parser, command, flag):
+        sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+        return list(next(a for a in sub._actions if flag in a.option_strings).choices)
+
+    parser = build_parser()
+    assert choices(parser, "train", "--model") == list(models.MODELS)
+    assert choices(parser, "train", "--table-optimizer") == list(models.TABLE_OPTIMIZERS)
+    assert choices(parser, "train", "--monitor") == list(train.MONITORS)
+    assert choices(parser, "train", "--format") == list(FORMATS)
+    assert choices(parser, "demo", "--table-optimizer") == list(models.FUSED_TABLE_OPTIMIZERS)
+    # An optimizer added to the library shows up in the command and its help without a CLI change.
+    monkeypatch.setattr(models, "TABLE_OPTIMIZERS", models.TABLE_OPTIMIZERS + ("lamb",))
+    monkeypatch.setattr(models, "FUSED_TABLE_OPTIMIZERS", models.FUSED_TABLE_OPTIMIZERS + ("lamb",))
+    assert "lamb" in choices(build_parser(), "train", "--table-optimizer")
+    for argv in ([], ["train"], ["evaluate"], ["predict"], ["demo"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv + ["--help"])
+        assert exit_.value.code == 0
+        assert "usage: deepfm-fast" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "lamb" in capsys.readouterr().out
+
+
+def test_config_file_and_flag_override(files, tmp_path, capsys):
     train, test = files
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model: fm\nformat: libfm\ntrain: {train}\ntest: {test}\nepochs: 2\nbatch-size: 100\n"
@@ -117,6 +211,9 @@ def test_config_file_and_flag_override(files, tmp_path):
     assert main(["train", "--config", str(tmp_path / "bad.json")]) == 1
     (tmp_path / "bad2.json").write_text(json.dumps({"table_optimizer": "lamb"}))
     assert main(["train", "--config", str(tmp_path / "bad2.json")]) == 1
+    (tmp_path / "bad3.json").write_text(json.dumps({"format": "parquet"}))
+    assert main(["train", "--config", str(tmp_path / "bad3.json")]) == 1
+    assert "'format' must be one of ['criteo', 'libfm', 'csv']" in capsys.readouterr().err
 
 
 def test_bad_data_is_a_clean_error_or_skipped(tmp_path, capsys):

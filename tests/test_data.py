@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from deepfm_fast.features import MultiHotField, NumericField, SparseField, field_from_dict, fields_from_dicts
 from deepfm_fast.data import (
     MISSING_ID,
     OOV_ID,
@@ -30,8 +29,8 @@ from deepfm_fast.data import (
     to_csr,
 )
 from deepfm_fast.data import readers as readers_mod
+from deepfm_fast.features import MultiHotField, NumericField, SparseField, field_from_dict, fields_from_dicts
 from testing import shared_data_file
-
 
 
 def criteo_row(label, ints, cats):
@@ -202,6 +201,33 @@ def test_csv_schema_reader_multi_hot_and_keep(tmp_path):
     assert prepare_data(CSVFormat(yml), p).fields == d.fields
 
 
+def test_format_specs_round_trip_through_json(tmp_path):
+    """A spec (what a checkpoint stores) rebuilds a reader that reads files as training did."""
+    from deepfm_fast.data import format_spec, make_format, trained_spec
+
+    schema = {"label": "label", "user": "sparse", "age": {"role": "numeric", "transform": "standardize"}}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "s.csv").write_text("label,user,age\n1,u1,30\n0,u2,\n")
+    spec = json.loads(json.dumps(format_spec("csv", schema=tmp_path / "schema.json")))
+    (tmp_path / "schema.json").unlink()                    # the spec holds the schema itself
+    assert prepare_data(make_format(spec), tmp_path / "s.csv").fields == prepare_data(
+        CSVFormat(schema), tmp_path / "s.csv").fields
+    assert make_format(format_spec("csv", schema="sparrow_movielens")).schema["movieGenre1"].pooling == "mean"
+    p = tmp_path / "g.libfm"
+    p.write_text("1 3:2 10:1\n-1 4:1\n")
+    fmt = make_format(format_spec("libfm", min_count=2))
+    prepare_data(fmt, p)
+    spec = json.loads(json.dumps(trained_spec(format_spec("libfm"), fmt)))
+    assert spec["kwargs"]["layout"] == ["bag", 2] and make_format(spec).layout == ("bag", 2)
+    assert make_format(format_spec("criteo")).options()["format"] == "criteo"
+    with pytest.raises(ValueError, match="unknown format 'parquet'"):
+        format_spec("parquet")
+    with pytest.raises(ValueError, match="needs a schema"):
+        format_spec("csv")
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        format_spec("csv", schema=tmp_path / "nope.yaml")
+
+
 # -- bad input -----------------------------------------------------------------------------
 BAD_CASES = [
     ("criteo", lambda r: r[:3] + [r[3][:-1]] + r[4:], 4, "columns"),          # wrong column count
@@ -252,6 +278,75 @@ def test_label_range_empty_file_and_missing_column(tmp_path):
         CSVFormat({"a": "sparse"})
 
 
+# -- files without labels (to predict on) -------------------------------------------------
+CRITEO_HEADER = [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+
+
+@pytest.mark.parametrize("layout", ["tsv", "csv"])
+def test_criteo_without_labels(tmp_path, layout):
+    rows = tiny_criteo_rows()
+    d = prepare_data(CriteoFormat(), write_criteo(tmp_path / "train.txt", rows))
+    sep = "\t" if layout == "tsv" else ","
+    head = [",".join(CRITEO_HEADER)] if layout == "csv" else []
+    path = tmp_path / f"test.{layout}"                   # test.txt's layout: 13 ints + 26 cats, no label
+    path.write_text("\n".join(head + [sep.join(r[1:]) for r in rows]) + "\n")
+    fmt = CriteoFormat()
+    assert "no label column" in fmt.no_label_reason(path) and fmt.no_label_reason(tmp_path / "train.txt") is None
+    enc = encode_file(fmt, d.encoder, path)
+    assert not enc.has_labels and torch.isnan(enc.labels).all() and d.train.has_labels
+    assert torch.equal(enc.sparse, d.train.sparse) and torch.equal(enc.numeric, d.train.numeric)
+    with pytest.raises(DataFormatError, match=rf"test\.{layout}: no label column.*need labels"):
+        prepare_data(CriteoFormat(), tmp_path / "train.txt", test=path)
+    # A labelled row inside a file without labels is a malformed row, named by file and line.
+    lines = path.read_text().splitlines()
+    lines[len(head) + 2] = sep.join(rows[2])
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFormatError, match=rf"test\.{layout}, line {len(head) + 3}: expected 39 columns, got 40"):
+        encode_file(fmt, d.encoder, path)
+    assert len(encode_file(fmt, d.encoder, path, skip_bad_lines=True)) == 4
+
+
+def test_libfm_without_labels(tmp_path):
+    p = tmp_path / "f.libfm"
+    p.write_text("1 3:1 10:1 20:0.5\n-1 4:1 10:1 21:1\n0 3:1 11:1 20:1\n")
+    fmt = LibFMFormat()
+    d = prepare_data(fmt, p)
+    q = tmp_path / "q.libfm"                             # the same rows, starting with id:value
+    q.write_text("3:1 10:1 20:0.5\n4:1 10:1 21:1\n3:1 11:1 20:1\n")
+    assert "id:value" in fmt.no_label_reason(q) and fmt.no_label_reason(p) is None
+    enc = encode_file(fmt, d.encoder, q)
+    assert not enc.has_labels and torch.equal(enc.sparse, d.train.sparse)
+    assert torch.equal(enc.sparse_weights, d.train.sparse_weights)
+    q.write_text("3:1 10:1 20:0.5\n1 4:1 10:1 21:1\n")  # a label on line 2 only
+    with pytest.raises(DataFormatError, match=r"q\.libfm, line 2: expected 3 id:value pairs, got 4"):
+        encode_file(fmt, d.encoder, q)
+    bag = prepare_data(LibFMFormat(fields="bag"), p)
+    with pytest.raises(DataFormatError, match=r"q\.libfm, line 2: bad libFM token '1'.*no labels"):
+        encode_file(LibFMFormat(fields="bag"), bag.encoder, q)
+    with pytest.raises(DataFormatError, match=r"q\.libfm: no labels"):
+        prepare_data(LibFMFormat(), q)
+
+
+def test_csv_without_label_column(tmp_path):
+    schema = {"label": "label", "user": "sparse", "age": {"role": "numeric", "transform": "standardize"}}
+    train = tmp_path / "train.csv"
+    train.write_text("label,user,age\n1,u1,30\n0,u2,\n1,u1,40\n")
+    d = prepare_data(CSVFormat(schema), train)
+    test = tmp_path / "test.csv"
+    test.write_text("age,user\n30,u1\n40,u3\n")      # no label; column order does not matter
+    fmt = CSVFormat(schema)
+    assert fmt.no_label_reason(test) == "the header has no label column 'label'"
+    enc = encode_file(fmt, d.encoder, test)
+    assert not enc.has_labels and enc.sparse[:, 0].tolist() == [2, OOV_ID]
+    assert enc.numeric[:, 0].tolist() == pytest.approx([-1, 1])
+    test.write_text("age,user\n30,u1\nabc,u3\n")
+    with pytest.raises(DataFormatError, match=r"test\.csv, line 3: column 'age': 'abc' is not a number"):
+        encode_file(fmt, d.encoder, test)
+    test.write_text("user\nu1\n")                      # other schema columns are still required
+    with pytest.raises(DataFormatError, match=r"schema column\(s\) \['age'\]"):
+        encode_file(fmt, d.encoder, test)
+
+
 # -- cache ---------------------------------------------------------------------------------
 def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     train = write_criteo(tmp_path / "train.txt", tiny_criteo_rows())
@@ -280,6 +375,20 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     assert not third.from_cache and parses and len(third.train) == 6
     other = prepare_data(CriteoFormat(min_count=2), train, cache_dir=cache)   # options are part of the key
     assert not other.from_cache and other.cache_path != third.cache_path
+
+
+def test_cache_leaves_nothing_half_written_on_error(tmp_path):
+    train = write_criteo(tmp_path / "train.txt", tiny_criteo_rows())
+    rows = tiny_criteo_rows()
+    rows[3] = rows[3][:-1]                                   # a short row in the test file
+    test = write_criteo(tmp_path / "test.txt", rows)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataFormatError, match=r"test\.txt, line 4"):
+        prepare_data(CriteoFormat(), train, test=test, cache_dir=cache)
+    (root,) = cache.iterdir()
+    # The finished train split stays; the test split's temporary directory and files are gone.
+    assert sorted(p.name.split("-")[0] for p in root.iterdir()) == ["train"]
+    assert not list(cache.rglob("*.tmp"))
 
 
 def test_cache_matches_in_memory_with_weights_and_bags(tmp_path):

@@ -7,8 +7,8 @@ import torch
 
 from deepfm_fast.data import make_synthetic
 from deepfm_fast.features import MultiHotField, NumericField, SparseField
-from deepfm_fast.models import DeepFM, FM
-from deepfm_fast.train import TrainConfig, Trainer, evaluate, load_checkpoint, predict, seed_everything
+from deepfm_fast.models import FM, DeepFM
+from deepfm_fast.train import TrainConfig, Trainer, atomic_save, evaluate, load_checkpoint, predict, seed_everything
 
 FIELDS = [SparseField("u", 60), SparseField("i", 90), MultiHotField("g", 10, pooling="mean"), NumericField("x")]
 
@@ -59,6 +59,20 @@ def test_resume_continues_exactly(tmp_path, data):
     assert r2.epochs_run == 2
     _same_state(again.state_dict(), straight.state_dict())
     assert not list(tmp_path.rglob("*.tmp"))           # atomic writes leave no temporaries
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this")
+
+
+def test_atomic_save_keeps_the_old_file_on_error(tmp_path):
+    path = tmp_path / "x.pt"
+    atomic_save({"a": torch.ones(2)}, path)
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        atomic_save({"a": _Unpicklable()}, path)        # fails half-way through writing
+    assert torch.equal(load_checkpoint(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
 
 
 def test_same_seed_same_result_other_seed_differs(data):
@@ -128,6 +142,21 @@ def test_evaluate_and_bad_config(data):
     assert math.isnan(evaluate(_model(), one_class)["auc"])
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+
+
+def test_unlabelled_data_predicts_but_does_not_evaluate_or_train(data):
+    """NaN labels (a file read without labels) can be scored, not evaluated or trained on."""
+    unlabelled = data.valid.subset(torch.arange(len(data.valid)))
+    unlabelled.labels = torch.full_like(unlabelled.labels, float("nan"))
+    assert not unlabelled.has_labels and data.valid.has_labels
+    model = _model()
+    assert torch.equal(predict(model, unlabelled), predict(model, data.valid))
+    with pytest.raises(ValueError, match="no labels"):
+        evaluate(model, unlabelled)
+    with pytest.raises(ValueError, match="training set has no labels"):
+        Trainer(model, _cfg()).fit(unlabelled)
+    with pytest.raises(ValueError, match="validation set has no labels"):
+        Trainer(model, _cfg()).fit(data.train, unlabelled)
 
 
 def _scripted(trainer, metrics):

@@ -15,6 +15,7 @@ or, with no files at all, :func:`make_synthetic` for data with a known best AUC.
 from .cache import PreparedData, encode_file, prepare_data
 from .dataset import Batch, EncodedDataset, field_offsets, iterate_batches, to_csr
 from .encode import FeatureEncoder
+from .formats import FORMATS, format_spec, make_format, trained_spec
 from .readers import (
     SPARROW_MOVIELENS_SCHEMA,
     Column,
@@ -35,6 +36,7 @@ __all__ = [
     "CSVFormat",
     "DataFormatError",
     "EncodedDataset",
+    "FORMATS",
     "FeatureEncoder",
     "HashVocabulary",
     "LibFMFormat",
@@ -48,9 +50,12 @@ __all__ = [
     "Vocabulary",
     "encode_file",
     "field_offsets",
+    "format_spec",
     "iterate_batches",
+    "make_format",
     "make_synthetic",
     "parse_schema",
     "prepare_data",
     "to_csr",
+    "trained_spec",
 ]

@@ -16,8 +16,10 @@ file's path, size and mtime)::
         mh{i}_weights.npy        float32 [nnz_i]   (absent when every value is 1)
         extra_<column>.npy       float64 [R]       keep columns (e.g. timestamp)
 
-Every file is written under a temporary name and moved into place with ``os.replace``;
-``meta.json`` and ``split.json`` are written last, so a crash never leaves a usable half-cache.
+Every file is written under a temporary name and moved into place with ``os.replace``
+(:func:`deepfm_fast._io.atomic_write`); a split is encoded in a temporary directory that is renamed
+into place when complete, and ``meta.json`` is written last, so a crash never leaves a usable
+half-cache.
 Arrays stream to disk chunk by chunk (:class:`_NpyStreamWriter`), so encoding needs memory for
 one chunk only. Loading maps them with ``np.load(mmap_mode="c")``: copy-on-write, so a tensor
 from ``torch.from_numpy`` is writable in memory while the cache files stay untouched.
@@ -25,6 +27,7 @@ from ``torch.from_numpy`` is writable in memory while the cache files stay untou
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,16 +40,17 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 import numpy as np
 import torch
 
+from .._io import atomic_write, write_json
 from ..features import MultiHotField
 from .dataset import EncodedDataset
 from .encode import FeatureEncoder
-from .readers import CSVFormat, CriteoFormat, LibFMFormat, ReadStats, file_signature
+from .formats import Format
+from .readers import DataFormatError, LibFMFormat, ReadStats, file_signature
 
 __all__ = ["prepare_data", "PreparedData", "encode_file", "CACHE_VERSION"]
 
 CACHE_VERSION = 1
 _HEADER_BYTES = 128  # fixed .npy header size, so the final shape can be written in place
-Format = Union[CriteoFormat, LibFMFormat, CSVFormat]
 
 
 @dataclass
@@ -75,12 +79,13 @@ class PreparedData:
 
 
 class _NpyStreamWriter:
-    """Append row blocks to a ``.npy`` whose final row count is unknown until the end."""
+    """Append row blocks to an open ``.npy`` file whose final row count is unknown until the end.
 
-    def __init__(self, path: Path, dtype: np.dtype, tail_shape: tuple):
-        self.path, self.dtype, self.tail = path, np.dtype(dtype), tuple(tail_shape)
-        self.tmp = path.with_name(path.name + ".tmp")
-        self.fh = open(self.tmp, "wb")
+    Rows go after a zeroed header of fixed size; :meth:`finish` writes the real header in place.
+    """
+
+    def __init__(self, fh, name: str, dtype: np.dtype, tail_shape: tuple):
+        self.fh, self.name, self.dtype, self.tail = fh, name, np.dtype(dtype), tuple(tail_shape)
         self.fh.write(b"\0" * _HEADER_BYTES)
         self.rows = 0
         self.all_one = True
@@ -88,34 +93,26 @@ class _NpyStreamWriter:
     def append(self, a: np.ndarray) -> None:
         a = np.ascontiguousarray(a, dtype=self.dtype)
         if a.shape[1:] != self.tail:
-            raise ValueError(f"{self.path.name}: block shape {a.shape} does not end in {self.tail}")
+            raise ValueError(f"{self.name}: block shape {a.shape} does not end in {self.tail}")
         self.all_one = self.all_one and bool((a == 1).all())
         self.fh.write(a.tobytes())
         self.rows += a.shape[0]
 
-    def close(self) -> None:
+    def finish(self) -> None:
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
                   "shape": (self.rows,) + self.tail}
         text = repr(header).encode("latin1")
         # magic(6) + version(2) + header length(2) + dict, space-padded, newline-terminated.
         pad = _HEADER_BYTES - 10 - len(text) - 1
         if pad < 0:
-            raise ValueError(f"{self.path.name}: .npy header too long")
+            raise ValueError(f"{self.name}: .npy header too long")
         self.fh.seek(0)
         self.fh.write(b"\x93NUMPY\x01\x00" + (_HEADER_BYTES - 10).to_bytes(2, "little")
                       + text + b" " * pad + b"\n")
-        self.fh.close()
-        os.replace(self.tmp, self.path)
 
 
 def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _stream_chunks(fmt: Format, path: Path, chunk_rows: int, skip_bad_lines: bool, stats: ReadStats,
@@ -130,22 +127,26 @@ def _stream_chunks(fmt: Format, path: Path, chunk_rows: int, skip_bad_lines: boo
 
 def _encode_to(encoder: FeatureEncoder, chunks: Iterable, out_dir: Optional[Path]) -> Dict[str, np.ndarray]:
     """Encode all chunks; stream to ``out_dir/*.npy`` when given, else keep them in memory."""
-    writers: Dict[str, Any] = {}
+    writers: Dict[str, _NpyStreamWriter] = {}
     blocks: Dict[str, List[np.ndarray]] = {}
     all_one: Dict[str, bool] = {}
-    for chunk in chunks:
-        for name, a in encoder.encode(chunk).items():
-            if out_dir is not None:
-                if name not in writers:
-                    writers[name] = _NpyStreamWriter(out_dir / f"{name}.npy", a.dtype, a.shape[1:])
-                writers[name].append(a)
-            else:
-                blocks.setdefault(name, []).append(a)
-                all_one[name] = all_one.get(name, True) and bool((a == 1).all())
+    # Each .npy is written atomically; leaving the stack moves them all into place, or, on an
+    # error, removes them all.
+    with contextlib.ExitStack() as files:
+        for chunk in chunks:
+            for name, a in encoder.encode(chunk).items():
+                if out_dir is not None:
+                    if name not in writers:
+                        fh = files.enter_context(atomic_write(out_dir / f"{name}.npy", "wb"))
+                        writers[name] = _NpyStreamWriter(fh, f"{name}.npy", a.dtype, a.shape[1:])
+                    writers[name].append(a)
+                else:
+                    blocks.setdefault(name, []).append(a)
+                    all_one[name] = all_one.get(name, True) and bool((a == 1).all())
+        for w in writers.values():
+            w.finish()
     if out_dir is not None:
-        for name, w in writers.items():
-            w.close()
-            all_one[name] = w.all_one
+        all_one = {name: w.all_one for name, w in writers.items()}
         arrays = {name: None for name in writers}
     else:
         arrays = {name: np.concatenate(b) for name, b in blocks.items()}
@@ -197,7 +198,11 @@ def _assemble(encoder: FeatureEncoder, arrays: Dict[str, np.ndarray]) -> Encoded
 
 def encode_file(fmt: Format, encoder: FeatureEncoder, path: Union[str, Path], *, chunk_rows: int = 65536,
                 skip_bad_lines: bool = False) -> EncodedDataset:
-    """Encode one more file (e.g. for ``predict``) with an already fitted encoder, in memory."""
+    """Encode one more file (e.g. for ``predict``) with an already fitted encoder, in memory.
+
+    The file may lack labels (see :mod:`deepfm_fast.data.readers`); the dataset's labels are then
+    NaN and ``has_labels`` is False.
+    """
     stats = ReadStats()
     arrays = _encode_to(encoder, fmt.read(Path(path), chunk_rows, skip_bad_lines, stats), None)
     return _assemble(encoder, arrays)
@@ -230,6 +235,7 @@ def prepare_data(
         fmt: a :class:`CriteoFormat`, :class:`LibFMFormat` or :class:`CSVFormat`.
         train: training file (vocabularies and numeric statistics come from it only).
         valid, test: optional files encoded with the training vocabularies (unseen -> OOV).
+            Every file must have labels (:class:`DataFormatError` otherwise).
         cache_dir: directory for the cache (created); None = encode in memory, no cache.
         chunk_rows: rows per parsed chunk.
         skip_bad_lines: drop malformed rows and count them instead of raising.
@@ -244,6 +250,10 @@ def prepare_data(
     train = Path(train)
     files = {"train": train, "valid": valid, "test": test}
     files = {k: Path(v) for k, v in files.items() if v is not None}
+    for path in files.values():
+        why = fmt.no_label_reason(path)
+        if why is not None:
+            raise DataFormatError(f"{path}: {why}; training, validation and test files need labels")
     sigs = {k: file_signature(p) for k, p in files.items()}
     opts = {"version": CACHE_VERSION, "format": fmt.options(), "skip_bad_lines": skip_bad_lines}
 
@@ -286,15 +296,19 @@ def prepare_data(
                 bad[name] = json.loads((d / "split.json").read_text())["bad_lines"]
                 continue
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-            arrays = _encode_to(encoder, chunks, tmp)
-            _atomic_json(tmp / "split.json", {"rows": stats.rows, "bad_lines": stats.bad_lines,
-                                              "source": sigs[name], "arrays": sorted(arrays)})
-            if d.exists():
-                shutil.rmtree(d)
-            os.replace(tmp, d)
+            try:
+                arrays = _encode_to(encoder, chunks, tmp)
+                write_json(tmp / "split.json", {"rows": stats.rows, "bad_lines": stats.bad_lines,
+                                                "source": sigs[name], "arrays": sorted(arrays)})
+                if d.exists():
+                    shutil.rmtree(d)
+                os.replace(tmp, d)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # a bad row or ^C leaves no half split behind
+                raise
             splits[name] = _load_split(encoder, d)
         bad[name] = stats.bad_lines
     if root is not None and fit_stats is not None:
-        _atomic_json(meta_path, {"version": CACHE_VERSION, "options": opts, "train_source": sigs["train"],
-                                 "train_rows": fit_stats.rows, "encoder": encoder.to_dict()})
+        write_json(meta_path, {"version": CACHE_VERSION, "options": opts, "train_source": sigs["train"],
+                            "train_rows": fit_stats.rows, "encoder": encoder.to_dict()})
     return PreparedData(splits["train"], splits.get("valid"), splits.get("test"), encoder, False, bad, root)

@@ -25,7 +25,7 @@ class Batch(NamedTuple):
         sparse: int64 ``[B, Fs]`` local ids of the SparseFields.
         multi_hot: one int64 ``[B, L_i]`` per MultiHotField, ``-1`` = padding.
         numeric: float32 ``[B, Fn]`` transformed values of the NumericFields.
-        labels: float32 ``[B]`` in {0, 1}.
+        labels: float32 ``[B]`` in {0, 1}; NaN when unknown.
         sparse_weights: float32 ``[B, Fs]`` per-id values (libFM ``id:value``), or None (all 1).
         multi_hot_weights: one float32 ``[B, L_i]`` or None per MultiHotField.
     """
@@ -48,7 +48,7 @@ class EncodedDataset:
 
     Attributes:
         fields: the specs, in model order.
-        labels: float32 ``[R]``.
+        labels: float32 ``[R]``; NaN when unknown (a file read without labels, to predict on).
         sparse: int64 ``[R, Fs]``, local ids ``0..vocab_size-1``.
         multi_hot: tuple of int64 ``[R, L_i]``, ``-1``-padded bags.
         numeric: float32 ``[R, Fn]``.
@@ -104,6 +104,11 @@ class EncodedDataset:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def has_labels(self) -> bool:
+        """False when some label is unknown (NaN): such a dataset can be predicted, not evaluated."""
+        return not bool(torch.isnan(self.labels).any())
 
     @property
     def positive_rate(self) -> float:
@@ -198,11 +203,15 @@ def iterate_batches(
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         if perm is None:
-            end = min(start + batch_size, n)
-            take = lambda t: None if t is None else t[start:end]  # noqa: E731
+            rows = slice(start, min(start + batch_size, n))
+
+            def take(t, rows=rows):
+                return None if t is None else t[rows]
         else:
             idx = perm[start:start + batch_size]
-            take = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
+
+            def take(t, idx=idx):
+                return None if t is None else t.index_select(0, idx)
         yield Batch(
             sparse=take(dataset.sparse),
             multi_hot=tuple(take(t) for t in dataset.multi_hot),

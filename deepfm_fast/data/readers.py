@@ -8,6 +8,16 @@ file, a schema column missing from the header, or a label outside {0, 1} ({-1, 0
 is always an error. Line numbers count physical lines from 1 (header included) and assume no
 quoted newlines inside a CSV cell.
 
+Files without labels (to predict on) are recognised by their shape, decided once per file by
+its first row or header; every later row must have the same shape, or it is a malformed row:
+
+* Criteo TSV: 39 columns instead of 40 (no label first: the layout of Criteo's ``test.txt``);
+  Criteo CSV: the header ``I1..I13,C1..C26`` without ``label``.
+* libFM: the first row starts with an ``id:value`` pair (a label never holds a colon).
+* CSV: the header lacks the schema's label column.
+
+Their :class:`RawChunk` labels are NaN, and ``no_label_reason(path)`` says why a file has none.
+
 Formats:
 
 * :class:`CriteoFormat`: ``label, I1..I13, C1..C26``, either the Kaggle/Terabyte TSV without a
@@ -106,7 +116,7 @@ class RawChunk:
     """Parsed, validated rows before encoding (``n`` rows).
 
     Attributes:
-        labels: float32 ``[n]`` in {0, 1}.
+        labels: float32 ``[n]`` in {0, 1}; NaN for every row of a file without labels.
         cats: column -> ``n`` strings (``''`` = missing), for sparse columns.
         bags: multi_hot field -> ``n`` token lists.
         bag_weights: multi_hot field -> ``n`` value lists (libFM only).
@@ -207,6 +217,14 @@ class _DelimitedFormat:
     def columns(self, path: Union[str, Path]) -> List[Column]:
         return self._layout(Path(path))[2]
 
+    def no_label_reason(self, path: Union[str, Path]) -> Optional[str]:
+        """None when ``path`` has a label column; else why it has none (from its first line)."""
+        if any(c.role == "label" for c in self.columns(path)):
+            return None
+        return self._no_label
+
+    _no_label = "no label column"
+
     def read(self, path: Union[str, Path], chunk_rows: int = 65536, skip_bad_lines: bool = False,
              stats: Optional[ReadStats] = None) -> Iterator[RawChunk]:
         """Yield validated :class:`RawChunk` s of ``path``; counts go to ``stats``."""
@@ -214,7 +232,7 @@ class _DelimitedFormat:
         stats = stats if stats is not None else ReadStats()
         delim, header, cols = self._layout(path)
         ncols = len(cols)
-        label_i = [i for i, c in enumerate(cols) if c.role == "label"][0]
+        label_i = next((i for i, c in enumerate(cols) if c.role == "label"), None)
         with open_text(path) as fh:
             reader = csv.reader(fh, delimiter=delim)
             line = 1
@@ -255,9 +273,12 @@ class _DelimitedFormat:
             if not rows:
                 return None
         columns = list(zip(*rows))
-        labels, bad_idx = _parse_floats(columns[label_i], allow_empty=False)
-        for i in bad_idx:
-            bad.add(i, lines[i], f"label {columns[label_i][i]!r} is not a number")
+        if label_i is None:
+            labels = np.full(len(rows), np.nan)
+        else:
+            labels, bad_idx = _parse_floats(columns[label_i], allow_empty=False)
+            for i in bad_idx:
+                bad.add(i, lines[i], f"label {columns[label_i][i]!r} is not a number")
         nums = {}
         for j, c in enumerate(cols):
             if c.role in ("numeric", "keep"):
@@ -272,7 +293,8 @@ class _DelimitedFormat:
             labels = labels[keep]
             nums = {k: v[keep] for k, v in nums.items()}
             lines = [lines[i] for i in keep]
-        _check_labels(path, labels, lines, (0.0, 1.0))
+        if label_i is not None:
+            _check_labels(path, labels, lines, (0.0, 1.0))
         cats, bags = {}, {}
         for j, c in enumerate(cols):
             if c.role == "sparse":
@@ -298,6 +320,8 @@ CRITEO_CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
 
 class CriteoFormat(_DelimitedFormat):
     """Criteo Kaggle / Terabyte rows: ``label, I1..I13 (integers), C1..C26 (hex)``.
+
+    A file without labels (``test.txt``: ``I1..I13, C1..C26``) is read too, with NaN labels.
 
     Args:
         layout: ``"tsv"`` (no header, tab-separated, the original ``train.txt``), ``"csv"``
@@ -333,20 +357,28 @@ class CriteoFormat(_DelimitedFormat):
         if layout == "auto":
             if "\t" in first:
                 layout = "tsv"
-            elif first.startswith("label,"):
+            elif first.startswith(("label,", "I1,")):
                 layout = "csv"
             else:
                 raise DataFormatError(f"{path}, line 1: cannot tell the Criteo layout (no tab, no "
-                                      "'label,' header); pass layout='tsv' or 'csv'")
+                                      "'label,' or 'I1,' header); pass layout='tsv' or 'csv'")
+        unlabelled = self._cols[1:]
         if layout == "csv":
             head = next(csv.reader([first]))
             want = [c.name for c in self._cols]
+            if head == want[1:]:
+                return ",", True, unlabelled
             if head != want:
-                missing = [c for c in want if c not in head]
-                raise DataFormatError(f"{path}, line 1: expected the Criteo header label,I1..I13,C1..C26; "
-                                      f"got {len(head)} columns" + (f", missing {missing}" if missing else ""))
+                missing = [c for c in want[1:] if c not in head]
+                raise DataFormatError(f"{path}, line 1: expected the Criteo header label,I1..I13,C1..C26 "
+                                      f"(label optional); got {len(head)} columns"
+                                      + (f", missing {missing}" if missing else ""))
             return ",", True, self._cols
+        if first.rstrip("\r\n").count("\t") == len(unlabelled) - 1:
+            return "\t", False, unlabelled
         return "\t", False, self._cols
+
+    _no_label = "no label column: 39 columns I1..I13, C1..C26, the layout of Criteo's test.txt"
 
     def options(self) -> Dict[str, Any]:
         return {"format": "criteo", "layout": self.layout, "columns": [asdict(c) for c in self._cols]}
@@ -358,7 +390,8 @@ def parse_schema(schema: Union[Dict[str, Any], str, Path]) -> Dict[str, Column]:
     Args:
         schema: a dict, or the path of a ``.json`` / ``.yaml`` / ``.yml`` file holding one.
             Values are a role (``"sparse"``) or a dict (``{"role": "multi_hot", "sep": "|",
-            "field": "genres", "pooling": "mean"}``; ``"type"`` is accepted for ``"role"``).
+            "field": "genres", "pooling": "mean"}``; ``"type"`` is accepted for ``"role"``, and
+            ``"name"`` if it is the column's, so a :class:`Column` as a dict reads back).
             Exactly one column must be the label. Columns of the file not in the schema are
             an error unless the schema holds ``"*": "ignore"``.
     """
@@ -379,6 +412,8 @@ def parse_schema(schema: Union[Dict[str, Any], str, Path]) -> Dict[str, Column]:
         spec = dict(spec)
         if "type" in spec:
             spec["role"] = spec.pop("type")
+        if spec.pop("name", name) != name:  # a Column as a dict (asdict) names itself
+            raise ValueError(f"schema column {name!r} holds another name: {spec!r}")
         out[name] = Column(name=name, **spec)
     labels = [n for n, c in out.items() if c.role == "label" and n != "*"]
     if len(labels) != 1:
@@ -414,6 +449,8 @@ SPARROW_MOVIELENS_SCHEMA: Dict[str, Any] = {
 class CSVFormat(_DelimitedFormat):
     """A CSV with a header, described by a schema (see :func:`parse_schema`).
 
+    A file whose header lacks the schema's label column is read with NaN labels.
+
     Args:
         schema: dict or JSON/YAML path, e.g. :data:`SPARROW_MOVIELENS_SCHEMA`.
         delimiter: field separator.
@@ -428,7 +465,7 @@ class CSVFormat(_DelimitedFormat):
             first = fh.readline()
         _check_not_empty(path, first)
         head = next(csv.reader([first], delimiter=self.delimiter))
-        missing = [n for n in self.schema if n != "*" and n not in head]
+        missing = [n for n, c in self.schema.items() if n != "*" and c.role != "label" and n not in head]
         if missing:
             raise DataFormatError(f"{path}, line 1: schema column(s) {missing} not in the header {head}")
         default = self.schema.get("*")
@@ -443,6 +480,11 @@ class CSVFormat(_DelimitedFormat):
             cols.append(col)
         return self.delimiter, True, cols
 
+    @property
+    def _no_label(self) -> str:
+        label = next(n for n, c in self.schema.items() if c.role == "label")
+        return f"the header has no label column {label!r}"
+
     def options(self) -> Dict[str, Any]:
         return {"format": "csv", "delimiter": self.delimiter,
                 "schema": {n: asdict(c) for n, c in self.schema.items()}}
@@ -450,6 +492,9 @@ class CSVFormat(_DelimitedFormat):
 
 class LibFMFormat:
     """libFM / libSVM rows ``label id:value id:value ...``; labels 1/-1 or 1/0 (-1 -> 0).
+
+    A file whose first row starts with ``id:value`` has no labels: its rows are all pairs, read
+    with NaN labels.
 
     Args:
         fields: ``"position"``: field ``f{i}`` = the i-th pair (every row must have the same
@@ -469,6 +514,23 @@ class LibFMFormat:
         self.min_count, self.hash_buckets, self.pooling = min_count, hash_buckets, pooling
         self._resolved: Dict[Path, Tuple[str, int]] = {}
         self._fixed: Optional[Tuple[str, int]] = None
+        self._labelled: Dict[Path, bool] = {}
+
+    def _has_labels(self, path: Path) -> bool:
+        """Whether the rows of ``path`` start with a label: decided by the first non-blank row."""
+        if path not in self._labelled:
+            with open_text(path) as fh:
+                first = next((ln.split() for ln in fh if ln.strip()), None)
+            if first is None:
+                raise DataFormatError(f"{path}: file is empty (no rows)")
+            self._labelled[path] = ":" not in first[0]
+        return self._labelled[path]
+
+    def no_label_reason(self, path: Union[str, Path]) -> Optional[str]:
+        """None when the rows of ``path`` have labels; else why it has none."""
+        if self._has_labels(Path(path)):
+            return None
+        return "no labels: the first row starts with an id:value pair"
 
     def _mode(self, path: Path, chunk_rows: int = 65536) -> Tuple[str, int]:
         """(mode, pairs per row) from the first chunk of ``path``."""
@@ -480,7 +542,8 @@ class LibFMFormat:
             head = [p for p in head if p]
             if not head:
                 raise DataFormatError(f"{path}: file is empty (no rows)")
-            counts = {len(p) - 1 for p in head}
+            label = int(self._has_labels(path))
+            counts = {len(p) - label for p in head}
             mode = self.fields
             if mode == "auto":
                 mode = "position" if len(counts) == 1 else "bag"
@@ -490,6 +553,11 @@ class LibFMFormat:
     def set_layout(self, mode: str, pairs: int) -> None:
         """Fix the layout fitted on the training file so every other file is read alike."""
         self._fixed = (mode, pairs)
+
+    @property
+    def layout(self) -> Optional[Tuple[str, int]]:
+        """The layout fixed by :meth:`set_layout` (``(mode, pairs per row)``), or None."""
+        return self._fixed
 
     def columns(self, path: Union[str, Path]) -> List[Column]:
         mode, pairs = self._mode(Path(path))
@@ -507,6 +575,7 @@ class LibFMFormat:
         path = Path(path)
         stats = stats if stats is not None else ReadStats()
         mode, pairs = self._mode(path, chunk_rows)
+        labelled = self._has_labels(path)
         line = 1
         any_rows = False
         with open_text(path) as fh:
@@ -516,7 +585,7 @@ class LibFMFormat:
                     break
                 first = line
                 line += len(raw)
-                chunk = self._chunk(path, raw, first, mode, pairs, skip_bad_lines, stats)
+                chunk = self._chunk(path, raw, first, mode, pairs, labelled, skip_bad_lines, stats)
                 if chunk is not None:
                     any_rows = True
                     stats.rows += len(chunk)
@@ -524,31 +593,36 @@ class LibFMFormat:
         if not any_rows and stats.bad_lines == 0:
             raise DataFormatError(f"{path}: file is empty (no rows)")
 
-    def _chunk(self, path, raw, first, mode, pairs, skip, stats) -> Optional[RawChunk]:
+    def _chunk(self, path, raw, first, mode, pairs, labelled, skip, stats) -> Optional[RawChunk]:
         bad = _Bad(path, skip, stats)
         labels, ids, vals, lines = [], [], [], []
+        # In a file without labels a leading number is a bad token, not a label.
+        unlabelled = "" if labelled else "; this file has no labels, as its first row shows"
         for k, text in enumerate(raw):
             parts = text.split()
             if not parts:
                 continue
             ln = first + k
-            try:
-                y = float(parts[0])
-            except ValueError:
-                bad.add(k, ln, f"label {parts[0]!r} is not a number")
-                continue
-            if mode == "position" and len(parts) - 1 != pairs:
-                bad.add(k, ln, f"expected {pairs} id:value pairs, got {len(parts) - 1}")
+            y = float("nan")
+            if labelled:
+                try:
+                    y = float(parts[0])
+                except ValueError:
+                    bad.add(k, ln, f"label {parts[0]!r} is not a number")
+                    continue
+                parts = parts[1:]
+            if mode == "position" and len(parts) != pairs:
+                bad.add(k, ln, f"expected {pairs} id:value pairs, got {len(parts)}")
                 continue
             row_ids, row_vals = [], []
-            for tok in parts[1:]:
+            for tok in parts:
                 fid, colon, v = tok.partition(":")
                 try:
                     if not colon or not fid.isdigit():
                         raise ValueError
                     row_vals.append(float(v))
                 except ValueError:
-                    bad.add(k, ln, f"bad libFM token {tok!r} (want id:value)")
+                    bad.add(k, ln, f"bad libFM token {tok!r} (want id:value{unlabelled})")
                     break
                 row_ids.append(fid)
             else:
@@ -560,8 +634,9 @@ class LibFMFormat:
         if not labels:
             return None
         y = np.array(labels, dtype=np.float32)
-        _check_labels(path, y, lines, (-1.0, 0.0, 1.0))
-        y[y < 0] = 0.0
+        if labelled:
+            _check_labels(path, y, lines, (-1.0, 0.0, 1.0))
+            y[y < 0] = 0.0
         if mode == "position":
             cols = list(zip(*ids))
             wcols = np.array(vals, dtype=np.float32).T
