@@ -50,7 +50,7 @@ def build(variants, names, dim):
     fused = next(iter(built.values()))
     deepfm = isinstance(fused.model, torch.nn.ModuleList)  # W3: [table, DNN]
     table = fused.model[0] if deepfm else fused.model
-    for name, variant in built.items():
+    for variant in built.values():
         if variant is not fused:
             W.copy_tables(table.weight, table.linear_weight, variant)
             if deepfm:

@@ -131,7 +131,9 @@ def tbe_fm(rows, dim, optimizer_name, first_order=False):
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-        ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
 
     width = dim + 4 if first_order else dim  # TBE rows are multiples of 4 floats
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
@@ -179,7 +181,8 @@ def plain_deepfm(rows, dim, sparse, hidden=(400, 400, 400)):
     net = dnn(FIELDS * dim, hidden)
     dense_params = list(net.parameters()) + [fm.bias]
     if sparse:
-        opts = [torch.optim.SparseAdam([fm.emb.weight, fm.lin.weight], lr=1e-3), torch.optim.Adam(dense_params, lr=1e-3)]
+        opts = [torch.optim.SparseAdam([fm.emb.weight, fm.lin.weight], lr=1e-3),
+                torch.optim.Adam(dense_params, lr=1e-3)]
     else:
         opts = [torch.optim.Adam(list(fm.parameters()) + list(net.parameters()), lr=1e-3)]
 

@@ -147,7 +147,8 @@ class EmbeddingFM(nn.Module):
             flat = int(bad.reshape(-1).nonzero()[0, 0])
             f = int(field_of.reshape(-1)[flat])
             raise IndexError(f"EmbeddingFM: id {int(ids.reshape(-1)[flat])} at indices[{pos}] is out of range for "
-                             f"field {f}, which has field_dims[{f}] = {self.field_dims[f]} ids (0..{self.field_dims[f] - 1})")
+                             f"field {f}, which has field_dims[{f}] = {self.field_dims[f]} ids "
+                             f"(0..{self.field_dims[f] - 1})")
 
     def to_global(self, indices: Tensor, offsets: Optional[Tensor] = None) -> Tensor:
         """Local per-field ids -> global rows of ``weight`` (checked in eager mode)."""
@@ -209,13 +210,15 @@ class EmbeddingFM(nn.Module):
         opt, row_state = self.optimizer, self.optimizer_row_state()
         if "last_step" in row_state:  # Adam: the forward reads the rows as dense Adam has them now
             ops.adam_catch_up([self.weight, self.linear_weight], self.optimizer_state_list(), row_state["last_step"],
-                              row_state["catchup"], self.optimizer_step, ids=ids if offsets is not None else ids.flatten())
+                              row_state["catchup"], self.optimizer_step,
+                              ids=ids if offsets is not None else ids.flatten())
+        weight_state, linear_state = self.optimizer_states()
         return ops.embedding_fm_step(
             self.weight, self.linear_weight, ids, offsets, per_sample_weights, num_fields=self.num_fields,
-            mode=self.mode, pooling=pooling, return_pooled=return_pooled, weight_state=self.optimizer_states()[0],
-            linear_state=self.optimizer_states()[1], step=self.optimizer_step, last_step=row_state.get("last_step"), catchup=row_state.get("catchup"),
-            optimizer=opt.code, lr=opt.lr, eps=opt.eps, beta1=opt.betas[0], beta2=opt.betas[1],
-            weight_decay=opt.weight_decay, sync=self._sync)
+            mode=self.mode, pooling=pooling, return_pooled=return_pooled, weight_state=weight_state,
+            linear_state=linear_state, step=self.optimizer_step, last_step=row_state.get("last_step"),
+            catchup=row_state.get("catchup"), optimizer=opt.code, lr=opt.lr, eps=opt.eps, beta1=opt.betas[0],
+            beta2=opt.betas[1], weight_decay=opt.weight_decay, sync=self._sync)
 
     # -- the fused optimizer's state ------------------------------------------------------------
     def optimizer_states(self):

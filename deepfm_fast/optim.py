@@ -72,7 +72,8 @@ class FusedOptimizer:
         self.lr, self.eps, self.betas, self.weight_decay = float(lr), float(eps), tuple(betas), float(weight_decay)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(lr={self.lr}, eps={self.eps}, betas={self.betas}, weight_decay={self.weight_decay})"
+        return (f"{type(self).__name__}(lr={self.lr}, eps={self.eps}, betas={self.betas}, "
+                f"weight_decay={self.weight_decay})")
 
     def new_state(self, table: Tensor) -> List[Tensor]:
         """Zero state tensors for `table` [N] or [N, D]: float32, or float64 for a float64 table."""
@@ -84,8 +85,8 @@ class FusedOptimizer:
         """State shared by the tables of one set of rows (none, but for `Adam`)."""
         return {}
 
-    def update(self, tables, states, ids: Tensor, row_grads, step: Tensor, row_state: Optional[Dict[str, Tensor]] = None,
-               check_ids: bool = True) -> None:
+    def update(self, tables, states, ids: Tensor, row_grads, step: Tensor,
+               row_state: Optional[Dict[str, Tensor]] = None, check_ids: bool = True) -> None:
         """One step on the rows `ids` (sorted, unique) of `tables`, in place; increments `step`.
 
         `tables` is a table or a list of tables with the same rows (updated in one call, e.g. the

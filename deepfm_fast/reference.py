@@ -10,8 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._args import (ADAGRAD, ADAM, LAZY_ADAM, MODES, ROWWISE_ADAGRAD, SGD, STATES_PER_TABLE, EmbeddingFMOutput, as_csr,
-                    mode_code, pooling_codes)
+from ._args import (
+    ADAGRAD,
+    ADAM,
+    LAZY_ADAM,
+    MODES,
+    ROWWISE_ADAGRAD,
+    SGD,
+    STATES_PER_TABLE,
+    EmbeddingFMOutput,
+    as_csr,
+    mode_code,
+    pooling_codes,
+)
 
 
 def fm_interaction(emb: Tensor, reduce_sum: bool = True) -> Tensor:
@@ -25,7 +36,8 @@ def fm_interaction(emb: Tensor, reduce_sum: bool = True) -> Tensor:
         ``[B]`` ``0.5 * sum_k((sum_f e)^2 - sum_f e^2)``, or ``[B, K]`` without the sum over ``k``.
     """
     if emb.dim() != 3:
-        raise ValueError(f"fm_interaction: emb must be a 3-D tensor [batch, fields, embedding_dim], got shape {tuple(emb.shape)}")
+        raise ValueError(f"fm_interaction: emb must be a 3-D tensor [batch, fields, embedding_dim], "
+                         f"got shape {tuple(emb.shape)}")
     square_of_sum = emb.sum(dim=1).pow(2)
     sum_of_square = emb.pow(2).sum(dim=1)
     interaction = 0.5 * (square_of_sum - sum_of_square)

@@ -275,12 +275,12 @@ class Trainer:
         opts: List[torch.optim.Optimizer] = []
         if getattr(self.model, "sparse", False):
             sparse = [p for p in self.model.sparse_parameters() if p.requires_grad]
-            dense = [p for p in self.model.dense_parameters() if p.requires_grad]
             if sparse:
                 self._table_opt = torch.optim.SparseAdam(sparse, lr=self.table_lr)
                 opts.append(self._table_opt)
-        else:
-            dense = [p for p in self.model.parameters() if p.requires_grad]
+        # dense_parameters(): all but the sparse parameters and the tables a fused optimizer updates.
+        params = self.model.dense_parameters() if hasattr(self.model, "dense_parameters") else self.model.parameters()
+        dense = [p for p in params if p.requires_grad]
         if dense:
             self._dense_opt = torch.optim.Adam(dense, lr=lr)
             opts.append(self._dense_opt)
