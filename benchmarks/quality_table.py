@@ -1,8 +1,10 @@
 """Aggregate the metrics JSON files of benchmarks/quality.sh into benchmarks/results/quality.{json,md table}.
 
-Usage: python benchmarks/quality_table.py RUNS_DIR
-Writes benchmarks/results/quality.json (per-run numbers, mean ± sample std over seeds, the BARS
-reference values, the machine) and benchmarks/results/quality_table.md (the table quoted in quality.md).
+Usage: python benchmarks/quality_table.py RUNS_DIR [NAME]
+Runs are named DATASET_MODEL_SEED.json (MODEL: a model, or an ablation's variant). Writes
+benchmarks/results/NAME.json (per-run numbers, mean ± sample std over seeds, the BARS reference
+values, the machine) and benchmarks/results/NAME_table.md (the table quoted in quality.md); NAME
+defaults to "quality".
 """
 import json
 import statistics
@@ -13,6 +15,7 @@ from pathlib import Path
 import recording
 
 runs_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/quality_runs")
+name = sys.argv[2] if len(sys.argv) > 2 else "quality"
 results = Path(__file__).resolve().parent / "results"
 
 # BARS leaderboard (FuxiCTR v1.1, one run, seed 2021; ../shared/data/RESULTS.md section 1a): test AUC / logloss.
@@ -44,16 +47,17 @@ summary = []
 for (dataset, model), runs in sorted(groups.items()):
     auc, auc_sd = ms([r["test_auc"] for r in runs])
     ll, ll_sd = ms([r["test_logloss"] for r in runs])
-    bars = BARS.get((dataset, model))
+    bars = BARS.get((dataset.split("-")[0], model))
     summary.append({"dataset": dataset, "model": model, "seeds": [r["seed"] for r in runs],
                     "test_auc_mean": auc, "test_auc_std": auc_sd, "test_logloss_mean": ll, "test_logloss_std": ll_sd,
                     "best_epochs": [r["best_epoch"] for r in runs], "epochs_run": [r["epochs_run"] for r in runs],
                     "seconds_per_epoch_mean": statistics.mean(r["seconds_per_epoch"] for r in runs),
-                    "bars": None if bars is None else {"dataset": BARS_DATA[dataset], "test_auc": bars[0],
+                    "bars": None if bars is None else {"dataset": BARS_DATA[dataset.split("-")[0]], "test_auc": bars[0],
                                                        "test_logloss": bars[1], "comparable": False},
                     "runs": runs})
-(results / "quality.json").write_text(json.dumps({"machine": recording.machine(), "command": "benchmarks/quality.sh",
-                                                  "summary": summary}, indent=1) + "\n")
+command = "benchmarks/quality.sh" if name == "quality" else f"benchmarks/{name}.sh"
+(results / f"{name}.json").write_text(json.dumps({"machine": recording.machine(), "command": command,
+                                                "summary": summary}, indent=1) + "\n")
 lines = ["| dataset | model | test AUC (mean ± std) | test logloss (mean ± std) | best epochs (of run) | s/epoch "
          "| BARS x1 AUC / logloss (not comparable) |",
          "|---|---|---|---|---|---|---|"]
@@ -73,5 +77,5 @@ for s in sorted(summary, key=lambda s: (s["dataset"], order.get(s["model"], 9)))
     seconds = f"{s['seconds_per_epoch_mean']:.1f}"
     lines.append(f"| {s['dataset']} | {s['model']} | {auc} | {ll} | {epochs} | {seconds} | {bars} |")
 table = "\n".join(lines)
-(results / "quality_table.md").write_text(table + "\n")
+(results / f"{name}_table.md").write_text(table + "\n")
 print(table)

@@ -73,7 +73,8 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "seed": 2021, "checkpoint_dir": None, "resume": False, "metrics_out": None, "cache_dir": None,
     "skip_bad_lines": False, "threads": None, "max_rows": None, "min_count": 1, "sparse": False,
     "device": "cpu", "progress": True, "init_std": 1e-2, "table_optimizer": "adam", "table_lr": None,
-    "monitor": "auc-logloss", "precise_bn_batches": 16, "curves_out": None,
+    "monitor": "auc-logloss", "precise_bn_batches": 16, "curves_out": None, "l2_scope": "used",
+    "dnn_init": "default",
 }
 SPLITS = ("random", "ordered")
 
@@ -81,11 +82,11 @@ SPLITS = ("random", "ordered")
 def _choices() -> Dict[str, Sequence[str]]:
     """The allowed values of the choice options, from the modules that define them."""
     from .data.formats import FORMATS
-    from .models import MODELS, TABLE_OPTIMIZERS
+    from .models import DNN_INITS, L2_SCOPES, MODELS, TABLE_OPTIMIZERS
     from .train import MONITORS
 
     return {"model": tuple(MODELS), "table_optimizer": TABLE_OPTIMIZERS, "monitor": MONITORS,
-            "format": FORMATS, "split": SPLITS}
+            "format": FORMATS, "split": SPLITS, "l2_scope": L2_SCOPES, "dnn_init": DNN_INITS}
 
 
 _TYPES = {"valid_fraction": float, "test_fraction": float, "epochs": int, "batch_size": int, "lr": float,
@@ -141,6 +142,11 @@ def _add_train_parser(sub, choices: Dict[str, Sequence[str]]) -> None:
     g.add_argument("--dropout", type=float, help="DNN dropout (default 0)")
     g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help="DNN batch norm")
     g.add_argument("--l2-embedding", type=float, help="L2 on the table rows used in each batch (default 0)")
+    g.add_argument("--l2-scope", choices=choices["l2_scope"],
+                   help="rows the L2 covers: used (default; those of each batch, any table optimizer) or table "
+                        "(every row at every step, FuxiCTR's embedding_regularizer; --table-optimizer dense only)")
+    g.add_argument("--dnn-init", choices=choices["dnn_init"],
+                   help="DNN weight init: default (PyTorch's) or xavier_normal (FuxiCTR's)")
     plain = [o for o in choices["table_optimizer"] if o not in FUSED_TABLE_OPTIMIZERS]
     g.add_argument("--table-optimizer", choices=choices["table_optimizer"],
                    help="how the embedding table (and first-order weights) is trained. Fused, updating the rows "
@@ -395,8 +401,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     table_lr = opts["table_lr"] if opts["table_lr"] is not None else opts["lr"]
     hparams = {"embedding_dim": opts["embedding_dim"], "hidden_units": opts["hidden_units"],
                "activation": opts["activation"], "dropout": opts["dropout"], "batch_norm": opts["batch_norm"],
-               "l2_embedding": opts["l2_embedding"], "init_std": opts["init_std"],
-               "table_optimizer": table_optimizer, "table_lr": table_lr}
+               "l2_embedding": opts["l2_embedding"], "l2_scope": opts["l2_scope"], "init_std": opts["init_std"],
+               "table_optimizer": table_optimizer, "table_lr": table_lr, "dnn_init": opts["dnn_init"]}
     seed_everything(opts["seed"])
     model = build_model(opts["model"], data.fields, **hparams).to(opts["device"])
     meta = {"model": model.config(), "format": spec, "encoder": data.encoder.to_dict()}

@@ -188,6 +188,8 @@ class EmbeddingFM(nn.Module):
         if self._scaled_fields and offsets is not None:
             per_sample_weights = self._scale_mean_bags(ids, offsets, per_sample_weights)
             pooling = "sum"
+        if self._sync == 0 and (self.optimizer is not None or self.sparse) and torch.is_grad_enabled():
+            _refuse_unsynchronised(self)
         if self.optimizer is not None and torch.is_grad_enabled():
             out = self._fused_step(ids, offsets, per_sample_weights, pooling, return_pooled)
         else:
@@ -278,8 +280,13 @@ class EmbeddingFM(nn.Module):
 
         Multiplied by a coefficient and added to the loss, its gradient is that coefficient times
         ``V_j`` (and ``w_j``) on exactly those rows: the fused optimizers' ``weight_decay``. With
-        ``sparse=True`` the gradients are sparse like those of the op."""
+        ``sparse=True`` the gradients are sparse like those of the op. Under `deepfm_fast.distributed`
+        the rows are those of every rank's batch, each once."""
         rows = self.used_rows(indices, offsets, global_ids=global_ids)
+        if self._sync > 0:  # under deepfm_fast.distributed: the rows of every rank's batch
+            from . import distributed
+
+            rows = distributed.union_rows(self._sync, rows)
         v = _GatherRows.apply(self.weight, rows, self.sparse)
         w = _GatherRows.apply(self.linear_weight, rows, self.sparse and not self.use_reference)
         return 0.5 * (v.pow(2).sum() + w.pow(2).sum())
@@ -296,6 +303,19 @@ class EmbeddingFM(nn.Module):
                 f"pooling={self.pooling!r}, sparse={self.sparse}, use_reference={self.use_reference}"
                 + (", pool_first_order=True" if self.pool_first_order else "")
                 + (f", optimizer={self.optimizer}" if self.optimizer is not None else ""))
+
+
+def _refuse_unsynchronised(module: "EmbeddingFM") -> None:
+    """Fused updates or sparse gradients on several ranks must be merged (deepfm_fast.distributed.wrap),
+    or the replicas' tables drift apart silently: that is an error, not a training run."""
+    if torch.compiler.is_compiling() or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    if world > 1:
+        raise RuntimeError(f"EmbeddingFM: a fused optimizer or sparse table gradients in a process group of {world} "
+                           f"ranks would let the replicas' tables drift apart: wrap the model with "
+                           f"deepfm_fast.distributed.wrap(model) instead of DistributedDataParallel, or call "
+                           f"deepfm_fast.distributed.independent(model) if each rank trains its own model")
 
 
 def _load_flat_linear_state(module, state_dict, prefix, *args):

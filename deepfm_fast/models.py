@@ -78,6 +78,11 @@ _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu":
 # then the two plain-PyTorch ways.
 FUSED_TABLE_OPTIMIZERS = tuple(optim.NAMES)
 TABLE_OPTIMIZERS = FUSED_TABLE_OPTIMIZERS + ("sparse_adam", "dense")
+# Which rows the L2 penalty covers: those a batch uses (any table optimizer), or the whole table
+# (FuxiCTR's embedding_regularizer; dense gradients only, since it touches every row).
+L2_SCOPES = ("used", "table")
+# The DNN's Linear init: PyTorch's default (Kaiming uniform) or FuxiCTR's Xavier normal (zero biases).
+DNN_INITS = ("default", "xavier_normal")
 
 
 class MLP(nn.Module):
@@ -87,8 +92,10 @@ class MLP(nn.Module):
     """
 
     def __init__(self, in_dim: int, hidden_units: Sequence[int], activation: str = "relu",
-                 dropout: float = 0.0, batch_norm: bool = False):
+                 dropout: float = 0.0, batch_norm: bool = False, init: str = "default"):
         super().__init__()
+        if init not in DNN_INITS:
+            raise ValueError(f"MLP: init must be one of {list(DNN_INITS)}, got {init!r}")
         if activation not in _ACTIVATIONS:
             raise ValueError(f"MLP: activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         if not 0.0 <= dropout < 1.0:
@@ -106,6 +113,11 @@ class MLP(nn.Module):
             in_dim = units
         layers.append(nn.Linear(in_dim, 1))
         self.net = nn.Sequential(*layers)
+        if init == "xavier_normal":
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    nn.init.xavier_normal_(layer.weight)
+                    nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x).squeeze(1)
@@ -120,8 +132,10 @@ class CTRModel(nn.Module):
         fields: feature specs, in the order of the data's fields.
         embedding_dim: ``K``.
         l2_embedding: ``lambda`` of the penalty ``lambda / 2 * sum_{rows j used in the batch}
-            (||V_j||^2 + w_j^2)``; each used row counts once, however often it occurs. With a
-            batch that touches most of a table this is FuxiCTR's whole-table ``embedding_regularizer``.
+            (||V_j||^2 + w_j^2)``; each used row counts once, however often it occurs.
+        l2_scope: ``"used"`` (the rows each batch uses, above; with a fused optimizer, its
+            ``weight_decay``) or ``"table"``: every row at every step, FuxiCTR's
+            ``embedding_regularizer`` (dense gradients: ``table_optimizer="dense"`` only).
         use_reference: build on the reference ops (the test oracle) instead of the fused kernels.
         init_std: standard deviation of the table's normal init (default 1e-2; FuxiCTR uses 1e-4,
             which with few steps per epoch leaves the FM term inactive for many epochs).
@@ -136,7 +150,7 @@ class CTRModel(nn.Module):
 
     def __init__(self, fields: Sequence[FieldSpec], embedding_dim: int = 10, *, l2_embedding: float = 0.0,
                  use_reference: bool = False, init_std: float = 1e-2, table_optimizer: Optional[str] = None,
-                 table_lr: float = 1e-3, sparse: bool = False):
+                 table_lr: float = 1e-3, sparse: bool = False, l2_scope: str = "used"):
         super().__init__()
         if sparse:
             warnings.warn(f"{type(self).__name__}: sparse=True is deprecated; use table_optimizer='sparse_adam'",
@@ -160,9 +174,15 @@ class CTRModel(nn.Module):
             raise ValueError(f"{type(self).__name__}: embedding_dim must be >= 1, got {embedding_dim}")
         if l2_embedding < 0:
             raise ValueError(f"{type(self).__name__}: l2_embedding must be >= 0, got {l2_embedding}")
+        if l2_scope not in L2_SCOPES:
+            raise ValueError(f"{type(self).__name__}: l2_scope must be one of {list(L2_SCOPES)}, got {l2_scope!r}")
+        if l2_scope == "table" and table_optimizer != "dense":
+            raise ValueError(f"{type(self).__name__}: l2_scope='table' decays every row at every step, which needs "
+                             f"dense gradients (table_optimizer='dense'), not {table_optimizer!r}")
         self.fields = fields
         self.embedding_dim = embedding_dim
         self.l2_embedding = float(l2_embedding)
+        self.l2_scope = l2_scope
         self.use_reference = use_reference
         self.init_std = init_std
         self.table_optimizer = table_optimizer
@@ -193,8 +213,12 @@ class CTRModel(nn.Module):
                 None if weights is None else weights.to(device=device, dtype=self.embedding.weight.dtype))
 
     def penalty(self, ids: Tensor, offsets: Optional[Tensor] = None) -> Tensor:
-        """``l2_embedding / 2 * sum`` over the used rows of ``||V_j||^2 + w_j^2`` (0-dim tensor)."""
-        return self.l2_embedding * self.embedding.l2_penalty(ids, offsets, global_ids=offsets is not None)
+        """``l2_embedding / 2 * sum`` over the used rows (or the whole table, ``l2_scope="table"``) of
+        ``||V_j||^2 + w_j^2`` (0-dim tensor)."""
+        emb = self.embedding
+        if self.l2_scope == "table":
+            return 0.5 * self.l2_embedding * (emb.weight.pow(2).sum() + emb.linear_weight.pow(2).sum())
+        return self.l2_embedding * emb.l2_penalty(ids, offsets, global_ids=offsets is not None)
 
     # -- forward ---------------------------------------------------------------------------
     def _head(self, pooled: Optional[Tensor]) -> Optional[Tensor]:
@@ -252,7 +276,7 @@ class CTRModel(nn.Module):
     def config(self) -> Dict[str, Any]:
         """JSON-ready constructor arguments; ``build_model(**cfg)`` rebuilds the model."""
         return {"name": self.name, "fields": fields_to_dicts(self.fields), "embedding_dim": self.embedding_dim,
-                "l2_embedding": self.l2_embedding, "init_std": self.init_std,
+                "l2_embedding": self.l2_embedding, "l2_scope": self.l2_scope, "init_std": self.init_std,
                 "table_optimizer": self.table_optimizer, "table_lr": self.table_lr}
 
     def extra_repr(self) -> str:
@@ -299,11 +323,13 @@ class DeepFM(CTRModel):
         activation: ``"relu"`` (default), ``"tanh"``, ``"gelu"``, ...
         dropout: DNN dropout after each hidden activation.
         batch_norm: batch norm before each hidden activation.
-        l2_embedding: L2 on the table rows used in the batch (see :class:`CTRModel`).
+        l2_embedding, l2_scope: L2 on the table rows used in the batch or on the whole table (see
+            :class:`CTRModel`).
         use_reference: build on the reference ops.
         sparse: deprecated spelling of ``table_optimizer="sparse_adam"``.
         init_std: table init std.
         table_optimizer, table_lr: how the table is trained (see :class:`CTRModel`).
+        dnn_init: ``"default"`` (PyTorch's) or ``"xavier_normal"`` (FuxiCTR's) init of the DNN.
 
     Shape:
         ``forward(batch)``: ``[B]`` logits; the DNN input is ``[B, F * K]``.
@@ -322,26 +348,29 @@ class DeepFM(CTRModel):
                  hidden_units: Sequence[int] = (400, 400, 400), activation: str = "relu",
                  dropout: float = 0.0, batch_norm: bool = False, l2_embedding: float = 0.0,
                  use_reference: bool = False, sparse: bool = False, init_std: float = 1e-2,
-                 table_optimizer: Optional[str] = None, table_lr: float = 1e-3):
+                 table_optimizer: Optional[str] = None, table_lr: float = 1e-3, l2_scope: str = "used",
+                 dnn_init: str = "default"):
         super().__init__(fields, embedding_dim, l2_embedding=l2_embedding, use_reference=use_reference,
-                         sparse=sparse, init_std=init_std, table_optimizer=table_optimizer, table_lr=table_lr)
+                         sparse=sparse, init_std=init_std, table_optimizer=table_optimizer, table_lr=table_lr,
+                         l2_scope=l2_scope)
         self.hidden_units = tuple(int(u) for u in hidden_units)
         self.activation, self.dropout, self.batch_norm = activation, float(dropout), bool(batch_norm)
-        self.dnn = MLP(len(self.fields) * embedding_dim, self.hidden_units, activation, dropout, batch_norm)
+        self.dnn_init = dnn_init
+        self.dnn = MLP(len(self.fields) * embedding_dim, self.hidden_units, activation, dropout, batch_norm, dnn_init)
 
     def _head(self, pooled: Tensor) -> Tensor:
-        return self.dnn(pooled.reshape(pooled.shape[0], -1))
+        return self.dnn(pooled.flatten(1))  # [B, F * K], also for B = 0
 
     def config(self) -> Dict[str, Any]:
         cfg = super().config()
         cfg.update(hidden_units=list(self.hidden_units), activation=self.activation, dropout=self.dropout,
-                   batch_norm=self.batch_norm)
+                   batch_norm=self.batch_norm, dnn_init=self.dnn_init)
         return cfg
 
 
 MODELS = {"deepfm": DeepFM, "fm": FM, "lr": LR}
 
-_MODEL_ONLY = {"deepfm": ("hidden_units", "activation", "dropout", "batch_norm")}
+_MODEL_ONLY = {"deepfm": ("hidden_units", "activation", "dropout", "batch_norm", "dnn_init")}
 
 
 def build_model(name: str, fields: Sequence[Union[FieldSpec, Dict[str, Any]]], **hparams) -> CTRModel:

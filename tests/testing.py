@@ -3,7 +3,12 @@
 CUDA is tested only where the extension has a CUDA kernel AND a GPU is visible; the reason a case
 is skipped is reported by pytest (-ra).
 """
+import datetime
 import itertools
+import socket
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -67,3 +72,48 @@ def shared_data_file(relative: str) -> Path:
     if not path.is_file():
         pytest.skip(f"real data {relative} not found under {SHARED_DATA} (needs ../shared/data beside the repo)")
     return path
+
+
+# ---- several processes -----------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port of the loopback interface that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(rank: int, world_size: int, port: int, timeout_s: float = 30.0) -> None:
+    """gloo on loopback, with a timeout on every collective: a bug fails instead of hanging."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _run_rank(rank, fn, world_size, port, out_dir, args):
+    torch.set_num_threads(1)
+    init_process_group(rank, world_size, port)
+    try:
+        result = fn(rank, world_size, *args)
+    except Exception as error:  # reported to the parent with its message, as a result
+        result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+    finally:
+        torch.distributed.destroy_process_group()
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+def run_ranks(fn, world_size=2, args=(), timeout_s=120.0):
+    """``fn(rank, world_size, *args)`` in ``world_size`` spawned processes joined by a gloo process
+    group; returns each rank's return value (an exception becomes ``{"error": message}``). Fails
+    with the ranks' state after ``timeout_s`` instead of hanging. ``fn`` must be importable (a
+    module-level function of a test module)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        context = torch.multiprocessing.start_processes(
+            _run_rank, args=(fn, world_size, free_port(), out_dir, args), nprocs=world_size, join=False,
+            start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"{world_size} ranks did not finish within {timeout_s} s (a hang)")
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

@@ -178,6 +178,7 @@ def iterate_batches(
     generator: Optional[torch.Generator] = None,
     seed: Optional[int] = None,
     drop_last: bool = False,
+    shard: Optional[Tuple[int, int]] = None,
 ) -> Iterator[Batch]:
     """Yield :class:`Batch` es by slicing the dataset's tensors.
 
@@ -189,6 +190,10 @@ def iterate_batches(
             different but reproducible order per epoch.
         seed: alternative to ``generator``: a new generator seeded with it (same order each call).
         drop_last: skip a final short batch.
+        shard: ``(rank, world_size)`` for data-parallel training: every batch of ``batch_size`` rows
+            (the global batch) is split into ``world_size`` contiguous shares as equal as
+            ``torch.tensor_split`` makes them, and this rank's share is yielded. With the same
+            permutation on every rank (the same ``generator`` seed) the ranks see disjoint rows.
 
     Without shuffling the batches are views of the dataset's tensors; do not modify them in place.
     """
@@ -202,7 +207,15 @@ def iterate_batches(
         perm = torch.randperm(n, generator=generator)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
-        if perm is None:
+        if shard is not None:
+            rank, world = shard
+            stop_row = min(start + batch_size, n)
+            global_rows = torch.arange(start, stop_row) if perm is None else perm[start:stop_row]
+            idx = torch.tensor_split(global_rows, world)[rank]
+
+            def take(t, idx=idx):
+                return None if t is None else t.index_select(0, idx)
+        elif perm is None:
             rows = slice(start, min(start + batch_size, n))
 
             def take(t, rows=rows):

@@ -1,0 +1,277 @@
+"""Data-parallel training of models with `EmbeddingFM` tables: DDP for the DNN, and the tables kept
+identical on every rank by the library, in every table mode.
+
+DDP all-reduces dense gradients. The fast table modes have none: a fused optimizer updates the
+touched rows inside the backward, and sparse gradients (``table_optimizer="sparse_adam"``) are
+``torch.sparse_coo`` tensors DDP cannot reduce. `wrap` makes both work with torch.distributed
+collectives:
+
+- the tables (and the fused optimizer's state buffers) are left out of DDP, and rank 0's copy is
+  broadcast once, so every replica starts equal;
+- fused: the backward all-gathers each rank's coalesced ``(unique ids, row gradients)`` of both
+  tables (V and w), merges them (sum per row, divided by the world size: DDP's averaged gradient)
+  and applies the same update on every rank. It runs inside the backward, so it overlaps the DNN's
+  all-reduce, which DDP starts as the DNN's gradients become ready.
+- sparse: a gradient hook on each table does the same merge and hands the optimizer the averaged
+  sparse gradient.
+- dense: DDP's own all-reduce, as for any parameter.
+- the L2 penalty on the rows a batch uses covers the union of every rank's rows, once each.
+
+Example (``torchrun --nproc_per_node=2 train.py``)::
+
+    torch.distributed.init_process_group("gloo")        # "nccl" on GPUs
+    model = DeepFM(fields, 10, table_optimizer="adam")
+    ddp = deepfm_fast.distributed.wrap(model)           # DistributedDataParallel
+    opt = torch.optim.Adam(model.dense_parameters(), lr=1e-3)
+    loss = F.binary_cross_entropy_with_logits(ddp(batch_of_this_rank), labels)
+    loss.backward()                                      # tables updated, equal on every rank
+    opt.step()
+
+The merge needs every rank in every step: a rank with an empty batch raises on all ranks (never a
+hang), and so does a model that differs between ranks (checked once in `wrap`). An `EmbeddingFM`
+with a fused optimizer or sparse gradients refuses to train in a process group of more than one
+rank unless `wrap` synchronised it (or `independent` said the replicas are meant to differ).
+``deepfm-fast train`` under ``torchrun`` does all of this (see its help).
+"""
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .embedding import EmbeddingFM
+
+__all__ = ["wrap", "independent", "merge_rows", "union_rows", "is_distributed", "rank", "world_size",
+           "convert_sync_batch_norm", "CpuSyncBatchNorm"]
+
+# Process groups by the handle `EmbeddingFM._sync` holds (0: not synchronised, -1: independent).
+_GROUPS: Dict[int, Optional[dist.ProcessGroup]] = {}
+INDEPENDENT = -1
+
+
+def is_distributed() -> bool:
+    """A process group of more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def _tables(model: nn.Module) -> List[Tuple[str, EmbeddingFM]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, EmbeddingFM)]
+
+
+def _collective_device(group: Optional[dist.ProcessGroup]) -> torch.device:
+    """Where the tensors of a collective must be: this rank's GPU for NCCL, else the CPU (gloo)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check_same_model(model: nn.Module, group: Optional[dist.ProcessGroup]) -> None:
+    """Every rank must hold the same architecture and table optimizer: a mismatch would make the
+    merged updates meaningless (or the collectives hang on different sizes)."""
+    fingerprint = {"world_size": dist.get_world_size(group),
+                   "parameters": [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()],
+                   "tables": [(n, m.field_dims, m.embedding_dim, m.mode, repr(m.optimizer), m.sparse)
+                              for n, m in _tables(model)]}
+    gathered: List[Optional[dict]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, fingerprint, group=group)
+    for r, other in enumerate(gathered):  # the same verdict on every rank: all raise, none waits
+        if other != gathered[0]:
+            different = [k for k in gathered[0] if other.get(k) != gathered[0][k]]
+            raise ValueError(f"deepfm_fast.distributed.wrap: rank {r} has a different model than rank 0 "
+                             f"(differs in: {', '.join(different)}); every rank must build the same model")
+
+
+def _broadcast_tables(module: EmbeddingFM, group: Optional[dist.ProcessGroup]) -> None:
+    """Rank 0's tables and optimizer state on every rank (DDP does this for the parameters it manages)."""
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    tensors = [module.weight, module.linear_weight]
+    if module.optimizer is not None:
+        tensors += module.optimizer_state_list() + list(module.optimizer_row_state().values()) + [module.optimizer_step]
+    with torch.no_grad():
+        for t in tensors:
+            device = _collective_device(group)
+            buffer = t.detach().to(device)
+            dist.broadcast(buffer, src=src, group=group)
+            t.copy_(buffer)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over the ranks; its gradient is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class CpuSyncBatchNorm(nn.BatchNorm1d):
+    """A batch norm over the global batch of every rank, on the CPU (gloo), where PyTorch's
+    ``SyncBatchNorm`` has no kernel (and DDP refuses it): the batch statistics are summed over the
+    ranks with autograd-aware all-reduces, so the forward and backward are those of one batch norm
+    over the rows of all ranks. Made by `convert_sync_batch_norm` from ``BatchNorm1d`` layers."""
+
+    process_group: Optional[dist.ProcessGroup] = None
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(input)
+        group = self.process_group or dist.group.WORLD
+        count = _AllReduceSum.apply(torch.tensor([float(input.shape[0])], dtype=input.dtype), group)
+        mean = _AllReduceSum.apply(input.sum(0), group) / count
+        var = _AllReduceSum.apply((input - mean).pow(2).sum(0), group) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
+                unbiased = var.detach() * count / (count - 1).clamp(min=1)
+                self.running_var.mul_(1 - momentum).add_(momentum * unbiased)
+        out = (input - mean) / torch.sqrt(var + self.eps)
+        return out * self.weight + self.bias if self.affine else out
+
+
+def convert_sync_batch_norm(model: nn.Module, process_group: Optional[dist.ProcessGroup] = None) -> nn.Module:
+    """Batch norms over the global batch: ``torch.nn.SyncBatchNorm`` on GPUs, `CpuSyncBatchNorm` for
+    the ``BatchNorm1d`` layers of a model on the CPU. Same parameters and buffers, in place."""
+    if any(p.is_cuda for p in model.parameters()):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+    for m in model.modules():
+        if type(m) is nn.BatchNorm1d:
+            m.__class__ = CpuSyncBatchNorm  # a subclass with the same state: only forward changes
+            m.process_group = process_group
+    return model
+
+
+def wrap(model: nn.Module, *, process_group: Optional[dist.ProcessGroup] = None, sync_batch_norm: bool = False,
+         **ddp_kwargs) -> nn.parallel.DistributedDataParallel:
+    """``DistributedDataParallel(model)`` with every `EmbeddingFM` table kept equal on all ranks.
+
+    Args:
+        model: a model holding `EmbeddingFM` tables (e.g. `deepfm_fast.models.DeepFM`), on its device.
+        process_group: the group to train in (default: the world).
+        sync_batch_norm: batch norms over the global batch (`convert_sync_batch_norm`), so that N ranks
+            train the model one process would on the same rows.
+        ddp_kwargs: passed to ``DistributedDataParallel`` (e.g. ``device_ids``).
+
+    Returns:
+        The DDP module; ``.module`` is ``model`` (converted batch norms included).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("deepfm_fast.distributed.wrap: no process group; call torch.distributed."
+                           "init_process_group first (torchrun sets the environment it needs)")
+    tables = _tables(model)
+    if sync_batch_norm:
+        model = convert_sync_batch_norm(model, process_group)
+    _check_same_model(model, process_group)
+    handle = max(_GROUPS, default=0) + 1
+    _GROUPS[handle] = process_group
+    ignore = []
+    for name, module in tables:
+        prefix = f"{name}." if name else ""
+        _broadcast_tables(module, process_group)
+        if module.optimizer is not None or module.sparse:
+            # DDP must neither all-reduce these (no dense gradient) nor broadcast them every step.
+            ignore += [prefix + "weight", prefix + "linear_weight"]
+            ignore += [prefix + n for n, _ in module.named_buffers(recurse=False) if n.startswith(("weight_optimizer",
+                                                                                                  "linear_optimizer",
+                                                                                                  "optimizer_"))]
+        if module.sparse:
+            for param in module.sparse_parameters():
+                param.register_hook(lambda grad, h=handle: _merge_sparse_grad(h, grad))
+        module._sync = handle
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    return nn.parallel.DistributedDataParallel(model, process_group=process_group, **ddp_kwargs)
+
+
+def independent(model: nn.Module) -> nn.Module:
+    """Declares that the fused or sparse tables of ``model`` train independently on each rank (e.g.
+    one model per rank in a hyper-parameter search): they are then not synchronised and not refused."""
+    for _, module in _tables(model):
+        module._sync = INDEPENDENT
+    return model
+
+
+def _gather_rows(handle: int, ids: Tensor, values: Tensor, batch: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """Every rank's (ids [U_r], values [U_r, D]), concatenated in rank order on every rank."""
+    group = _GROUPS[handle]
+    world = dist.get_world_size(group)
+    device = _collective_device(group)
+    counts = torch.tensor([ids.numel(), -1 if batch is None else batch], dtype=torch.int64, device=device)
+    all_counts = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(all_counts, counts, group=group)
+    sizes = [int(c[0]) for c in all_counts]
+    empty = [r for r, c in enumerate(all_counts) if int(c[1]) == 0]
+    if empty:  # raised on every rank alike: none waits for the others
+        raise RuntimeError(f"deepfm_fast.distributed: rank(s) {empty} had an empty batch; every rank must train on "
+                           f"at least one row per step (shard the data so that no rank runs dry)")
+    longest = max(sizes)
+    padded_ids = torch.zeros(longest, dtype=torch.int64, device=device)
+    padded_ids[:ids.numel()] = ids.to(device)
+    padded_values = values.new_zeros((longest, values.shape[1]), device=device)
+    padded_values[:values.shape[0]] = values.to(device)
+    all_ids = [torch.empty_like(padded_ids) for _ in range(world)]
+    all_values = [torch.empty_like(padded_values) for _ in range(world)]
+    dist.all_gather(all_ids, padded_ids, group=group)
+    dist.all_gather(all_values, padded_values, group=group)
+    ids = torch.cat([i[:n] for i, n in zip(all_ids, sizes)]).to(values.device)
+    values = torch.cat([v[:n] for v, n in zip(all_values, sizes)]).to(values.device)
+    return ids, values / world
+
+
+def _sum_rows(ids: Tensor, values: Tensor) -> Tuple[Tensor, Tensor]:
+    """(sorted unique ids, the sum of their values), summed in a fixed order on every rank: a stable
+    sort and a segment sum, no atomics, so the ranks' results are bitwise equal."""
+    if ids.numel() == 0:
+        return ids, values
+    ids, order = torch.sort(ids, stable=True)
+    unique, counts = torch.unique_consecutive(ids, return_counts=True)
+    return unique, torch.segment_reduce(values[order], "sum", lengths=counts, axis=0)
+
+
+def merge_rows(handle: int, ids: Tensor, grads: List[Tensor], batch: int) -> Tuple[Tensor, List[Tensor]]:
+    """The fused backward's merge: every rank's coalesced rows (sorted unique ``ids``; ``grads``, one
+    ``[U]`` or ``[U, D]`` tensor per table) -> the union of the rows and their gradients summed over
+    the ranks and divided by the world size (DDP's average). ``batch``: this rank's batch size."""
+    widths = [1 if g.dim() == 1 else g.shape[1] for g in grads]
+    values = torch.cat([g.reshape(g.shape[0], width) for g, width in zip(grads, widths)], dim=1)
+    ids, values = _sum_rows(*_gather_rows(handle, ids, values, batch))
+    merged, start = [], 0
+    for g, width in zip(grads, widths):
+        part = values[:, start:start + width]
+        merged.append(part.reshape(-1) if g.dim() == 1 else part.contiguous())
+        start += width
+    return ids, merged
+
+
+def union_rows(handle: int, rows: Tensor) -> Tensor:
+    """The sorted union of every rank's ``rows``: the rows an L2 penalty on the used rows covers, so
+    that N ranks apply it once per row of the global batch, as one process would."""
+    ids, _ = _gather_rows(handle, rows, rows.new_zeros((rows.numel(), 0), dtype=torch.float32), None)
+    return torch.unique(ids)
+
+
+def _merge_sparse_grad(handle: int, grad: Tensor) -> Tensor:
+    """The gradient hook of a sparse table: the merged, averaged sparse gradient of every rank."""
+    grad = grad.coalesce()
+    shape = grad.shape
+    values = grad.values().reshape(grad.values().shape[0], math.prod(shape[1:]))
+    ids, values = _sum_rows(*_gather_rows(handle, grad.indices()[0], values, None))
+    return torch.sparse_coo_tensor(ids.unsqueeze(0), values.reshape((-1,) + tuple(shape[1:])), shape,
+                                   is_coalesced=True)

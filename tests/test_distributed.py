@@ -1,0 +1,145 @@
+"""Data-parallel training (deepfm_fast.distributed): every table mode stays equal on 2 ranks (gloo,
+loopback) and equals one process trained on the concatenated global batches; bad setups raise on
+every rank instead of hanging or drifting apart."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepfm_fast import distributed
+from deepfm_fast.data import iterate_batches, make_synthetic
+from deepfm_fast.models import TABLE_OPTIMIZERS, DeepFM
+from testing import run_ranks
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+MODES = list(TABLE_OPTIMIZERS)  # dense, sparse_adam and every fused optimizer
+STEPS, ROWS_PER_RANK = 4, 32
+
+
+def _data():
+    return make_synthetic(600, seed=3, embedding_dim=4)
+
+
+def _model(mode, fields):
+    torch.manual_seed(0)
+    model = DeepFM(fields, 6, hidden_units=(16, 8), batch_norm=True, l2_embedding=0.01, init_std=0.1,
+                   table_optimizer=mode, table_lr=0.01).double()
+    return model
+
+
+def _optimizers(model, mode):
+    dense = torch.optim.Adam(model.dense_parameters(), lr=0.01)
+    if mode == "sparse_adam":
+        return [torch.optim.SparseAdam(model.sparse_parameters(), lr=0.01), dense]
+    return [dense]
+
+
+def _step(module, model, batch, optimizers):
+    logits, penalty = module(batch, return_penalty=True)
+    loss = F.binary_cross_entropy_with_logits(logits, batch.labels.double()) + penalty
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+
+
+def _global_batches(data, shard=None):
+    generator = torch.Generator().manual_seed(1)
+    return [b for _, b in zip(range(STEPS), iterate_batches(data.train, 2 * ROWS_PER_RANK, shuffle=True,
+                                                             generator=generator, shard=shard))]
+
+
+def _final_state(model):
+    model.eval()  # flushes the fused Adam: every row up to date
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _train_ranks(rank, world_size, modes):
+    """Each mode: STEPS steps of the wrapped model, this rank on its half of each global batch."""
+    data = _data()
+    states = {}
+    for mode in modes:
+        model = _model(mode, data.fields)
+        if rank == 1:  # a different init: wrap must broadcast rank 0's tables (DDP: its parameters)
+            with torch.no_grad():
+                model.embedding.weight.mul_(2.0)
+        ddp = distributed.wrap(model, sync_batch_norm=True)
+        optimizers = _optimizers(model, mode)
+        for batch in _global_batches(data, shard=(rank, world_size)):
+            _step(ddp, model, batch, optimizers)
+        states[mode] = _final_state(model)
+    return states
+
+
+def test_every_table_mode_stays_equal_across_ranks_and_equals_one_process():
+    results = run_ranks(_train_ranks, 2, args=(MODES,))
+    for r in results:
+        assert "error" not in r, r
+    data = _data()
+    for mode in MODES:
+        model = _model(mode, data.fields)
+        optimizers = _optimizers(model, mode)
+        for batch in _global_batches(data):
+            _step(model, model, batch, optimizers)
+        single = _final_state(model)
+        rank0, rank1 = results[0][mode], results[1][mode]
+        assert rank0.keys() == rank1.keys()
+        for key in rank0:
+            key_single = key.replace("module.", "")
+            # The replicas: bitwise equal (the same merged update, in the same order, on both).
+            assert torch.equal(rank0[key], rank1[key]), (mode, key)
+            # One process on the global batches: equal to float round-off (sums in another order);
+            # the DNN less tightly, as the gradient of a bias before batch norm is float noise
+            # (~1e-17), which Adam scales up to steps of ~1e-12.
+            if rank0[key].is_floating_point():
+                tolerance = dict(atol=1e-12, rtol=1e-10) if key.startswith("embedding.") else dict(atol=1e-8, rtol=1e-6)
+                torch.testing.assert_close(rank0[key], single[key_single], **tolerance,
+                                           msg=lambda m, k=key, mode=mode: f"{mode} {k}: {m}")
+            else:
+                assert torch.equal(rank0[key], single[key_single]), (mode, key)
+
+
+def _empty_batch_on_rank_1(rank, world_size):
+    data = _data()
+    torch.manual_seed(0)
+    model = DeepFM(data.fields, 6, hidden_units=(16,), table_optimizer="adam").double()  # no batch norm
+    ddp = distributed.wrap(model)
+    # A global batch of one row: rank 1's share is empty.
+    batch = next(iterate_batches(data.train, 1, shard=(rank, world_size)))
+    _step(ddp, model, batch, _optimizers(model, "adam"))
+    return {}
+
+
+def _different_models(rank, world_size):
+    data = _data()
+    torch.manual_seed(0)
+    model = DeepFM(data.fields, 6 if rank == 0 else 8, hidden_units=(16,), table_optimizer="adam")
+    distributed.wrap(model)
+    return {}
+
+
+def _plain_ddp(rank, world_size):
+    data = _data()
+    model = _model("adam", data.fields)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    _step(ddp, model, next(iter(iterate_batches(data.train, 8))), _optimizers(model, "adam"))
+    return {}
+
+
+@pytest.mark.parametrize("worker,message", [
+    (_empty_batch_on_rank_1, r"rank\(s\) \[1\] had an empty batch"),
+    (_different_models, r"rank 1 has a different model than rank 0 \(differs in: parameters, tables\)"),
+    (_plain_ddp, r"would let the replicas' tables drift apart: wrap the model with deepfm_fast.distributed.wrap"),
+], ids=["empty-batch", "different-models", "ddp-without-wrap"])
+def test_bad_setups_raise_on_every_rank(worker, message):
+    results = run_ranks(worker, 2, timeout_s=90)
+    for rank, result in enumerate(results):
+        assert "error" in result, (rank, result)
+        assert __import__("re").search(message, result["error"]), (rank, result["error"])
+
+
+def test_wrap_needs_a_process_group():
+    model = DeepFM(_data().fields, 4, hidden_units=(8,), table_optimizer="adam")
+    with pytest.raises(RuntimeError, match="no process group; call torch.distributed.init_process_group first"):
+        distributed.wrap(model)
