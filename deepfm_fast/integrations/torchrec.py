@@ -506,7 +506,7 @@ def shard(model: TorchRecDeepFM, *, optimizer: str = "rowwise_adagrad", lr: floa
 
 
 def gather_state_dict(dmp, dst: int = 0) -> Optional[Dict[str, Tensor]]:
-    """The unsharded model's ``state_dict`` of a sharded one, on rank ``dst`` (None elsewhere).
+    """The unsharded model's ``state_dict`` of a sharded one, on (global) rank ``dst``; None elsewhere.
 
     Every rank must call it (it gathers the table shards). ``TorchRecDeepFM(...).load_state_dict``
     takes the result: to evaluate or export on one host a model trained sharded.
