@@ -295,7 +295,8 @@ def test_table_layout_and_init():
     pooling = {c.name: c.pooling.value for c in model.embedding_bag_collection.embedding_bag_configs()}
     # Weighted: nn.EmbeddingBag takes weights only with sum, so the mean bag is a sum table.
     assert pooling == {"t_user": "SUM", "t_item": "SUM", "t_tags": "SUM", "t_x": "SUM"}
-    pooling = {c.name: c.pooling.value for c in _model(FIELDS_UNWEIGHTED).embedding_bag_collection.embedding_bag_configs()}
+    configs = _model(FIELDS_UNWEIGHTED).embedding_bag_collection.embedding_bag_configs()
+    pooling = {c.name: c.pooling.value for c in configs}
     assert pooling == {"t_user": "SUM", "t_tags": "MEAN", "t_genres": "SUM"}
     dense = {id(p) for p in model.dense_parameters()}
     assert dense == {id(p) for n, p in model.named_parameters() if not n.startswith("embedding_bag_collection.")}
@@ -417,7 +418,7 @@ def _compare_with_one_process(ranks, fields, sharding, optimizer):
     assert results[1]["state"] is None and state.keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
         assert not torch.equal(value, initial[key]), f"{key} did not train"
-        torch.testing.assert_close(state[key], value, **TOL, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(state[key], value, **TOL, msg=lambda m, key=key: f"{key}: {m}")
     torch.testing.assert_close(torch.cat([r["logits"] for r in results]), expected, **TOL)
 
 
