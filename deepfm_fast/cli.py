@@ -74,7 +74,7 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "skip_bad_lines": False, "threads": None, "max_rows": None, "min_count": 1, "sparse": False,
     "device": "cpu", "progress": True, "init_std": 1e-2, "table_optimizer": "adam", "table_lr": None,
     "monitor": "auc-logloss", "precise_bn_batches": 16, "curves_out": None, "l2_scope": "used",
-    "dnn_init": "default",
+    "dnn_init": "default", "sync_batch_norm": False, "dist_timeout": 1800.0,
 }
 SPLITS = ("random", "ordered")
 
@@ -93,8 +93,8 @@ _TYPES = {"valid_fraction": float, "test_fraction": float, "epochs": int, "batch
           "table_lr": float, "precise_bn_batches": int,
           "embedding_dim": int, "hidden_units": _hidden_units, "dropout": float, "l2_embedding": float,
           "patience": int, "seed": int, "threads": int, "max_rows": int, "min_count": int,
-          "init_std": float}
-_BOOLS = ("batch_norm", "resume", "skip_bad_lines", "sparse", "progress")
+          "init_std": float, "dist_timeout": float}
+_BOOLS = ("batch_norm", "resume", "skip_bad_lines", "sparse", "progress", "sync_batch_norm")
 _PATHS = ("schema", "train", "valid", "test", "checkpoint_dir", "metrics_out", "curves_out", "cache_dir")
 
 
@@ -177,6 +177,12 @@ def _add_train_parser(sub, choices: Dict[str, Sequence[str]]) -> None:
     g.add_argument("--checkpoint-dir", help="write last.pt (resume) and best.pt (evaluate/predict) here")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="continue from --checkpoint-dir/last.pt")
+    g.add_argument("--sync-batch-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun: batch norms over the global batch of all ranks, so that N ranks train "
+                        "the model one process would (default: each rank's share)")
+    g.add_argument("--dist-timeout", type=float,
+                   help="under torchrun: seconds a collective waits for the other ranks before failing "
+                        "(default 1800)")
     g.add_argument("--metrics-out", help="write final metrics as JSON to this file, and the learning curves "
                                          "as a PNG beside it (same name, .png)")
     g.add_argument("--curves-out", help="write the learning curves (train loss, valid AUC and logloss, learning "
@@ -385,42 +391,80 @@ def _write_curves(path: Path, result, title: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import backend
+    """Train; under ``torchrun --nproc_per_node=N`` data parallel (see `_train`)."""
+    from . import distributed
+
+    opts = resolve_train_options(args)
+    rank, world_size, device = distributed.init_from_environment(opts["device"], opts["dist_timeout"])
+    try:
+        return _train(opts, rank, world_size, device)
+    finally:
+        if world_size > 1:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+def _train(opts: Dict[str, Any], rank: int, world_size: int, device) -> int:
+    """Every rank builds the same model and reads the same data; under torchrun each trains on its
+    share of every global batch of --batch-size rows, and rank 0 alone evaluates, checkpoints,
+    prints and writes the metrics (deepfm_fast.train.Trainer)."""
+    from . import backend, distributed
     from .models import build_model
     from .train import TrainConfig, Trainer, evaluate, seed_everything
 
-    opts = resolve_train_options(args)
+    def say(*what, **kw):
+        if rank == 0:
+            print(*what, **kw)
+
     _set_threads(opts["threads"])
     if opts["resume"] and not opts["checkpoint_dir"]:
         raise CLIError("--resume needs --checkpoint-dir")
     table_optimizer = _table_optimizer(opts)
-    data, train, valid, test, spec = load_train_data(opts)
+    if world_size > 1 and rank > 0:
+        import torch.distributed
+
+        torch.distributed.barrier()  # rank 0 reads the files first: the others then reuse its --cache-dir
+    data, train, valid, test, spec = load_train_data(opts if rank == 0 else {**opts, "progress": False})
+    if world_size > 1 and rank == 0:
+        import torch.distributed
+
+        torch.distributed.barrier()
     for split, n in data.bad_lines.items():
         if n:
-            print(f"skipped {n} bad line(s) in {split}", file=sys.stderr)
+            say(f"skipped {n} bad line(s) in {split}", file=sys.stderr)
     table_lr = opts["table_lr"] if opts["table_lr"] is not None else opts["lr"]
     hparams = {"embedding_dim": opts["embedding_dim"], "hidden_units": opts["hidden_units"],
                "activation": opts["activation"], "dropout": opts["dropout"], "batch_norm": opts["batch_norm"],
                "l2_embedding": opts["l2_embedding"], "l2_scope": opts["l2_scope"], "init_std": opts["init_std"],
                "table_optimizer": table_optimizer, "table_lr": table_lr, "dnn_init": opts["dnn_init"]}
     seed_everything(opts["seed"])
-    model = build_model(opts["model"], data.fields, **hparams).to(opts["device"])
+    model = build_model(opts["model"], data.fields, **hparams).to(device)
     meta = {"model": model.config(), "format": spec, "encoder": data.encoder.to_dict()}
     config = TrainConfig(epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"], table_lr=table_lr,
                          patience=opts["patience"], monitor=opts["monitor"], seed=opts["seed"],
                          precise_bn_batches=opts["precise_bn_batches"],
                          checkpoint_dir=opts["checkpoint_dir"], resume=opts["resume"], progress=opts["progress"])
-    print(f"{opts['model']}: {len(data.fields)} fields, {sum(f.vocab_size for f in data.fields):,} table rows, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters; train {len(train):,} rows, "
-          f"valid {len(valid) if valid is not None else 0:,}, test {len(test) if test is not None else 0:,}; "
-          f"backend {backend()}, table optimizer {table_optimizer} (lr {table_lr:g}), monitor {opts['monitor']}",
-          file=sys.stderr)
-    trainer = Trainer(model, config, meta)
+    parallel = f", {world_size} ranks x {opts['batch_size'] // world_size} rows" if world_size > 1 else ""
+    say(f"{opts['model']}: {len(data.fields)} fields, {sum(f.vocab_size for f in data.fields):,} table rows, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; train {len(train):,} rows, "
+        f"valid {len(valid) if valid is not None else 0:,}, test {len(test) if test is not None else 0:,}; "
+        f"backend {backend()}, table optimizer {table_optimizer} (lr {table_lr:g}), monitor {opts['monitor']}"
+        f"{parallel}", file=sys.stderr)
+    trained = model
+    if world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        trained = distributed.wrap(model, sync_batch_norm=opts["sync_batch_norm"], device_ids=ids)
+    trainer = Trainer(trained, config, meta)
+    model = trainer.module  # synchronised batch norms, if asked, live in it
     result = trainer.fit(train, valid)
+    if rank > 0:
+        return 0
     metrics: Dict[str, Any] = {
         "model": opts["model"], "backend": backend(), "hparams": hparams, "seed": opts["seed"],
         "lr": opts["lr"], "batch_size": opts["batch_size"], "monitor": opts["monitor"],
-        "precise_bn_batches": opts["precise_bn_batches"],
+        "precise_bn_batches": opts["precise_bn_batches"], "world_size": world_size,
+        "sync_batch_norm": bool(opts["sync_batch_norm"]) and world_size > 1,
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
         "seconds_per_epoch": result.seconds_per_epoch, "train_rows_per_second": result.train_rows_per_second,
         "valid_auc": result.best_valid.get("auc"), "valid_logloss": result.best_valid.get("logloss"),

@@ -33,7 +33,9 @@ with a fused optimizer or sparse gradients refuses to train in a process group o
 rank unless `wrap` synchronised it (or `independent` said the replicas are meant to differ).
 ``deepfm-fast train`` under ``torchrun`` does all of this (see its help).
 """
+import datetime
 import math
+import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -42,8 +44,8 @@ from torch import Tensor, nn
 
 from .embedding import EmbeddingFM
 
-__all__ = ["wrap", "independent", "merge_rows", "union_rows", "is_distributed", "rank", "world_size",
-           "convert_sync_batch_norm", "CpuSyncBatchNorm"]
+__all__ = ["wrap", "init_from_environment", "independent", "merge_rows", "union_rows", "is_distributed", "rank",
+           "world_size", "convert_sync_batch_norm", "CpuSyncBatchNorm"]
 
 # Process groups by the handle `EmbeddingFM._sync` holds (0: not synchronised, -1: independent).
 _GROUPS: Dict[int, Optional[dist.ProcessGroup]] = {}
@@ -61,6 +63,24 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
+
+
+def init_from_environment(device: str = "cpu", timeout_s: float = 1800.0) -> Tuple[int, int, torch.device]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment): the process group, NCCL for a CUDA
+    ``device`` (this rank's GPU, ``LOCAL_RANK``) and gloo for the CPU, with a timeout on every
+    collective so that a lost rank fails the others instead of hanging them. Returns
+    ``(rank, world_size, device)``; one process: ``(0, 1, device)`` and nothing else."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    target = torch.device(device)
+    if world <= 1:
+        return 0, 1, target
+    if target.type == "cuda":
+        target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(target)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size(), target
 
 
 def _tables(model: nn.Module) -> List[Tuple[str, EmbeddingFM]]:

@@ -53,7 +53,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
+from . import distributed
 from ._io import atomic_write
 from .data.dataset import EncodedDataset, iterate_batches
 
@@ -243,15 +245,28 @@ class Trainer:
     fused table optimizer, Adam on the rest and the table updated inside the backward (its
     ``lr`` set to ``table_lr``).
 
+    Data parallel: give it the model wrapped by :func:`deepfm_fast.distributed.wrap` (one process
+    per rank, e.g. under ``torchrun``). Every rank then trains on its share of each batch of
+    ``config.batch_size`` rows (the global batch: the same optimisation as one process on the same
+    rows), the loss is scaled so that DDP's average is the global batch's mean, the training loss
+    is averaged over the ranks, rank 0 alone evaluates, writes checkpoints and reports, and every
+    rank takes rank 0's early-stopping decisions. A checkpoint holds every rank's RNG state and
+    resumes exactly with the same number of ranks.
+
     Args:
-        model: the model (its parameters are trained in place).
+        model: the model (its parameters are trained in place), or its `distributed.wrap`.
         config: a :class:`TrainConfig`.
         meta: JSON-like dict saved in every checkpoint (e.g. model config, data encoder).
     """
 
     def __init__(self, model: torch.nn.Module, config: Optional[TrainConfig] = None,
                  meta: Optional[Dict[str, Any]] = None):
-        self.model = model
+        self.model = model  # what the training step calls: the DDP wrapper when data parallel
+        self.module = model.module if isinstance(model, DistributedDataParallel) else model
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        if self.world_size > 1 and self.module is model:
+            raise ValueError("Trainer: a process group of several ranks is initialised but the model is not "
+                             "wrapped; give Trainer deepfm_fast.distributed.wrap(model)")
         self.config = config or TrainConfig()
         self.meta = dict(meta or {})
         self.table_lr = self.config.table_lr if self.config.table_lr is not None else self.config.lr
@@ -265,7 +280,7 @@ class Trainer:
     @property
     def _fused(self):
         """The fused table optimizer of the model, or None."""
-        emb = getattr(self.model, "embedding", None)
+        emb = getattr(self.module, "embedding", None)
         return getattr(emb, "optimizer", None)
 
     def _make_optimizers(self) -> List[torch.optim.Optimizer]:
@@ -273,13 +288,14 @@ class Trainer:
         self._dense_opt: Optional[torch.optim.Optimizer] = None
         self._table_opt: Optional[torch.optim.Optimizer] = None
         opts: List[torch.optim.Optimizer] = []
-        if getattr(self.model, "sparse", False):
-            sparse = [p for p in self.model.sparse_parameters() if p.requires_grad]
+        model = self.module
+        if getattr(model, "sparse", False):
+            sparse = [p for p in model.sparse_parameters() if p.requires_grad]
             if sparse:
                 self._table_opt = torch.optim.SparseAdam(sparse, lr=self.table_lr)
                 opts.append(self._table_opt)
         # dense_parameters(): all but the sparse parameters and the tables a fused optimizer updates.
-        params = self.model.dense_parameters() if hasattr(self.model, "dense_parameters") else self.model.parameters()
+        params = model.dense_parameters() if hasattr(model, "dense_parameters") else model.parameters()
         dense = [p for p in params if p.requires_grad]
         if dense:
             self._dense_opt = torch.optim.Adam(dense, lr=lr)
@@ -313,41 +329,60 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
     def _state(self, epoch: int, best: Dict[str, Any], history: List[Dict[str, float]]) -> Dict[str, Any]:
+        """The resumable state; collective when data parallel (every rank's RNG state is gathered)."""
+        rng = _rng_state(self.generator)
+        if self.world_size > 1:
+            ranks: List[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(ranks, rng)
+            rng = {"ranks": ranks}
         return {
             "version": CHECKPOINT_VERSION,
             "epoch": epoch,
-            "model": self.model.state_dict(),
+            "world_size": self.world_size,
+            "model": self.module.state_dict(),
             "optimizers": [o.state_dict() for o in self.optimizers],
             "lr": self.lr,
             "table_lr": self.current_table_lr,
             "best": best,
             "history": history,
-            "rng": _rng_state(self.generator),
+            "rng": rng,
             "config": asdict(self.config),
             "meta": self.meta,
         }
 
     def _save_best(self, epoch: int, metrics: Dict[str, float]) -> None:
         if self.ckpt_dir is None:
-            self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            return
-        atomic_save({"version": CHECKPOINT_VERSION, "epoch": epoch, "model": self.model.state_dict(),
-                     "valid": metrics, "meta": self.meta}, self.ckpt_dir / "best.pt")
+            self._best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        elif self.rank == 0:
+            atomic_save({"version": CHECKPOINT_VERSION, "epoch": epoch, "model": self.module.state_dict(),
+                         "valid": metrics, "meta": self.meta}, self.ckpt_dir / "best.pt")
 
     def _restore_best(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()  # rank 0 has written best.pt
         if self.ckpt_dir is not None and (self.ckpt_dir / "best.pt").is_file():
-            self.model.load_state_dict(load_checkpoint(self.ckpt_dir / "best.pt")["model"])
+            self.module.load_state_dict(load_checkpoint(self.ckpt_dir / "best.pt")["model"])
         elif self._best_state is not None:
-            self.model.load_state_dict(self._best_state)
+            self.module.load_state_dict(self._best_state)
 
     # -- the loop --------------------------------------------------------------------------
-    def train_step(self, batch) -> float:
-        """One optimisation step on ``batch``; returns the loss (BCE + penalty)."""
+    def train_step(self, batch, global_rows: Optional[int] = None) -> float:
+        """One optimisation step on ``batch``; returns the loss (BCE + penalty) of its rows.
+
+        Data parallel, ``batch`` is this rank's share of a global batch of ``global_rows`` rows: the
+        loss is scaled by ``rows * world_size / global_rows``, so that DDP's average over the ranks
+        is the global batch's mean even when the shares differ by a row."""
         logits, penalty = self.model(batch, return_penalty=True)
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels.to(logits.device)) + penalty
+        bce = F.binary_cross_entropy_with_logits(logits, batch.labels.to(logits.device))
+        if self.world_size > 1 and global_rows:
+            bce_for_grad = bce * (logits.shape[0] * self.world_size / global_rows)
+        else:
+            bce_for_grad = bce
+        loss = bce + penalty
+        loss_for_grad = bce_for_grad + penalty
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_for_grad.backward()
         for opt in self.optimizers:
             opt.step()
         value = float(loss.detach())
@@ -356,7 +391,7 @@ class Trainer:
         return value
 
     def evaluate(self, dataset: EncodedDataset) -> Dict[str, float]:
-        return evaluate(self.model, dataset, self.config.eval_batch_size)
+        return evaluate(self.module, dataset, self.config.eval_batch_size)
 
     @torch.no_grad()
     def recompute_bn_stats(self, train: EncodedDataset, batches: Optional[int] = None) -> int:
@@ -364,30 +399,51 @@ class Trainer:
         ``batches`` training batches (default ``config.precise_bn_batches``) under the current
         weights. Returns the number of batches used (0 without batch norm)."""
         n = self.config.precise_bn_batches if batches is None else batches
-        bns = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        model = self.module
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         if not bns or n <= 0:
             return 0
         saved = [m.momentum for m in bns]
-        was_training = self.model.training
+        was_training = model.training
+        model.eval()  # a fused Adam brings every row up to date first (flush)
         for m in bns:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the batches below
-        self.model.train()
+        model.train()
         used = 0
         try:
-            for batch in iterate_batches(train, self.config.batch_size):
+            for batch in iterate_batches(train, self.config.batch_size, shard=self._shard()):
                 if used >= n:
                     break
-                self.model(batch)  # no_grad: no fused table step either
+                model(batch)  # no_grad: no fused table step either; synchronised batch norms sync
                 used += 1
         finally:
             for m, mom in zip(bns, saved):
                 m.momentum = mom
-            self.model.train(was_training)
+            model.train(was_training)
         return used
 
+    def _shard(self):
+        return (self.rank, self.world_size) if self.world_size > 1 else None
+
+    def _all_sum(self, *values: float) -> List[float]:
+        """The sums over the ranks (the values themselves in one process)."""
+        if self.world_size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def _from_rank0(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (``obj`` itself in one process)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def predict(self, dataset: EncodedDataset) -> torch.Tensor:
-        return predict(self.model, dataset, self.config.eval_batch_size)
+        return predict(self.module, dataset, self.config.eval_batch_size)
 
     def fit(self, train: EncodedDataset, valid: Optional[EncodedDataset] = None) -> TrainResult:
         """Train with early stopping on the monitored ``valid`` score; restore the best weights at the end.
@@ -409,7 +465,10 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         if cfg.resume and last is not None and last.is_file():
             state = load_checkpoint(last)
-            self.model.load_state_dict(state["model"])
+            if state.get("world_size", 1) != self.world_size:
+                raise ValueError(f"resume: {last} was written by {state.get('world_size', 1)} process(es); resume it "
+                                 f"with as many (this run has {self.world_size}) to continue exactly")
+            self.module.load_state_dict(state["model"])
             if len(state["optimizers"]) != len(self.optimizers):
                 raise ValueError(f"resume: {last} holds {len(state['optimizers'])} optimizer state(s), this "
                                  f"model needs {len(self.optimizers)}: was it trained with another table optimizer?")
@@ -418,14 +477,19 @@ class Trainer:
             if self._fused is not None:
                 self._fused.lr = float(state["table_lr"])  # a plain attribute, not in the state_dict
             start_epoch, best, history = state["epoch"], state["best"], state["history"]
-            _set_rng_state(state["rng"], self.generator)
+            rng = state["rng"]
+            _set_rng_state(rng["ranks"][self.rank] if "ranks" in rng else rng, self.generator)
             if best["stopping_steps"] >= cfg.patience:
                 start_epoch = cfg.epochs  # that run had already stopped early
         else:
-            seed_everything(cfg.seed)
+            seed_everything(cfg.seed + self.rank)  # dropout differs between ranks; the batches do not
             self.generator.manual_seed(cfg.seed)
 
         n_batches = math.ceil(len(train) / cfg.batch_size)
+        # Data parallel: a last global batch with fewer rows than ranks would leave a rank without
+        # rows (which the table merge refuses): it is dropped.
+        drop_last = self.world_size > 1 and 0 < len(train) % cfg.batch_size < self.world_size
+        report = cfg.progress and self.rank == 0
         train_time = eval_time = 0.0
         rows_run = epochs_here = 0
         stopped = best["stopping_steps"] >= cfg.patience
@@ -435,25 +499,29 @@ class Trainer:
             self.model.train()
             t0 = time.perf_counter()
             total, seen = 0.0, 0
-            bar = tqdm(iterate_batches(train, cfg.batch_size, shuffle=True, generator=self.generator),
-                       total=n_batches, desc=f"epoch {epoch}", unit="batch", disable=not cfg.progress,
+            batches = iterate_batches(train, cfg.batch_size, shuffle=True, generator=self.generator,
+                                      drop_last=drop_last, shard=self._shard())
+            bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch}", unit="batch", disable=not report,
                        file=sys.stderr, leave=False, mininterval=0.5)
-            for batch in bar:
+            for step, batch in enumerate(bar):
                 b = batch.labels.shape[0]
-                total += self.train_step(batch) * b
+                total += self.train_step(batch, min(cfg.batch_size, len(train) - step * cfg.batch_size)) * b
                 seen += b
-                if cfg.progress:
+                if report:
                     bar.set_postfix(loss=f"{total / seen:.4f}",
                                     rows_s=f"{seen / (time.perf_counter() - t0):,.0f}", refresh=False)
             bar.close()
+            total, seen = self._all_sum(total, seen)
+            seen = int(seen)
             t1 = time.perf_counter()
             train_time += t1 - t0
             rows_run += seen
             record = {"epoch": epoch, "loss": total / seen, "lr": self.lr, "table_lr": self.current_table_lr,
                       "train_seconds": t1 - t0, "rows": seen}
             self.recompute_bn_stats(train)
+            self.module.eval()  # every rank flushes (a fused Adam); rank 0 then evaluates
             if valid is not None and len(valid):
-                m = self.evaluate(valid)
+                m = self._from_rank0(self.evaluate(valid) if self.rank == 0 else None)
                 score = monitor_score(m, cfg.monitor)
                 record.update(valid_auc=m["auc"], valid_logloss=m["logloss"], valid_score=score)
                 improved = score >= best["score"] + cfg.min_delta
@@ -471,14 +539,16 @@ class Trainer:
                 stopped = best["stopping_steps"] >= cfg.patience
             history.append(record)
             epochs_here += 1
-            if cfg.progress:
+            if report:
                 msg = f"epoch {epoch}: loss {record['loss']:.4f}"
                 if m:
                     msg += f", valid AUC {m['auc']:.4f}, logloss {m['logloss']:.4f}"
                 msg += f", {seen / (t1 - t0):,.0f} rows/s" + ("" if improved else f", lr -> {self.lr:g}")
                 tqdm.write(msg, file=sys.stderr)
             if last is not None:
-                atomic_save(self._state(epoch, best, history), last)
+                state = self._state(epoch, best, history)
+                if self.rank == 0:
+                    atomic_save(state, last)
         self._restore_best()
         return TrainResult(
             best_epoch=int(best["epoch"]),
