@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "checks.h"
 #include "fused_row_update.h"
@@ -157,19 +158,28 @@ inline CatchUpStep make_catch_up_step(double lr, double eps, double beta1, doubl
   return CatchUpStep{lr * e / (1.0 - std::pow(beta1, static_cast<double>(step))), e, beta1, beta2, eps};
 }
 
-// adam_catch_up: either ids or the range [row_begin, row_end) (row_end < 0: to the last row).
-inline std::pair<int64_t, int64_t> check_catch_up_rows(const char* op, int64_t num_rows,
-                                                       const c10::optional<at::Tensor>& ids, int64_t row_begin,
-                                                       int64_t row_end) {
+// adam_catch_up: the rows [row_begin, row_end) (row_end < 0: to the last row).
+inline std::pair<int64_t, int64_t> check_row_range(const char* op, int64_t num_rows, int64_t row_begin,
+                                                   int64_t row_end) {
   const int64_t end = row_end < 0 ? num_rows : row_end;
   TORCH_CHECK(row_begin >= 0 && row_begin <= end && end <= num_rows, op, ": rows [", row_begin, ", ", row_end,
               ") are not a range of the ", num_rows, " rows");
-  if (ids.has_value()) {
-    check_index_dtype(op, "ids", *ids);
-    check_dim(op, "ids", *ids, 1, "[n]");
-    TORCH_CHECK(row_begin == 0 && row_end < 0, op, ": give ids or a row range, not both");
-  }
   return {row_begin, end};
+}
+
+// adam_rows: int64 [U] row ids on the tables' device, contiguous.
+inline at::Tensor check_rows(const char* op, const at::Tensor& rows, const at::Tensor& table) {
+  TORCH_CHECK(rows.scalar_type() == at::kLong, op, ": rows must be an int64 tensor, got ", rows.scalar_type());
+  check_dim(op, "rows", rows, 1, "[num_rows]");
+  check_same_device(op, "rows", rows, "tables[0]", table);
+  return rows.contiguous();
+}
+
+// The shape of `num` rows of `table`: [num] or [num, D].
+inline std::vector<int64_t> rows_shape(const at::Tensor& table, int64_t num) {
+  std::vector<int64_t> shape{num};
+  if (table.dim() == 2) shape.push_back(table.size(1));
+  return shape;
 }
 
 // The rows [begin, end) that step `step` catches up, so that every row is caught up at least once

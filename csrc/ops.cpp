@@ -42,9 +42,10 @@ TORCH_LIBRARY(deepfm_fast, m) {
   // mode: 0 = field (FM over the F pooled field vectors), 1 = feature (FM over every x_i V[j_i]).
   // pooling: one entry for every field or F entries, 0 = sum, 1 = mean (an empty bag pools to 0).
   // Returns fm [B], linear [B] (sum_i w[j_i] x_i; zeros without linear_weight) and pooled [B, F, K]
-  // (the field vectors e_f) when return_pooled, else an empty tensor.
+  // (the field vectors e_f) when return_pooled, else an empty tensor. sparse_grad: the gradients of
+  // weight and linear_weight are coalesced sparse COO tensors (sparse_rows) instead of dense ones.
   m.def("embedding_fm(Tensor weight, Tensor indices, Tensor offsets, Tensor? per_sample_weights, "
-        "Tensor? linear_weight, int num_fields, int mode, int[] pooling, bool return_pooled) "
+        "Tensor? linear_weight, int num_fields, int mode, int[] pooling, bool return_pooled, bool sparse_grad=False) "
         "-> (Tensor fm, Tensor linear, Tensor pooled)", pt2);
   // The coalesced gradient of embedding_fm: unique_ids [U] (sorted, int64) are the touched rows,
   // row_grads [U, K] and linear_row_grads [U] (empty without linear_weight) their summed
@@ -75,17 +76,22 @@ TORCH_LIBRARY(deepfm_fast, m) {
   m.def("fused_row_update(Tensor(a!)[] tables, Tensor(b!)[] state, Tensor ids, Tensor[] row_grads, Tensor(c!) step, "
         "int optimizer, float lr, float eps, float beta1, float beta2, float weight_decay, Tensor(d!)? last_step=None, "
         "Tensor(e!)? catchup=None, bool check_ids=True) -> ()", pt2);
-  // Adam (optimizer 4 above): brings the rows in `ids` (int32/int64, duplicates allowed), or else
-  // the rows [row_begin, row_end) (row_end -1: to the last row), up to step `step` (CPU int64 scalar,
-  // not changed), as dense Adam would have moved them over the steps since last_step[row]. Before a
-  // training forward on the batch's ids (so the forward reads the rows dense Adam would read), and
-  // on every row before evaluation or export (a flush).
+  // Adam (optimizer 4 above): brings the rows [row_begin, row_end) (row_end -1: to the last row) up
+  // to step `step` (CPU int64 scalar, not changed), as dense Adam would have moved them over the steps
+  // since last_step[row]: every row before evaluation or export (a flush).
   m.def("adam_catch_up(Tensor(a!)[] tables, Tensor(b!)[] state, Tensor(c!) last_step, Tensor catchup, Tensor step, "
-        "Tensor? ids=None, int row_begin=0, int row_end=-1) -> ()", pt2);
+        "int row_begin=0, int row_end=-1) -> ()", pt2);
+  // Adam: copies of the rows `rows` ([U] int64) of every table as dense Adam has them after step
+  // `step`, nothing changed: what a training forward reads (so it needs no in-place catch-up, which
+  // keeps the forward functional for torch.compile).
+  m.def("adam_rows(Tensor[] tables, Tensor[] state, Tensor last_step, Tensor catchup, Tensor step, Tensor rows) "
+        "-> Tensor[]", pt2);
   // embedding_fm whose backward applies a fused optimizer to the touched rows of weight and
   // linear_weight (with fused_row_update; the optimizer arguments are those of fused_row_update):
   // the training forward of EmbeddingFM with a fused optimizer. The forward is embedding_fm; its
   // autograd (registered from Python) updates the tables in place and gives them no gradient.
+  // With `rows`, the forward reads row_weight and row_linear_weight, copies of those rows of the
+  // tables (adam_rows), and `indices` index them; the backward updates the tables' rows.
   // The states come one by one (those the optimizer has, of weight then of linear_weight), not as
   // a Tensor[]: torch 2.13's registered autograd miscounts the gradients of list inputs. `sync`
   // names a process group of deepfm_fast.distributed that merges the rows of every rank before the
@@ -94,5 +100,12 @@ TORCH_LIBRARY(deepfm_fast, m) {
         "Tensor? per_sample_weights, int num_fields, int mode, int[] pooling, bool return_pooled, "
         "Tensor? weight_state0, Tensor? weight_state1, Tensor? linear_state0, Tensor? linear_state1, Tensor step, "
         "Tensor? last_step, Tensor? catchup, int optimizer, float lr, float eps, float beta1, float beta2, "
-        "float weight_decay, int sync=0) -> (Tensor fm, Tensor linear, Tensor pooled)", pt2);
+        "float weight_decay, int sync=0, Tensor? rows=None, Tensor? row_weight=None, Tensor? row_linear_weight=None) "
+        "-> (Tensor fm, Tensor linear, Tensor pooled)", pt2);
+  // param[rows] ([U, ...], rows [U] int64 sorted and unique, e.g. the rows an L2 penalty covers),
+  // whose gradient is dense or, with sparse_grad, a coalesced sparse COO tensor (sparse_rows).
+  m.def("gather_rows(Tensor param, Tensor rows, bool sparse_grad=False) -> Tensor", pt2);
+  // The coalesced sparse COO tensor of `size` whose rows `ids` ([U] int64, sorted and unique) hold
+  // `values` [U, ...]: the sparse gradient of a table (what nn.Embedding(sparse=True) gives).
+  m.def("sparse_rows(Tensor ids, Tensor values, SymInt[] size) -> Tensor", pt2);
 }

@@ -201,26 +201,34 @@ class EmbeddingFM(nn.Module):
 
     def _fused_step(self, ids, offsets, per_sample_weights, pooling, return_pooled):
         """The training forward with a fused optimizer: its backward updates the touched rows."""
+        row_state = self.optimizer_row_state()
         if self.use_reference or not _backend.compiled():
             ids, offsets, per_sample_weights, _ = as_csr(ids, offsets, per_sample_weights, self.num_fields)
-            row_state = self.optimizer_row_state()
-            if "last_step" in row_state:
-                reference.adam_catch_up([self.weight, self.linear_weight], self.optimizer_state_list(),
-                                        row_state["last_step"], row_state["catchup"], self.optimizer_step, ids=ids)
+            if "last_step" in row_state:  # Adam: the forward reads the rows as dense Adam has them now
+                reference.catch_up_rows([self.weight, self.linear_weight], self.optimizer_state_list(),
+                                        row_state["last_step"], row_state["catchup"], self.optimizer_step,
+                                        torch.unique(ids.long()))
             return EmbeddingFMOutput(*_FusedStepReference.apply(self.weight, self.linear_weight, self, ids, offsets,
                                                                 per_sample_weights, pooling, return_pooled))
-        opt, row_state = self.optimizer, self.optimizer_row_state()
-        if "last_step" in row_state:  # Adam: the forward reads the rows as dense Adam has them now
-            ops.adam_catch_up([self.weight, self.linear_weight], self.optimizer_state_list(), row_state["last_step"],
-                              row_state["catchup"], self.optimizer_step,
-                              ids=ids if offsets is not None else ids.flatten())
+        rows = row_weight = row_linear_weight = None
+        if "last_step" in row_state:
+            # Adam: the forward reads copies of the batch's rows as dense Adam has them now; the
+            # backward catches the tables' rows up and steps them (no in-place change in the forward,
+            # which torch.compile needs).
+            rows, ids = torch.unique(ids.long(), sorted=True, return_inverse=True)
+            with torch.no_grad():  # copies to read; the tables' gradient is the step's business
+                row_weight, row_linear_weight = ops.adam_rows(
+                    [self.weight, self.linear_weight], self.optimizer_state_list(), row_state["last_step"],
+                    row_state["catchup"], self.optimizer_step, rows)
+        opt = self.optimizer
         weight_state, linear_state = self.optimizer_states()
         return ops.embedding_fm_step(
             self.weight, self.linear_weight, ids, offsets, per_sample_weights, num_fields=self.num_fields,
             mode=self.mode, pooling=pooling, return_pooled=return_pooled, weight_state=weight_state,
             linear_state=linear_state, step=self.optimizer_step, last_step=row_state.get("last_step"),
             catchup=row_state.get("catchup"), optimizer=opt.code, lr=opt.lr, eps=opt.eps, beta1=opt.betas[0],
-            beta2=opt.betas[1], weight_decay=opt.weight_decay, sync=self._sync)
+            beta2=opt.betas[1], weight_decay=opt.weight_decay, sync=self._sync, rows=rows, row_weight=row_weight,
+            row_linear_weight=row_linear_weight)
 
     # -- the fused optimizer's state ------------------------------------------------------------
     def optimizer_states(self):
@@ -287,8 +295,9 @@ class EmbeddingFM(nn.Module):
             from . import distributed
 
             rows = distributed.union_rows(self._sync, rows)
-        v = _GatherRows.apply(self.weight, rows, self.sparse)
-        w = _GatherRows.apply(self.linear_weight, rows, self.sparse and not self.use_reference)
+        gather = reference.gather_rows if self.use_reference else ops.gather_rows
+        v = gather(self.weight, rows, self.sparse)
+        w = gather(self.linear_weight, rows, self.sparse and not self.use_reference)
         return 0.5 * (v.pow(2).sum() + w.pow(2).sum())
 
     def sparse_parameters(self) -> List[nn.Parameter]:
@@ -323,30 +332,6 @@ def _load_flat_linear_state(module, state_dict, prefix, *args):
     for name in [k for k in state_dict if k.startswith(prefix + "linear_optimizer_state")]:
         if state_dict[name].dim() == 2 and state_dict[name].shape[1] == 1:
             state_dict[name] = state_dict[name].reshape(-1)
-
-
-class _GatherRows(torch.autograd.Function):
-    """``param[rows]`` (``rows`` unique) whose gradient is a coalesced sparse tensor when asked.
-
-    ``F.embedding(sparse=True)`` cannot be used for the 1-D first-order weights: the sparse
-    gradient of a ``[N, 1]`` view cannot flow back through the view.
-    """
-
-    @staticmethod
-    def forward(ctx, param, rows, sparse):
-        ctx.save_for_backward(rows)
-        ctx.shape, ctx.sparse = param.shape, sparse
-        return param.index_select(0, rows)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (rows,) = ctx.saved_tensors
-        if ctx.sparse:
-            g = torch.sparse_coo_tensor(rows.unsqueeze(0), grad, ctx.shape, is_coalesced=True,
-                                        check_invariants=False)
-        else:
-            g = grad.new_zeros(ctx.shape).index_add_(0, rows, grad)
-        return g, None, None
 
 
 class _FusedStepReference(torch.autograd.Function):

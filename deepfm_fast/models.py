@@ -246,6 +246,12 @@ class CTRModel(nn.Module):
         if not return_penalty:
             return logit
         if self.l2_embedding > 0 and not self.fused:  # fused: the optimizer's weight_decay does it
+            if self.sparse and torch.compiler.is_compiling():
+                # torch 2.13 cannot add the sparse gradients of the op and of the penalty in a
+                # compiled backward (an internal assert in its fake tensors).
+                raise NotImplementedError(f"{type(self).__name__}: table_optimizer='sparse_adam' with l2_embedding > 0 "
+                                          f"does not compile; use a fused table optimizer (e.g. 'adam', whose "
+                                          f"weight_decay is this L2) or compile without the L2")
             pen = self.penalty(ids, offsets)
         else:
             pen = logit.new_zeros(())

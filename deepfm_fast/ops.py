@@ -114,7 +114,7 @@ def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor] = No
             place (autograd raises an error if you do; take a copy to change them).
         sparse: gradients of ``weight`` and ``linear_weight`` as coalesced ``torch.sparse_coo``
             tensors (what ``nn.Embedding(sparse=True)`` gives; for ``torch.optim.SGD``, ``Adagrad``,
-            ``SparseAdam``); else dense. Only the dense form traces with ``torch.compile``.
+            ``SparseAdam``); else dense. Both trace with ``torch.compile(fullgraph=True)``.
 
     Returns:
         ``EmbeddingFMOutput(fm [B], linear [B], pooled [B, F, K] or an empty tensor)``.
@@ -147,12 +147,18 @@ def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor] = No
     needs_grad = torch.is_grad_enabled() and (
         weight.requires_grad or (linear_weight is not None and linear_weight.requires_grad))
     want_pooled = return_pooled or (needs_grad and backward_reuses_pooled(weight, mode))
-    args = (weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode, pooling, want_pooled)
-    if sparse and needs_grad:
-        fm, linear, pooled = _EmbeddingFMSparseGrad.apply(*args)
-    else:
-        fm, linear, pooled = torch.ops.deepfm_fast.embedding_fm.default(*args)
+    fm, linear, pooled = torch.ops.deepfm_fast.embedding_fm.default(
+        weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode, pooling, want_pooled, sparse)
     return EmbeddingFMOutput(fm, linear, pooled if return_pooled else pooled.new_empty(0))
+
+
+def gather_rows(param: Tensor, rows: Tensor, sparse_grad: bool = False) -> Tensor:
+    """``param[rows]`` (``rows`` sorted and unique) whose gradient is a coalesced sparse COO tensor
+    with ``sparse_grad`` (the rows an L2 penalty covers, for ``torch.optim.SparseAdam``), else dense.
+    (``F.embedding(sparse=True)`` cannot serve the 1-D first-order weights.)"""
+    if not _backend.compiled():
+        return reference.gather_rows(param, rows, sparse_grad)
+    return torch.ops.deepfm_fast.gather_rows.default(param, rows, sparse_grad)
 
 
 def backward_reuses_pooled(weight: Tensor, mode: int) -> bool:
@@ -227,9 +233,16 @@ def embedding_fm_backward(grad_fm, grad_linear, grad_pooled, weight, indices, of
         num_fields, mode, pooling, pooled, per_sample_weights_grad)
 
 
-def _embedding_fm_grads(ctx, grad_fm, grad_linear, grad_pooled, sparse):
+def _table_grad(shape, ids: Tensor, row_grads: Tensor, sparse: bool) -> Tensor:
+    """The gradient of a table of ``shape`` from its touched rows: coalesced sparse COO, or dense."""
+    if sparse:
+        return torch.ops.deepfm_fast.sparse_rows.default(ids, row_grads, shape)
+    return row_grads.new_zeros(shape).index_add_(0, ids, row_grads)
+
+
+def _embedding_fm_grads(ctx, grad_fm, grad_linear, grad_pooled):
     weight, indices, offsets, per_sample_weights, linear_weight, pooled = ctx.saved_tensors
-    num_fields, mode, pooling = ctx.int_args
+    num_fields, mode, pooling, sparse = ctx.int_args
     batch = (offsets.shape[0] - 1) // num_fields
     if grad_fm is None:
         grad_fm = weight.new_zeros(batch)
@@ -238,49 +251,21 @@ def _embedding_fm_grads(ctx, grad_fm, grad_linear, grad_pooled, sparse):
     unique_ids, row_grads, linear_row_grads, grad_psw = embedding_fm_backward(
         grad_fm, grad_linear, grad_pooled, weight, indices, offsets, per_sample_weights, linear_weight,
         num_fields, mode, pooling, pooled, per_sample_weights is not None and ctx.needs_input_grad[3])
-    grad_weight = grad_linear_weight = None
-    if ctx.needs_input_grad[0]:
-        if sparse:
-            grad_weight = torch.sparse_coo_tensor(unique_ids.unsqueeze(0), row_grads, weight.shape,
-                                                  is_coalesced=True, check_invariants=False)
-        else:
-            grad_weight = weight.new_zeros(weight.shape).index_add_(0, unique_ids, row_grads)
+    grad_weight = _table_grad(weight.shape, unique_ids, row_grads, sparse) if ctx.needs_input_grad[0] else None
+    grad_linear_weight = None
     if linear_weight is not None and ctx.needs_input_grad[4]:
-        if sparse:
-            grad_linear_weight = torch.sparse_coo_tensor(unique_ids.unsqueeze(0), linear_row_grads,
-                                                         linear_weight.shape, is_coalesced=True, check_invariants=False)
-        else:
-            grad_linear_weight = linear_weight.new_zeros(linear_weight.shape).index_add_(0, unique_ids,
-                                                                                          linear_row_grads)
+        grad_linear_weight = _table_grad(linear_weight.shape, unique_ids, linear_row_grads, sparse)
     if per_sample_weights is None or not ctx.needs_input_grad[3]:
         grad_psw = None
-    return grad_weight, None, None, grad_psw, grad_linear_weight, None, None, None, None
+    return grad_weight, None, None, grad_psw, grad_linear_weight, None, None, None, None, None
 
 
 def _embedding_fm_setup_context(ctx, inputs, output):
-    weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode, pooling, return_pooled = inputs
+    (weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode, pooling, return_pooled,
+     sparse_grad) = inputs
     pooled = output[2] if return_pooled else None
     ctx.save_for_backward(weight, indices, offsets, per_sample_weights, linear_weight, pooled)
-    ctx.int_args = (num_fields, mode, pooling)
-
-
-class _EmbeddingFMSparseGrad(torch.autograd.Function):
-    """embedding_fm with coalesced sparse COO gradients for weight and linear_weight (eager only)."""
-
-    @staticmethod
-    def forward(weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode, pooling,
-                return_pooled):
-        return torch.ops.deepfm_fast.embedding_fm.default(weight, indices, offsets, per_sample_weights,
-                                                          linear_weight, num_fields, mode, pooling, return_pooled)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _embedding_fm_setup_context(ctx, inputs, output)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_fm, grad_linear, grad_pooled):
-        return _embedding_fm_grads(ctx, grad_fm, grad_linear, grad_pooled, sparse=True)
+    ctx.int_args = (num_fields, mode, pooling, sparse_grad)
 
 
 def _register_embedding_fm():
@@ -310,7 +295,8 @@ def _register_embedding_fm():
         return (offsets.shape[0] - 1) // num_fields
 
     @torch.library.register_fake(lib + "embedding_fm")
-    def _(weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode, pooling, return_pooled):
+    def _(weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode, pooling, return_pooled,
+          sparse_grad=False):
         batch = check("embedding_fm", weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode,
                       pooling)
         pooled_shape = (batch, num_fields, weight.shape[1]) if return_pooled else (0,)
@@ -326,10 +312,31 @@ def _register_embedding_fm():
                 weight.new_empty(num_unique if linear_weight is not None else 0),
                 weight.new_empty(indices.shape[0] if per_sample_weights is not None and per_sample_weights_grad else 0))
 
-    def backward(ctx, grad_fm, grad_linear, grad_pooled):
-        return _embedding_fm_grads(ctx, grad_fm, grad_linear, grad_pooled, sparse=False)
+    torch.library.register_autograd(lib + "embedding_fm", _embedding_fm_grads, setup_context=_embedding_fm_setup_context)
 
-    torch.library.register_autograd(lib + "embedding_fm", backward, setup_context=_embedding_fm_setup_context)
+    def sparse_rows(ids, values, size):
+        return torch.sparse_coo_tensor(ids.unsqueeze(0), values, tuple(size), is_coalesced=True,
+                                       check_invariants=False)
+
+    torch.library.register_kernel(lib + "sparse_rows", "CompositeExplicitAutograd", sparse_rows)
+    torch.library.register_fake(lib + "sparse_rows", sparse_rows)
+
+    def gather_rows(param, rows, sparse_grad=False):
+        return param.index_select(0, rows)
+
+    torch.library.register_kernel(lib + "gather_rows", "CompositeExplicitAutograd", gather_rows)
+    torch.library.register_fake(lib + "gather_rows", gather_rows)
+
+    def gather_rows_setup_context(ctx, inputs, output):
+        param, rows, sparse_grad = inputs
+        ctx.save_for_backward(rows)
+        ctx.shape, ctx.sparse_grad = param.shape, sparse_grad
+
+    def gather_rows_backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        return _table_grad(ctx.shape, rows, grad, ctx.sparse_grad), None, None
+
+    torch.library.register_autograd(lib + "gather_rows", gather_rows_backward, setup_context=gather_rows_setup_context)
 
     def no_double_backward(ctx, *grads):
         raise RuntimeError("embedding_fm: double backward (differentiating the gradient, create_graph=True) is "
@@ -371,26 +378,38 @@ def fused_row_update(tables: List[Tensor], state: List[Tensor], ids: Tensor, row
 
 
 def adam_catch_up(tables: List[Tensor], state: List[Tensor], last_step: Tensor, catchup: Tensor, step: Tensor,
-                  ids: Optional[Tensor] = None, row_begin: int = 0, row_end: int = -1) -> None:
-    """Adam (optimizer 4 of `fused_row_update`): the rows in ``ids`` (duplicates allowed), or else the
-    rows ``[row_begin, row_end)``, brought up to step ``step`` as dense Adam would have moved them
-    over the steps no batch touched them: before a forward reads them, and on every row before
-    evaluation or export (a flush)."""
+                  row_begin: int = 0, row_end: int = -1) -> None:
+    """Adam (optimizer 4 of `fused_row_update`): the rows ``[row_begin, row_end)`` brought up to step
+    ``step`` as dense Adam would have moved them over the steps no batch touched them, in place: on
+    every row before evaluation or export (a flush)."""
     if not _backend.compiled():
-        return reference.adam_catch_up(tables, state, last_step, catchup, step, ids, row_begin, row_end)
-    torch.ops.deepfm_fast.adam_catch_up.default(tables, state, last_step, catchup, step, ids, row_begin, row_end)
+        return reference.adam_catch_up(tables, state, last_step, catchup, step, row_begin, row_end)
+    torch.ops.deepfm_fast.adam_catch_up.default(tables, state, last_step, catchup, step, row_begin, row_end)
+
+
+def adam_rows(tables: List[Tensor], state: List[Tensor], last_step: Tensor, catchup: Tensor, step: Tensor,
+              rows: Tensor) -> List[Tensor]:
+    """Adam: copies of the rows ``rows`` ([U] int64) of every table as dense Adam has them after step
+    ``step`` (what a training forward must read), without changing anything."""
+    if not _backend.compiled():
+        return reference.adam_rows(tables, state, last_step, catchup, step, rows)
+    return torch.ops.deepfm_fast.adam_rows.default(tables, state, last_step, catchup, step, rows)
 
 
 def embedding_fm_step(weight: Tensor, linear_weight: Tensor, indices: Tensor, offsets: Optional[Tensor],
                       per_sample_weights: Optional[Tensor], *, num_fields: int, mode: str, pooling, return_pooled: bool,
                       weight_state: List[Tensor], linear_state: List[Tensor], step: Tensor,
                       last_step: Optional[Tensor], catchup: Optional[Tensor], optimizer: int, lr: float, eps: float,
-                      beta1: float, beta2: float, weight_decay: float, sync: int = 0) -> EmbeddingFMOutput:
+                      beta1: float, beta2: float, weight_decay: float, sync: int = 0,
+                      rows: Optional[Tensor] = None, row_weight: Optional[Tensor] = None,
+                      row_linear_weight: Optional[Tensor] = None) -> EmbeddingFMOutput:
     """`embedding_fm` whose backward applies a fused optimizer to the rows of ``weight`` and
     ``linear_weight`` the batch touched (`fused_row_update`, same optimizer arguments; at most two
     states per table), in place; the tables get no gradient. The training forward of `EmbeddingFM`
     with a fused optimizer. ``sync`` names a process group of `deepfm_fast.distributed` whose ranks
-    merge their rows before the update."""
+    merge their rows before the update. With ``rows`` (sorted, unique), the forward reads
+    ``row_weight`` and ``row_linear_weight``, those rows of the tables (Adam: `adam_rows`), and
+    ``indices`` index them."""
     mode = mode_code(mode)
     indices, offsets, per_sample_weights, num_fields = as_csr(indices, offsets, per_sample_weights, num_fields)
     pooling = pooling_codes(pooling, num_fields)
@@ -398,7 +417,8 @@ def embedding_fm_step(weight: Tensor, linear_weight: Tensor, indices: Tensor, of
     states = list(weight_state) + [None] * (2 - len(weight_state)) + list(linear_state) + [None] * (2 - len(linear_state))
     fm, linear, pooled = torch.ops.deepfm_fast.embedding_fm_step.default(
         weight, linear_weight, indices, offsets, per_sample_weights, num_fields, mode, pooling, want_pooled, *states,
-        step, last_step, catchup, optimizer, lr, eps, beta1, beta2, weight_decay, sync)
+        step, last_step, catchup, optimizer, lr, eps, beta1, beta2, weight_decay, sync, rows, row_weight,
+        row_linear_weight)
     return EmbeddingFMOutput(fm, linear, pooled if return_pooled else pooled.new_empty(0))
 
 
@@ -412,12 +432,21 @@ def _register_fused_row_update():
         return None
 
     @torch.library.register_fake(lib + "adam_catch_up")
-    def _(tables, state, last_step, catchup, step, ids=None, row_begin=0, row_end=-1):
+    def _(tables, state, last_step, catchup, step, row_begin=0, row_end=-1):
         torch._check(len(tables) >= 1, lambda: "adam_catch_up: tables must hold at least one tensor")
         return None
 
+    @torch.library.register_fake(lib + "adam_rows")
+    def _(tables, state, last_step, catchup, step, rows):
+        torch._check(rows.dim() == 1, lambda: f"adam_rows: rows must be a 1-D tensor, got {rows.dim()}-D")
+        return [t.new_empty((rows.shape[0],) + tuple(t.shape[1:])) for t in tables]
+
     def embedding_fm_step_forward(weight, linear_weight, indices, offsets, per_sample_weights, num_fields, mode, pooling,
-                                  return_pooled, *_optimizer_args):
+                                  return_pooled, weight_state0, weight_state1, linear_state0, linear_state1, step,
+                                  last_step, catchup, optimizer, lr, eps, beta1, beta2, weight_decay, sync=0, rows=None,
+                                  row_weight=None, row_linear_weight=None):
+        if rows is not None:
+            weight, linear_weight = row_weight, row_linear_weight
         return torch.ops.deepfm_fast.embedding_fm.default(weight, indices, offsets, per_sample_weights, linear_weight,
                                                           num_fields, mode, pooling, return_pooled)
 
@@ -426,22 +455,26 @@ def _register_fused_row_update():
 
     def setup_context(ctx, inputs, output):
         (weight, linear_weight, indices, offsets, psw, num_fields, mode, pooling, return_pooled, *states, step, last_step,
-         catchup, optimizer, lr, eps, beta1, beta2, weight_decay, sync) = inputs
+         catchup, optimizer, lr, eps, beta1, beta2, weight_decay, sync, rows, row_weight, row_linear_weight) = inputs
         pooled = output[2] if return_pooled else None
-        ctx.save_for_backward(weight, linear_weight, indices, offsets, psw, pooled, step, last_step, catchup,
-                              *[s for s in states if s is not None])
+        ctx.save_for_backward(weight, linear_weight, indices, offsets, psw, pooled, step, last_step, catchup, rows,
+                              row_weight, row_linear_weight, *[s for s in states if s is not None])
         ctx.args = (num_fields, mode, pooling, optimizer, lr, eps, beta1, beta2, weight_decay, sync)
 
     def backward(ctx, grad_fm, grad_linear, grad_pooled):
-        weight, linear_weight, indices, offsets, psw, pooled, step, last_step, catchup, *state = ctx.saved_tensors
+        (weight, linear_weight, indices, offsets, psw, pooled, step, last_step, catchup, rows, row_weight,
+         row_linear_weight, *state) = ctx.saved_tensors
+        read, read_linear = (row_weight, row_linear_weight) if rows is not None else (weight, linear_weight)
         num_fields, mode, pooling, optimizer, lr, eps, beta1, beta2, weight_decay, sync = ctx.args
         batch = (offsets.shape[0] - 1) // num_fields
         grad_fm = weight.new_zeros(batch) if grad_fm is None else grad_fm
         grad_linear = weight.new_zeros(batch) if grad_linear is None else grad_linear
         want_grad_psw = psw is not None and ctx.needs_input_grad[4]
         unique_ids, row_grads, linear_row_grads, grad_psw = embedding_fm_backward(
-            grad_fm, grad_linear, grad_pooled, weight, indices, offsets, psw, linear_weight, num_fields, mode, pooling,
+            grad_fm, grad_linear, grad_pooled, read, indices, offsets, psw, read_linear, num_fields, mode, pooling,
             pooled, want_grad_psw)
+        if rows is not None:
+            unique_ids = rows[unique_ids]  # sorted: rows are
         grads = [row_grads, linear_row_grads]
         if sync:
             from . import distributed
@@ -450,7 +483,7 @@ def _register_fused_row_update():
         torch.ops.deepfm_fast.fused_row_update.default([weight, linear_weight], state, unique_ids, grads, step,
                                                        optimizer, lr, eps, beta1, beta2, weight_decay, last_step,
                                                        catchup, False)
-        return (None,) * 4 + (grad_psw if want_grad_psw else None,) + (None,) * 18
+        return (None,) * 4 + (grad_psw if want_grad_psw else None,) + (None,) * 21
 
     torch.library.register_autograd(lib + "embedding_fm_step", backward, setup_context=setup_context)
 

@@ -89,6 +89,31 @@ def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor] = No
     return EmbeddingFMOutput(fm, linear, pooled if return_pooled else weight.new_empty(0))
 
 
+def gather_rows(param: Tensor, rows: Tensor, sparse_grad: bool = False) -> Tensor:
+    """``param[rows]`` whose gradient is coalesced sparse COO with ``sparse_grad``, else dense."""
+    return _GatherRows.apply(param, rows, sparse_grad)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``param[rows]`` (``rows`` unique) whose gradient is a coalesced sparse tensor when asked."""
+
+    @staticmethod
+    def forward(ctx, param, rows, sparse):
+        ctx.save_for_backward(rows)
+        ctx.shape, ctx.sparse = param.shape, sparse
+        return param.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        if ctx.sparse:
+            g = torch.sparse_coo_tensor(rows.unsqueeze(0), grad, ctx.shape, is_coalesced=True,
+                                        check_invariants=False)
+        else:
+            g = grad.new_zeros(ctx.shape).index_add_(0, rows, grad)
+        return g, None, None
+
+
 # ---- fused_row_update ---------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -157,14 +182,13 @@ def fused_row_update(tables: List[Tensor], state: List[Tensor], ids: Tensor, row
         window = catchup.shape[0] - 1
         rows_per_slice = -(-tables[0].shape[0] // window)
         begin = min(tables[0].shape[0], ((t - 1) % window) * rows_per_slice)
-        adam_catch_up(tables, state, last_step, catchup, step, None, begin, begin + rows_per_slice)
+        adam_catch_up(tables, state, last_step, catchup, step, begin, begin + rows_per_slice)
 
 
 @torch.no_grad()
 def adam_catch_up(tables: List[Tensor], state: List[Tensor], last_step: Tensor, catchup: Tensor, step: Tensor,
-                  ids: Optional[Tensor] = None, row_begin: int = 0, row_end: int = -1) -> None:
-    """Adam's rows in ``ids`` (duplicates allowed), or else in ``[row_begin, row_end)``, brought up to
-    step ``step``.
+                  row_begin: int = 0, row_end: int = -1) -> None:
+    """Adam's rows in ``[row_begin, row_end)`` brought up to step ``step``, in place.
 
     A row last updated at step ``t0`` missed the steps ``s = t0 + k``, ``k = 1..j``; with zero gradient
     dense Adam decays its moments (``m beta1^k``, ``v beta2^k``) and moves it by the sum over ``k`` of
@@ -173,10 +197,13 @@ def adam_catch_up(tables: List[Tensor], state: List[Tensor], last_step: Tensor, 
     """
     num_rows = tables[0].shape[0]
     row_end = num_rows if row_end < 0 else min(row_end, num_rows)
-    if ids is not None:
-        rows = torch.unique(ids.long())
-    else:
-        rows = torch.arange(row_begin, row_end, device=last_step.device)
+    catch_up_rows(tables, state, last_step, catchup, step, torch.arange(row_begin, row_end, device=last_step.device))
+
+
+@torch.no_grad()
+def catch_up_rows(tables: List[Tensor], state: List[Tensor], last_step: Tensor, catchup: Tensor, step: Tensor,
+                  rows: Tensor) -> None:
+    """`adam_catch_up` of the rows ``rows`` (unique), in place."""
     missed = int(step) - last_step[rows]
     behind = missed > 0
     rows, missed = rows[behind], missed[behind]
@@ -184,6 +211,15 @@ def adam_catch_up(tables: List[Tensor], state: List[Tensor], last_step: Tensor, 
         raise ValueError("adam_catch_up: a row is further behind than the catch-up window")
     _catch_up(tables, state, rows, missed, catchup)
     last_step[rows] = int(step)
+
+
+@torch.no_grad()
+def adam_rows(tables: List[Tensor], state: List[Tensor], last_step: Tensor, catchup: Tensor, step: Tensor,
+              rows: Tensor) -> List[Tensor]:
+    """Copies of the rows ``rows`` of every table as `catch_up_rows` would leave them (nothing changed)."""
+    copies = [t.clone() for t in tables]
+    catch_up_rows(copies, [s.clone() for s in state], last_step.clone(), catchup, step, rows)
+    return [c[rows] for c in copies]
 
 
 def _catch_up(tables, state, rows, missed, catchup):

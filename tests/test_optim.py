@@ -298,9 +298,9 @@ def test_update_ops_opcheck():
                               (tables, state, ids, grads, counter(3), opt.code, 0.1, opt.eps, *opt.betas, 0.0,
                                row_state.get("last_step"), row_state.get("catchup")))
         if row_state:
-            for rows in (dict(ids=torch.tensor([7, 1, 7])), dict(row_begin=2, row_end=9)):
+            for rows in (dict(row_begin=0, row_end=-1), dict(row_begin=2, row_end=9)):
                 args = (tables, state, row_state["last_step"], row_state["catchup"], counter(2),
-                        rows.get("ids"), rows.get("row_begin", 0), rows.get("row_end", -1))
+                        rows["row_begin"], rows["row_end"])
                 torch.library.opcheck(torch.ops.deepfm_fast.adam_catch_up.default, args)
 
 

@@ -321,7 +321,7 @@ Inputs<scalar_t, index_t> make_inputs(const Prepared& p, int64_t num_fields, int
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_fm_cpu(
     const at::Tensor& weight_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
     const c10::optional<at::Tensor>& psw_in, const c10::optional<at::Tensor>& lw_in, int64_t num_fields,
-    int64_t mode, at::IntArrayRef pooling, bool return_pooled) {
+    int64_t mode, at::IntArrayRef pooling, bool return_pooled, bool /*sparse_grad: the autograd's*/) {
   const Prepared p =
       prepare("embedding_fm", weight_in, indices_in, offsets_in, psw_in, lw_in, num_fields, mode, pooling);
   const int64_t batch = p.batch, dim = p.weight.size(1);

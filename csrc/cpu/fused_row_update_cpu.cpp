@@ -7,8 +7,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu/parallel.h"
@@ -140,29 +142,6 @@ void advance_catch_up_table(double* catchup, int64_t window, const CatchUpStep& 
   }
 }
 
-// Adam: the rows in `ids` (duplicates allowed) that are behind step `target`, caught up to it.
-// Each part of the work takes the rows congruent to it modulo the number of parts, so that no two
-// threads catch up one row.
-template <typename scalar_t>
-void catch_up_ids(const std::vector<TableRef<scalar_t>>& refs, int64_t* last_step, const double* catchup,
-                  int64_t window, int64_t target, const int64_t* ids, int64_t num_ids) {
-  const int64_t parts = num_ids < 4096 ? 1 : at::get_num_threads();
-  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    for (int64_t part = part_begin; part < part_end; ++part) {
-      for (int64_t i = 0; i < num_ids; ++i) {
-        const int64_t row = ids[i];
-        if (row % parts != part) continue;
-        const int64_t missed = target - last_step[row];
-        if (missed <= 0) continue;
-        TORCH_CHECK(missed <= window, "adam_catch_up: row ", row, " was last updated at step ", last_step[row],
-                    ", more than the catch-up window (", window, ") before step ", target);
-        for (const auto& t : refs) catch_up_row(t, row, catchup + missed * kCatchUpColumns);
-        last_step[row] = target;
-      }
-    }
-  });
-}
-
 void fused_row_update_cpu(at::TensorList tables, at::TensorList state, const at::Tensor& ids_in,
                           at::TensorList row_grads, const at::Tensor& step_counter, int64_t optimizer, double lr,
                           double eps, double beta1, double beta2, double weight_decay,
@@ -207,29 +186,62 @@ void fused_row_update_cpu(at::TensorList tables, at::TensorList state, const at:
 }
 
 void adam_catch_up_cpu(at::TensorList tables, at::TensorList state, const at::Tensor& last_step,
-                       const at::Tensor& catchup, const at::Tensor& step_counter,
-                       const c10::optional<at::Tensor>& ids_in, int64_t row_begin, int64_t row_end) {
+                       const at::Tensor& catchup, const at::Tensor& step_counter, int64_t row_begin, int64_t row_end) {
   constexpr const char* op = "adam_catch_up";
   check_tables_and_state(op, tables, state, 2, false);
   check_catch_up_state(op, tables[0], last_step, catchup);
   const int64_t target = *check_step(op, step_counter);
-  const int64_t num_rows = tables[0].size(0), window = catchup.size(0) - 1;
-  const auto [begin, end] = check_catch_up_rows(op, num_rows, ids_in, row_begin, row_end);
-  at::Tensor ids;
-  if (ids_in.has_value()) {
-    ids = ids_in->to(at::kLong).contiguous();
-    const int64_t* id = ids.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < ids.numel(); ++i)
-      TORCH_CHECK(id[i] >= 0 && id[i] < num_rows, op, ": ids[", i, "] = ", id[i], " is out of range for tables with ",
-                  num_rows, " rows");
-  }
+  const auto [begin, end] = check_row_range(op, tables[0].size(0), row_begin, row_end);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_catch_up_cpu", [&] {
-    const auto refs = table_refs<scalar_t>(tables, state, 2);
-    int64_t* last = last_step.mutable_data_ptr<int64_t>();
-    const double* coefficients = catchup.const_data_ptr<double>();
-    if (ids.defined()) catch_up_ids(refs, last, coefficients, window, target, ids.const_data_ptr<int64_t>(), ids.numel());
-    else catch_up_rows(refs, last, coefficients, window, target, begin, end);
+    catch_up_rows(table_refs<scalar_t>(tables, state, 2), last_step.mutable_data_ptr<int64_t>(),
+                  catchup.const_data_ptr<double>(), catchup.size(0) - 1, target, begin, end);
   });
+}
+
+std::vector<at::Tensor> adam_rows_cpu(at::TensorList tables, at::TensorList state, const at::Tensor& last_step,
+                                      const at::Tensor& catchup, const at::Tensor& step_counter,
+                                      const at::Tensor& rows_in) {
+  constexpr const char* op = "adam_rows";
+  check_tables_and_state(op, tables, state, 2, false);
+  check_catch_up_state(op, tables[0], last_step, catchup);
+  const int64_t target = *check_step(op, step_counter);
+  const at::Tensor rows = check_rows(op, rows_in, tables[0]);
+  const int64_t num = rows.numel(), num_rows = tables[0].size(0), window = catchup.size(0) - 1;
+  const int64_t* row = rows.const_data_ptr<int64_t>();
+  for (int64_t u = 0; u < num; ++u)
+    TORCH_CHECK(row[u] >= 0 && row[u] < num_rows, op, ": rows[", u, "] = ", row[u], " is out of range for tables with ",
+                num_rows, " rows");
+  std::vector<at::Tensor> out;
+  for (const auto& table : tables) out.push_back(at::empty(rows_shape(table, num), table.options()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_rows_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto refs = table_refs<scalar_t>(tables, state, 2);
+    const int64_t* last = last_step.const_data_ptr<int64_t>();
+    const double* coefficients = catchup.const_data_ptr<double>();
+    at::parallel_for(0, num, grain_size(8 * refs[0].dim), [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) {
+        const int64_t r = row[u];
+        const int64_t missed = target - last[r];
+        TORCH_CHECK(missed <= window, op, ": row ", r, " was last updated at step ", last[r],
+                    ", more than the catch-up window (", window, ") before step ", target);
+        for (size_t t = 0; t < refs.size(); ++t) {
+          const auto& ref = refs[t];
+          scalar_t* dst = out[t].mutable_data_ptr<scalar_t>() + u * ref.dim;
+          const scalar_t* src = ref.weight + r * ref.dim;
+          if (missed <= 0) {
+            std::copy(src, src + ref.dim, dst);
+            continue;
+          }
+          const CatchUp<acc_t> c = catch_up_coefficients<acc_t>(coefficients + missed * kCatchUpColumns);
+          for (int64_t k = 0; k < ref.dim; ++k) {
+            acc_t m = ref.state0[r * ref.dim + k], v = ref.state1[r * ref.dim + k];  // copies: the state stays
+            dst[k] = static_cast<scalar_t>(catch_up_element<acc_t>(static_cast<acc_t>(src[k]), &m, &v, c));
+          }
+        }
+      }
+    });
+  });
+  return out;
 }
 
 }  // namespace
@@ -237,6 +249,7 @@ void adam_catch_up_cpu(at::TensorList tables, at::TensorList state, const at::Te
 TORCH_LIBRARY_IMPL(deepfm_fast, CPU, m) {
   m.impl("fused_row_update", &fused_row_update_cpu);
   m.impl("adam_catch_up", &adam_catch_up_cpu);
+  m.impl("adam_rows", &adam_rows_cpu);
 }
 
 }  // namespace deepfm_fast

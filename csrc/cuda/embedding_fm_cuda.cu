@@ -521,7 +521,7 @@ void raise_on_bad_csr(const char* op, const int64_t* stats, const Prepared& p) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_fm_cuda(
     const at::Tensor& weight_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
     const c10::optional<at::Tensor>& psw_in, const c10::optional<at::Tensor>& lw_in, int64_t num_fields,
-    int64_t mode, at::IntArrayRef pooling, bool return_pooled) {
+    int64_t mode, at::IntArrayRef pooling, bool return_pooled, bool /*sparse_grad: the autograd's*/) {
   constexpr const char* op = "embedding_fm";
   // Checks first: a table on the CPU gets the error that says so, not the guard's.
   const Prepared p = prepare(op, weight_in, indices_in, offsets_in, psw_in, lw_in, num_fields, mode, pooling);

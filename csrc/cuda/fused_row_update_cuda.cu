@@ -10,6 +10,8 @@
 // then skipped (never a write outside the tables) and repeated ids race (lost updates).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 
@@ -131,34 +133,39 @@ __global__ void catch_up_rows_kernel(DeviceTables<scalar_t, acc_t> tables, int64
   if (lane == 0) last_step[row] = target;
 }
 
-// Adam: the rows in `ids` (duplicates allowed) behind step `target`, caught up to it. The group
-// that moves last_step[row] to `target` (compare-and-swap) catches the row up; the others skip it.
-template <int kLanes, typename scalar_t, typename acc_t, typename index_t>
-__global__ void catch_up_ids_kernel(DeviceTables<scalar_t, acc_t> tables, int64_t* __restrict__ last_step,
-                                    const double* __restrict__ catchup, int64_t window, int64_t target,
-                                    const index_t* __restrict__ ids, int64_t num_ids, int64_t num_rows) {
+// The outputs of adam_rows, one per table, passed to the kernel by value.
+template <typename scalar_t>
+struct RowOutputs {
+  scalar_t* ptr[kMaxRowUpdateTables];
+};
+
+// Adam: out[t][u] = row rows[u] of table t as dense Adam has it after step `target` (copies).
+template <int kLanes, typename scalar_t, typename acc_t>
+__global__ void adam_rows_kernel(DeviceTables<scalar_t, acc_t> tables, RowOutputs<scalar_t> out,
+                                 const int64_t* __restrict__ last_step, const double* __restrict__ catchup,
+                                 int64_t window, int64_t target, const int64_t* __restrict__ rows, int64_t num,
+                                 int64_t num_rows) {
   const int lane = threadIdx.x % kLanes;
-  const int64_t i = cuda::group_index<kLanes>();
-  if (i >= num_ids) return;
-  const int64_t row = static_cast<int64_t>(ids[i]);
-  if (row < 0 || row >= num_rows) return;  // embedding_fm reports bad ids
-  int64_t missed = 0;
-  if (lane == 0) {
-    auto* slot = reinterpret_cast<unsigned long long*>(last_step + row);
-    unsigned long long seen = *slot;
-    while (static_cast<int64_t>(seen) < target) {
-      const unsigned long long previous = atomicCAS(slot, seen, static_cast<unsigned long long>(target));
-      if (previous == seen) {
-        missed = target - static_cast<int64_t>(seen);
-        break;
-      }
-      seen = previous;
+  const int64_t u = cuda::group_index<kLanes>();
+  if (u >= num) return;
+  const int64_t row = rows[u];
+  if (row < 0 || row >= num_rows) return;  // checked on the host in "error" mode
+  int64_t missed = target - last_step[row];
+  missed = missed < window ? missed : window;
+  for (int t = 0; t < tables.count; ++t) {
+    const int64_t dim = tables.dim[t];
+    const scalar_t* src = tables.weight[t] + row * dim;
+    scalar_t* dst = out.ptr[t] + u * dim;
+    if (missed <= 0) {
+      for (int64_t k = lane; k < dim; k += kLanes) dst[k] = src[k];
+      continue;
+    }
+    const CatchUp<acc_t> c = catch_up_coefficients<acc_t>(catchup + missed * kCatchUpColumns);
+    for (int64_t k = lane; k < dim; k += kLanes) {
+      acc_t m = tables.state0[t][row * dim + k], v = tables.state1[t][row * dim + k];  // copies
+      dst[k] = static_cast<scalar_t>(catch_up_element<acc_t>(static_cast<acc_t>(src[k]), &m, &v, c));
     }
   }
-  missed = cuda::group_broadcast<kLanes>(missed);
-  if (missed <= 0) return;
-  missed = missed < window ? missed : window;
-  for (int t = 0; t < tables.count; ++t) catch_up_row<kLanes>(tables, t, row, catchup + missed * kCatchUpColumns, lane);
 }
 
 // The table after step `step` (out) from the table after step - 1 (prev, a copy).
@@ -275,38 +282,58 @@ void fused_row_update_cuda(at::TensorList tables, at::TensorList state, const at
 }
 
 void adam_catch_up_cuda(at::TensorList tables, at::TensorList state, const at::Tensor& last_step,
-                        const at::Tensor& catchup, const at::Tensor& step_counter,
-                        const c10::optional<at::Tensor>& ids_in, int64_t row_begin, int64_t row_end) {
+                        const at::Tensor& catchup, const at::Tensor& step_counter, int64_t row_begin,
+                        int64_t row_end) {
   constexpr const char* op = "adam_catch_up";
   check_tables_and_state(op, tables, state, 2, false);
   check_catch_up_state(op, tables[0], last_step, catchup);
   const int64_t target = *check_step(op, step_counter);
-  const int64_t num_rows = tables[0].size(0), window = catchup.size(0) - 1;
-  const auto [begin, end] = check_catch_up_rows(op, num_rows, ids_in, row_begin, row_end);
-  if (ids_in.has_value()) check_same_device(op, "ids", *ids_in, "tables[0]", tables[0]);
+  const auto [begin, end] = check_row_range(op, tables[0].size(0), row_begin, row_end);
   const c10::cuda::CUDAGuard device_guard(tables[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_catch_up_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    launch_catch_up_rows(device_tables<scalar_t, acc_t>(tables, state, {}, 2), max_width(tables),
+                         last_step.mutable_data_ptr<int64_t>(), catchup.const_data_ptr<double>(), catchup.size(0) - 1,
+                         target, begin, end, stream);
+  });
+}
+
+std::vector<at::Tensor> adam_rows_cuda(at::TensorList tables, at::TensorList state, const at::Tensor& last_step,
+                                       const at::Tensor& catchup, const at::Tensor& step_counter,
+                                       const at::Tensor& rows_in) {
+  constexpr const char* op = "adam_rows";
+  check_tables_and_state(op, tables, state, 2, false);
+  check_catch_up_state(op, tables[0], last_step, catchup);
+  const int64_t target = *check_step(op, step_counter);
+  const at::Tensor rows = check_rows(op, rows_in, tables[0]);
+  const int64_t num = rows.numel(), num_rows = tables[0].size(0);
+  const c10::cuda::CUDAGuard device_guard(tables[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (num > 0 && cuda_bounds_check() == kBoundsError &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    const auto [lo, hi] = at::aminmax(rows);
+    const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
+    TORCH_CHECK(low >= 0 && high < num_rows, op, ": rows hold ", low < 0 ? low : high,
+                ", out of range for tables with ", num_rows, " rows");
+  }
+  std::vector<at::Tensor> out;
+  for (const auto& table : tables) out.push_back(at::empty(rows_shape(table, num), table.options()));
+  if (num == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_rows_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const auto args = device_tables<scalar_t, acc_t>(tables, state, {}, 2);
-    int64_t* last = last_step.mutable_data_ptr<int64_t>();
-    const double* coefficients = catchup.const_data_ptr<double>();
-    if (!ids_in.has_value()) {
-      launch_catch_up_rows(args, max_width(tables), last, coefficients, window, target, begin, end, stream);
-      return;
-    }
-    const at::Tensor ids = ids_in->contiguous();
-    const int64_t num_ids = ids.numel();
-    if (num_ids == 0) return;
-    AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "adam_catch_up_ids_cuda", [&] {
-      cuda::dispatch_lanes(cuda::lanes_for_dim(max_width(tables)), [&](auto kLanes) {
-        catch_up_ids_kernel<kLanes.value>
-            <<<cuda::ceil_div(num_ids, cuda::kThreadsPerBlock / kLanes.value), cuda::kThreadsPerBlock, 0, stream>>>(
-                args, last, coefficients, window, target, ids.const_data_ptr<index_t>(), num_ids, num_rows);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+    RowOutputs<scalar_t> outputs{};
+    for (size_t t = 0; t < out.size(); ++t) outputs.ptr[t] = out[t].mutable_data_ptr<scalar_t>();
+    cuda::dispatch_lanes(cuda::lanes_for_dim(max_width(tables)), [&](auto kLanes) {
+      adam_rows_kernel<kLanes.value>
+          <<<cuda::ceil_div(num, cuda::kThreadsPerBlock / kLanes.value), cuda::kThreadsPerBlock, 0, stream>>>(
+              args, outputs, last_step.const_data_ptr<int64_t>(), catchup.const_data_ptr<double>(),
+              catchup.size(0) - 1, target, rows.const_data_ptr<int64_t>(), num, num_rows);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+  return out;
 }
 
 }  // namespace deepfm_fast

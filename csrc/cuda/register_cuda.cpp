@@ -9,6 +9,7 @@ TORCH_LIBRARY_IMPL(deepfm_fast, CUDA, m) {
   m.impl("fm_interaction_backward", &fm_interaction_backward_cuda);
   m.impl("fused_row_update", &fused_row_update_cuda);
   m.impl("adam_catch_up", &adam_catch_up_cuda);
+  m.impl("adam_rows", &adam_rows_cuda);
   m.impl("embedding_fm", &embedding_fm_cuda);
   m.impl("embedding_fm_backward", &embedding_fm_backward_cuda);
 }
