@@ -315,7 +315,8 @@ def _register_embedding_fm():
     torch.library.register_autograd(lib + "embedding_fm", _embedding_fm_grads, setup_context=_embedding_fm_setup_context)
 
     def sparse_rows(ids, values, size):
-        return torch.sparse_coo_tensor(ids.unsqueeze(0), values, tuple(size), is_coalesced=True,
+        # Copies: an op's output must not alias its inputs (sparse_coo_tensor would keep `values`).
+        return torch.sparse_coo_tensor(ids.unsqueeze(0).clone(), values.clone(), tuple(size), is_coalesced=True,
                                        check_invariants=False)
 
     torch.library.register_kernel(lib + "sparse_rows", "CompositeExplicitAutograd", sparse_rows)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import deepfm_fast
 from deepfm_fast import EmbeddingFM, optim, reference
-from testing import assert_close, device_params, product
+from testing import assert_close, device_params, product, random_csr
 
 pytestmark = pytest.mark.skipif(not deepfm_fast._backend.compiled(), reason="deepfm_fast._C is not built")
 
@@ -84,12 +84,7 @@ def make_batches(device, steps=3, batch=32, multi_hot=False, seed=0):
             ids = torch.stack([torch.randint(0, d, (batch,), generator=generator) for d in FIELD_DIMS], 1)
             batches.append((ids.to(device), None, None, labels.to(device)))
             continue
-        lengths = torch.randint(0, 4, (batch * len(FIELD_DIMS),), generator=generator)
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        field = torch.arange(batch * len(FIELD_DIMS)) % len(FIELD_DIMS)
-        field_of = torch.repeat_interleave(field, lengths)
-        dims = torch.tensor(FIELD_DIMS)[field_of]
-        ids = (torch.rand(int(lengths.sum()), generator=generator) * dims).long()
+        ids, offsets = random_csr(batch, len(FIELD_DIMS), FIELD_DIMS, 3, generator=generator)
         weights = torch.rand(ids.numel(), generator=generator, dtype=torch.float64)
         batches.append((ids.to(device), offsets.to(device), weights.to(device), labels.to(device)))
     return batches
@@ -383,3 +378,47 @@ def test_module_rejects_bad_optimizer_settings():
         optim.Adam(betas=(0.9, 0.3), catch_up_window=4096)
     with pytest.raises(ValueError, match="unknown fused table optimizer 'lamb'"):
         optim.by_name("lamb", 0.1)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_adam_rows_are_the_caught_up_rows_and_change_nothing(device):
+    opt = optim.Adam(0.05, catch_up_window=8)
+    tables = [torch.randn(30, 5, dtype=torch.float64, device=device), torch.randn(30, dtype=torch.float64,
+                                                                                 device=device)]
+    states = [opt.new_state(t) for t in tables]
+    row_state, step = opt.new_row_state(30, device), counter()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(6):  # rows fall behind by different numbers of steps
+        ids = random_unique_ids(30, 7, device, generator)
+        opt.update(tables, states, ids, [torch.randn((7,) + t.shape[1:], dtype=torch.float64, device=device)
+                                         for t in tables], step, row_state)
+    flat = [s for st in states for s in st]
+    before = [t.clone() for t in tables + flat + list(row_state.values())]
+    rows = torch.tensor([0, 3, 11, 29], device=device)
+    copies = torch.ops.deepfm_fast.adam_rows(tables, flat, row_state["last_step"], row_state["catchup"], step, rows)
+    after = tables + flat + list(row_state.values())
+    assert all(torch.equal(a, b) for a, b in zip(after, before))  # nothing changed
+    expected = reference.adam_rows([t.cpu() for t in tables], [s.cpu() for s in flat],
+                                   row_state["last_step"].cpu(), row_state["catchup"].cpu(), step, rows.cpu())
+    for copy_, e in zip(copies, expected):
+        assert_close(copy_.cpu(), e)
+    # ... and what a flush leaves in those rows.
+    opt.flush(tables, states, step, row_state)
+    for copy_, table in zip(copies, tables):
+        assert_close(copy_, table[rows])
+    torch.library.opcheck(torch.ops.deepfm_fast.adam_rows.default,
+                          (tables, flat, row_state["last_step"], row_state["catchup"], step, rows))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_embedding_fm_step_opcheck(name):
+    opt = OPTIMIZERS[name]()
+    weight, linear_weight = torch.randn(20, 4, requires_grad=True), torch.randn(20, requires_grad=True)
+    weight_state, linear_state = opt.new_state(weight), opt.new_state(linear_weight)
+    row_state = opt.new_row_state(20, "cpu")
+    states = weight_state + [None] * (2 - len(weight_state)) + linear_state + [None] * (2 - len(linear_state))
+    indices, offsets = torch.tensor([1, 5, 5, 7, 19, 0]), torch.tensor([0, 2, 3, 4, 6])
+    args = (weight, linear_weight, indices, offsets, None, 2, 0, [0], True, *states, counter(),
+            row_state.get("last_step"), row_state.get("catchup"), opt.code, opt.lr, opt.eps, *opt.betas,
+            opt.weight_decay)
+    torch.library.opcheck(torch.ops.deepfm_fast.embedding_fm_step.default, args)

@@ -62,6 +62,44 @@ def assert_close(actual, expected, dtype=None):
     torch.testing.assert_close(actual, expected.to(actual.dtype), **TOLERANCES[dtype])
 
 
+def random_csr(batch, fields, rows, max_bag, index_dtype=torch.int64, device="cpu", seed=0, empty=True,
+               generator=None):
+    """Random CSR bags (sample-major, bag b*F + f) of 0..max_bag ids (1..max_bag without empty bags).
+
+    ``rows``: one table of that many rows (duplicates within bags and across the batch are certain
+    for small tables), or one size per field for local ids (field f's ids in ``0..rows[f]-1``).
+    Returns ``(indices, offsets)``; ``generator`` (else one seeded with ``seed``) draws both.
+    """
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    counts = torch.randint(0 if empty else 1, max_bag + 1, (batch * fields,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    nnz = int(offsets[-1])
+    if isinstance(rows, int):
+        indices = torch.randint(0, rows, (nnz,), generator=g)
+    else:
+        field_of = torch.repeat_interleave(torch.arange(batch * fields) % fields, counts)
+        indices = (torch.rand(nnz, generator=g) * torch.tensor(rows)[field_of]).long()
+    return indices.to(device, index_dtype), offsets.to(device, index_dtype)
+
+
+def leaf(t):
+    """A copy of ``t`` that requires grad: a fresh leaf per call."""
+    return t.detach().clone().requires_grad_(True)
+
+
+def outputs_and_grads(fn, weight, indices, offsets, psw, lw, fields, mode, pooling, seed=1):
+    """Forward with return_pooled, then grads of a random linear combination of all three outputs."""
+    w, x, lin = leaf(weight), (leaf(psw) if psw is not None else None), (leaf(lw) if lw is not None else None)
+    out = fn(w, indices, offsets, x, lin, num_fields=fields, mode=mode, pooling=pooling, return_pooled=True)
+    g = torch.Generator().manual_seed(seed)
+    coeffs = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in out]
+    loss = sum((o * c).sum() for o, c in zip(out, coeffs))
+    inputs = [t for t in (w, x, lin) if t is not None]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True) if loss.requires_grad else [None] * len(inputs)
+    grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(inputs, grads)]
+    return list(out), grads
+
+
 # The real CTR data of ../shared/data (never copied into the repository).
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
