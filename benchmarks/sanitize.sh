@@ -45,7 +45,8 @@ else
 fi
 echo "build took $((SECONDS - start)) s"
 module=$(ls "$WORK"/src/deepfm_fast/_C*.so)
-ldd "$module" | grep -q libasan || { echo "$module is not linked against libasan"; exit 1; }
+# (grep reads all of ldd's output: with -q, ldd can die of SIGPIPE and fail the pipeline)
+ldd "$module" | grep -E "libasan|libubsan" || { echo "$module is not linked against libasan"; exit 1; }
 
 # Python is not instrumented, so the ASan runtime must be loaded before everything else; libstdc++
 # too, or ASan finds no __cxa_throw to forward to and aborts at the first C++ exception (a
