@@ -10,6 +10,9 @@
 #   SANITIZE_VENV  an existing venv with torch and the test dependencies, used as it is: nothing is
 #                  installed into it. Default: a fresh venv in SANITIZE_WORK with torch 2.13.0 and
 #                  the package's [test,anchors] extras.
+#   DEEPFM_FAST_DEBUG=1  an -O0 build: 2 minutes to compile here instead of 9 at -O3, and no sanitizer
+#                  check is optimised away (CI uses it); the default builds as shipped, -O3.
+#   MAX_JOBS       parallel compile jobs (default 1: the machines are shared).
 # The whole run is logged to $SANITIZE_WORK/sanitize.log; ASan's reports also go to files in
 # $SANITIZE_WORK/reports/ (a subprocess's stderr may be swallowed by the test that started it).
 set -euo pipefail
@@ -61,6 +64,9 @@ export ASAN_OPTIONS=detect_leaks=0:log_path=$WORK/reports/asan
 # --capture=sys: a test's native stderr reaches the log, which is searched for reports below.
 # halt_on_error=1 repeats what -fno-sanitize-recover=undefined already builds in.
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+# DEEPFM_FAST_DEBUG=1 (an -O0 build, quicker to compile) is for the build only: at run time it turns
+# the CLI's clean errors into tracebacks, which tests/test_cli.py checks do not happen.
+unset DEEPFM_FAST_DEBUG
 cd "$WORK/src"
 "$PY" -c "
 import deepfm_fast
