@@ -7,6 +7,10 @@ Environment variables:
   TORCH_CUDA_ARCH_LIST  GPU architectures, e.g. "9.0"; defaults to DEFAULT_CUDA_ARCH_LIST with no GPU visible.
   MAX_JOBS              parallel compile jobs for ninja.
   DEEPFM_FAST_DEBUG=1   -O0 -g and device-side line info.
+  DEEPFM_FAST_SANITIZE=1  CPU kernels with AddressSanitizer and UndefinedBehaviorSanitizer (-g, frame
+                        pointers; undefined behaviour aborts like an ASan error). CPU only: with CUDA
+                        kernels to build it fails, set USE_CUDA=0. Python is not instrumented, so the
+                        module needs gcc's libasan preloaded: benchmarks/sanitize.sh builds and tests it.
 """
 import glob
 import os
@@ -51,16 +55,26 @@ def make_extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fopenmp at compile AND link time: without it at::parallel_for silently runs on one thread.
     # No -std: cpp_extension picks the C++ standard the installed torch headers need (C++20 for 2.14).
-    cxx_flags = opt + ["-fopenmp", "-fvisibility=hidden"]
+    # Sanitizers at compile AND link time (the link pulls in libasan and libubsan). A UB report aborts
+    # instead of printing and going on: a test that passes after one would otherwise hide it.
+    sanitize = env_flag("DEEPFM_FAST_SANITIZE")
+    sanitizers = (["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+                  if sanitize else [])
+    cxx_flags = opt + ["-fopenmp", "-fvisibility=hidden"] + sanitizers
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     kwargs = dict(
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + sanitizers,
     )
     if not want_cuda():
         return cpp_extension.CppExtension(
             "deepfm_fast._C", sources, extra_compile_args={"cxx": cxx_flags}, **kwargs
         )
+    if sanitize:
+        # nvcc's host code would go uninstrumented, and ASan's shadow memory needs other options
+        # beside the CUDA driver: a sanitized build is a CPU build, asked for explicitly.
+        raise SystemExit("DEEPFM_FAST_SANITIZE=1 instruments the CPU kernels only, but this build would "
+                         "compile CUDA kernels too: set USE_CUDA=0")
     import torch
 
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
