@@ -2,10 +2,12 @@
 
 W2, the FM-only step: fused row-wise Adagrad and SGD against FBGEMM's TBE (EXACT_ROWWISE_ADAGRAD,
 EXACT_SGD; fbgemm-gpu-cpu==1.8.0, skipped if not installed) and nn.Embedding(sparse=True) + SGD.
-W3, the DeepFM step (DNN 400x3 with batch norm, Adam for the dense parameters): fused Adam on the
-tables against a plain PyTorch DeepFM with dense gradients + Adam and with sparse gradients +
-SparseAdam. One process, one thread, variants alternating round by round, first logits checked
-against each other before timing. Run:
+W3, the DeepFM step (DNN 400x3 with batch norm, Adam for the dense parameters): fused Adam (dense-Adam
+semantics) and fused LazyAdam (SparseAdam semantics) on the tables against a plain PyTorch DeepFM
+with dense gradients + Adam and with sparse gradients + SparseAdam. The batches cycle, so after the
+warm-up the touched rows carry Adam state and are a few steps behind: the steps time the catch-up.
+One process, one thread, variants alternating round by round, first logits checked against each
+other before timing. Run:
 
     OMP_WAIT_POLICY=PASSIVE python -m pytest benchmarks/bench_fused_optim.py --benchmark-only \
         --benchmark-json benchmarks/results/fused_optim_cpu.json

@@ -159,8 +159,8 @@ def tbe_fm(rows, dim, optimizer_name, first_order=False):
     return Variant(name, nn.ModuleList([tbe, nn.ParameterList([bias])]), step, [bias_opt])
 
 
-def fused_deepfm(rows, dim, hidden=(400, 400, 400)):
-    table = EmbeddingFM([rows] * FIELDS, dim, optimizer=optim.Adam(1e-3), init_std=0.01)
+def fused_deepfm(rows, dim, optimizer, hidden=(400, 400, 400)):
+    table = EmbeddingFM([rows] * FIELDS, dim, optimizer=optimizer, init_std=0.01)
     net = dnn(FIELDS * dim, hidden)
     opt = torch.optim.Adam(list(net.parameters()) + [table.bias], lr=1e-3)
 
@@ -172,7 +172,7 @@ def fused_deepfm(rows, dim, hidden=(400, 400, 400)):
         opt.zero_grad(set_to_none=True)
         return logit
 
-    return Variant("fused_Adam", nn.ModuleList([table, net]), step, [opt])
+    return Variant(f"fused_{type(optimizer).__name__}", nn.ModuleList([table, net]), step, [opt])
 
 
 def plain_deepfm(rows, dim, sparse, hidden=(400, 400, 400)):
@@ -229,7 +229,9 @@ W2_VARIANTS = {
     "embedding_sparse_SGD": plain_fm_sparse_sgd,
 }
 W3_VARIANTS = {
-    "fused_Adam": fused_deepfm,
+    # Adam: dense-Adam semantics (rows caught up); LazyAdam: SparseAdam semantics, as before.
+    "fused_Adam": lambda rows, dim: fused_deepfm(rows, dim, optim.Adam(1e-3)),
+    "fused_LazyAdam": lambda rows, dim: fused_deepfm(rows, dim, optim.LazyAdam(1e-3)),
     "plain_sparse_SparseAdam": lambda rows, dim: plain_deepfm(rows, dim, sparse=True),
     "plain_dense_Adam": lambda rows, dim: plain_deepfm(rows, dim, sparse=False),
 }

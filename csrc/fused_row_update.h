@@ -192,21 +192,21 @@ DEEPFM_HOST_DEVICE CatchUp<acc_t> catch_up_coefficients(const double* entry) {
                         static_cast<acc_t>(entry[kDecay1]), static_cast<acc_t>(entry[kDecay2])};
 }
 
-// One element after the missed steps of its row: moved by its momentum, moments decayed.
+// One element after the missed steps of its row: moved by its momentum, moments decayed. No
+// branch, so that the loop over a row's elements vectorises. A denominator below the floor needs
+// eps = 0 and v < 1e-60, which comes with m = 0 (no movement); the floor keeps alpha / floor finite.
+constexpr double kCatchUpFloor = 1e-30;
+
 template <typename acc_t>
 DEEPFM_HOST_DEVICE acc_t catch_up_element(acc_t value, acc_t* exp_avg, acc_t* exp_avg_sq, const CatchUp<acc_t>& c) {
+  const acc_t kFloor = static_cast<acc_t>(kCatchUpFloor);
   const acc_t m = *exp_avg, v = *exp_avg_sq;
   const acc_t u = std::sqrt(v);
-  acc_t moved = acc_t(0);
-  if (m != acc_t(0)) {
-    const acc_t d1 = u + c.eps_x1, d2 = u + c.eps_x2;
-    if (d1 > acc_t(0)) moved += c.alpha1 / d1;
-    if (d2 > acc_t(0)) moved += c.alpha2 / d2;
-    moved *= m;
-  }
+  const acc_t d1 = u + c.eps_x1 > kFloor ? u + c.eps_x1 : kFloor;
+  const acc_t d2 = u + c.eps_x2 > kFloor ? u + c.eps_x2 : kFloor;
   *exp_avg = m * c.decay1;
   *exp_avg_sq = v * c.decay2;
-  return value - moved;
+  return value - m * (c.alpha1 / d1 + c.alpha2 / d2);
 }
 
 }  // namespace deepfm_fast

@@ -233,9 +233,8 @@ def _catch_up(tables, state, rows, missed, catchup):
         alpha1, eps_x1, alpha2, eps_x2, decay1, decay2 = coeff
         m, v = exp_avg[rows], exp_avg_sq[rows]
         u = v.sqrt()
-        ratio1 = torch.where(u + eps_x1 > 0, alpha1 / (u + eps_x1), torch.zeros_like(u))
-        ratio2 = torch.where(u + eps_x2 > 0, alpha2 / (u + eps_x2), torch.zeros_like(u))
-        moved = torch.where(m != 0, m * (ratio1 + ratio2), torch.zeros_like(m))
+        # The floor of the kernels (kCatchUpFloor): only eps = 0 with v ~ 0, where m is 0 too.
+        moved = m * (alpha1 / (u + eps_x1).clamp(min=1e-30) + alpha2 / (u + eps_x2).clamp(min=1e-30))
         moved = torch.where(missed.reshape(shape) > 0, moved, torch.zeros_like(m))
         table[rows] = (table[rows].to(acc_dtype) - moved).to(table.dtype)
         exp_avg[rows] = torch.where(missed.reshape(shape) > 0, m * decay1, m)

@@ -220,6 +220,15 @@ std::vector<at::Tensor> adam_rows_cpu(at::TensorList tables, at::TensorList stat
     const double* coefficients = catchup.const_data_ptr<double>();
     at::parallel_for(0, num, grain_size(8 * refs[0].dim), [&](int64_t lo, int64_t hi) {
       for (int64_t u = lo; u < hi; ++u) {
+        if (u + kPrefetchDistance < hi) {  // each row is a cache miss in every array: overlap them
+          const int64_t ahead = row[u + kPrefetchDistance];
+          __builtin_prefetch(last + ahead);
+          for (const auto& ref : refs) {
+            __builtin_prefetch(ref.weight + ahead * ref.dim);
+            __builtin_prefetch(ref.state0 + ahead * ref.dim);
+            __builtin_prefetch(ref.state1 + ahead * ref.dim);
+          }
+        }
         const int64_t r = row[u];
         const int64_t missed = target - last[r];
         TORCH_CHECK(missed <= window, op, ": row ", r, " was last updated at step ", last[r],
