@@ -158,7 +158,7 @@ class Adam(FusedOptimizer):
     num_states = 2
 
     def __init__(self, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, catch_up_window: int = 2048):
+                 weight_decay: float = 0.0, catch_up_window: int = 8192):
         super().__init__(lr, eps=eps, betas=betas, weight_decay=weight_decay)
         if int(catch_up_window) < 1:
             raise ValueError(f"Adam: catch_up_window must be >= 1, got {catch_up_window}")
