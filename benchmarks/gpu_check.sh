@@ -48,6 +48,13 @@ bench() {  # bench NAME LIMIT_S FILE [pytest args...]: a benchmark file on the G
 # In place, so that the tests and benchmarks import this build.
 step build 240 env FORCE_CUDA=1 "$PY" setup.py build_ext --inplace || exit 1
 step tests_cuda 150 "$PY" -m pytest tests -q -p no:cacheprovider -k cuda -rs -x
+# Every kernel once more under compute-sanitizer's memcheck (out-of-bounds and misaligned accesses),
+# on a short subset: memcheck slows kernels 10-100x.
+if command -v compute-sanitizer >/dev/null || [ -x "$CUDA_HOME/bin/compute-sanitizer" ]; then
+  SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+  step memcheck_cuda 90 "$SANITIZER" --tool memcheck --error-exitcode 1 "$PY" -m pytest -q -p no:cacheprovider -x \
+    tests/test_embedding_fm.py tests/test_optim.py -k "cuda and (reference or adam_rows or two_tables)"
+fi
 # W1: the FM layer, float32 and bfloat16, B in {4096, 65536}.
 bench w1_cuda_float32 60 bench_fm_interaction.py
 DEEPFM_FAST_BENCH_DTYPE=bfloat16 bench w1_cuda_bfloat16 60 bench_fm_interaction.py

@@ -28,7 +28,8 @@ BARS_DATA = {"frappe": "Frappe_x1", "movielens": "MovielensLatest_x1"}
 
 groups = defaultdict(list)
 for p in sorted(runs_dir.glob("*.json")):
-    dataset, model, seed = p.stem.rsplit("_", 2)
+    dataset, rest = p.stem.split("_", 1)  # dataset names have no "_"; model and variant names may
+    model, seed = rest.rsplit("_", 1)
     m = json.loads(p.read_text())
     groups[(dataset, model)].append({"seed": int(seed), "test_auc": m["test_auc"], "test_logloss": m["test_logloss"],
                                      "valid_auc": m["valid_auc"], "valid_logloss": m["valid_logloss"],

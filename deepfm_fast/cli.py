@@ -150,10 +150,14 @@ def _add_train_parser(sub, choices: Dict[str, Sequence[str]]) -> None:
     plain = [o for o in choices["table_optimizer"] if o not in FUSED_TABLE_OPTIMIZERS]
     g.add_argument("--table-optimizer", choices=choices["table_optimizer"],
                    help="how the embedding table (and first-order weights) is trained. Fused, updating the rows "
-                        f"each batch touches inside the backward: {', '.join(FUSED_TABLE_OPTIMIZERS)} (default "
-                        "adam: SparseAdam semantics, the fastest). Plain PyTorch, for comparison: "
-                        f"{', '.join(plain)} (sparse_adam: sparse gradients + torch SparseAdam; dense: dense "
-                        "gradients + Adam, the slow baseline). The DNN, bias and batch norm always use torch Adam")
+                        f"each batch touches inside the backward: {', '.join(FUSED_TABLE_OPTIMIZERS)}. Default adam: "
+                        "the semantics of torch.optim.Adam on the dense gradient (rows no batch touched still move "
+                        "by their momentum, caught up in closed form), the best model quality at the cost of a "
+                        "sparse update; lazy_adam: torch.optim.SparseAdam's semantics (untouched rows frozen), a "
+                        "little faster, measurably worse models (benchmarks/results/quality.md). Plain PyTorch, "
+                        f"for comparison: {', '.join(plain)} (sparse_adam: sparse gradients + torch SparseAdam; "
+                        "dense: dense gradients + Adam, the slow baseline). The DNN, bias and batch norm always "
+                        "use torch Adam")
     g.add_argument("--table-lr", type=float, help="learning rate of the table optimizer (default: --lr)")
     g.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=None,
                    help="deprecated: the old spelling of --table-optimizer sparse_adam")

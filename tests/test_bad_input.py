@@ -119,31 +119,35 @@ def bad_id_case(device):
     return weight, indices, offsets, psw, lw
 
 
+def _on_bad_ids(device, mode, bounds):
+    """The op's outputs and gradients on bad_id_case in the given bounds-check mode, and the case."""
+    weight, indices, offsets, psw, lw = bad_id_case(device)
+    with cuda_bounds_check(bounds):
+        out, grads = outputs_and_grads(ops.embedding_fm, weight, indices, offsets, psw, lw, 2, mode, ["mean", "sum"])
+    return out + grads, (weight, indices, offsets, psw, lw)
+
+
 @pytest.mark.parametrize("device", device_params(["cuda"]))
 @pytest.mark.parametrize("mode", MODES)
 def test_cuda_bounds_check_clamp_reads_the_nearest_row(device, mode):
-    weight, indices, offsets, psw, lw = bad_id_case(device)
-    with cuda_bounds_check("clamp"):
-        out, grads = outputs_and_grads(ops.embedding_fm, weight, indices, offsets, psw, lw, 2, mode, ["mean", "sum"])
+    results, (weight, indices, offsets, psw, lw) = _on_bad_ids(device, mode, "clamp")
     # Exactly the op on the clamped ids: values, and the gradients land on rows 0 and 9.
     ref_out, ref_grads = outputs_and_grads(reference.embedding_fm, weight, indices.clamp(0, 9), offsets, psw, lw, 2,
                                            mode, ["mean", "sum"])
-    for a, e in zip(out + grads, ref_out + ref_grads):
+    for a, e in zip(results, ref_out + ref_grads):
         assert_close(a, e)
 
 
 @pytest.mark.parametrize("device", device_params(["cuda"]))
 @pytest.mark.parametrize("mode", MODES)
 def test_cuda_bounds_check_off_reads_a_zero_row(device, mode):
-    weight, indices, offsets, psw, lw = bad_id_case(device)
-    with cuda_bounds_check("off"):
-        out, grads = outputs_and_grads(ops.embedding_fm, weight, indices, offsets, psw, lw, 2, mode, ["mean", "sum"])
+    results, (weight, indices, offsets, psw, lw) = _on_bad_ids(device, mode, "off")
     # The reference on a table with an extra zero row (10) that every bad id reads; it gets no gradient.
     zero_row = torch.where((indices >= 0) & (indices < 10), indices, torch.full_like(indices, 10))
     weight_ext = torch.cat([weight, weight.new_zeros(1, 8)])
     ref_out, (ref_w, ref_x, ref_l) = outputs_and_grads(reference.embedding_fm, weight_ext, zero_row, offsets, psw,
                                                        torch.cat([lw, lw.new_zeros(1)]), 2, mode, ["mean", "sum"])
-    for a, e in zip(out + grads, ref_out + [ref_w[:10], ref_x, ref_l[:10]]):
+    for a, e in zip(results, ref_out + [ref_w[:10], ref_x, ref_l[:10]]):
         assert_close(a, e)
 
 

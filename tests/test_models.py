@@ -219,25 +219,37 @@ def test_fused_weight_decay_is_the_penalty_gradient(data, name):
         torch.testing.assert_close(fused.dnn.net[0].weight, dense.dnn.net[0].weight, atol=1e-12, rtol=1e-10)
 
 
+def _same_model_two_ways(data, fused_name, other_name, table_lr):
+    """A float64 DeepFM with batch norm and L2 twice, with the same weights: a fused table optimizer and
+    the plain-PyTorch way it should equal."""
+    kw = dict(embedding_dim=6, hidden_units=(16, 8), batch_norm=True, l2_embedding=0.05, init_std=0.1,
+              table_lr=table_lr)
+    torch.manual_seed(5)
+    fused = _double(DeepFM(data.fields, table_optimizer=fused_name, **kw))
+    other = _double(DeepFM(data.fields, table_optimizer=other_name, **kw))
+    other.load_state_dict(fused.state_dict(), strict=False)
+    return fused, other
+
+
+def _train_both(fused, other, opt_f, opt_o, batches):
+    start = fused.embedding.weight.detach().clone()
+    for batch in batches:
+        _step(fused, batch, lambda m: opt_f)
+        _step(other, batch, lambda m: opt_o)
+    fused.eval()  # a fused Adam flushes: every row up to date
+    other.eval()
+    assert int(fused.embedding.optimizer_step) == len(batches)
+    assert not torch.equal(start, fused.embedding.weight)
+
+
 def test_fused_lazy_adam_equals_sparse_adam(data):
     """Fused lazy Adam on the table (inside the backward) == sparse gradients + torch SparseAdam, 4 steps, float64."""
-    kw = dict(embedding_dim=6, hidden_units=(16, 8), batch_norm=True, l2_embedding=0.05, init_std=0.1,
-              table_lr=0.02)
-    torch.manual_seed(5)
-    fused = _double(DeepFM(data.fields, table_optimizer="lazy_adam", **kw))
-    sparse = _double(DeepFM(data.fields, table_optimizer="sparse_adam", **kw))
-    sparse.load_state_dict(fused.state_dict(), strict=False)
+    fused, sparse = _same_model_two_ways(data, "lazy_adam", "sparse_adam", 0.02)
     assert fused.fused and not sparse.fused and sparse.sparse
     opt_f = [torch.optim.Adam([p for p in fused.parameters() if p.requires_grad], lr=0.01)]
     opt_s = [torch.optim.SparseAdam(sparse.sparse_parameters(), lr=0.02),
              torch.optim.Adam(sparse.dense_parameters(), lr=0.01)]
-    batches = list(zip(range(4), iterate_batches(data.train, 100)))
-    start = fused.embedding.weight.clone()
-    for _, batch in batches:
-        _step(fused, batch, lambda m: opt_f)
-        _step(sparse, batch, lambda m: opt_s)
-    assert int(fused.embedding.optimizer_step) == 4
-    assert not torch.equal(start, fused.embedding.weight)
+    _train_both(fused, sparse, opt_f, opt_s, [b for _, b in zip(range(4), iterate_batches(data.train, 100))])
     sd_s = sparse.state_dict()
     for k, v in fused.state_dict().items():
         if "optimizer" not in k:
@@ -247,21 +259,10 @@ def test_fused_lazy_adam_equals_sparse_adam(data):
 def test_fused_adam_equals_dense_adam(data):
     """Fused Adam on the table == dense gradients of BCE + the penalty on the used rows + torch Adam on
     every parameter, 12 steps of a DeepFM with batch norm, float64 (rows left out of a batch move too)."""
-    kw = dict(embedding_dim=6, hidden_units=(16, 8), batch_norm=True, l2_embedding=0.05, init_std=0.1,
-              table_lr=0.01)
-    torch.manual_seed(5)
-    fused = _double(DeepFM(data.fields, table_optimizer="adam", **kw))
-    dense = _double(DeepFM(data.fields, table_optimizer="dense", **kw))
-    dense.load_state_dict(fused.state_dict(), strict=False)
+    fused, dense = _same_model_two_ways(data, "adam", "dense", 0.01)
     opt_f = [torch.optim.Adam(fused.dense_parameters(), lr=0.01)]
     opt_d = [torch.optim.Adam(dense.parameters(), lr=0.01)]
-    start = fused.embedding.weight.detach().clone()
-    for _, batch in zip(range(12), iterate_batches(data.train, 50)):
-        _step(fused, batch, lambda m: opt_f)
-        _step(dense, batch, lambda m: opt_d)
-    fused.eval()
-    dense.eval()
-    assert int(fused.embedding.optimizer_step) == 12 and not torch.equal(start, fused.embedding.weight)
+    _train_both(fused, dense, opt_f, opt_d, [b for _, b in zip(range(12), iterate_batches(data.train, 50))])
     sd_d = dense.state_dict()
     for k, v in fused.state_dict().items():
         if "optimizer" in k:
