@@ -97,10 +97,20 @@ inline void check_catch_up_state(const char* op, const at::Tensor& table, const 
               "] with window >= 1, got ", table_coefficients.scalar_type(), " of shape ", table_coefficients.sizes());
 }
 
-inline void check_fused_row_update_args(at::TensorList tables, at::TensorList state, const at::Tensor& ids,
-                                        at::TensorList row_grads, int64_t optimizer,
-                                        const c10::optional<at::Tensor>& last_step,
-                                        const c10::optional<at::Tensor>& catchup) {
+// The arguments adam_catch_up and adam_rows share; returns the step to bring the rows up to.
+inline int64_t check_catch_up_args(const char* op, at::TensorList tables, at::TensorList state,
+                                   const at::Tensor& last_step, const at::Tensor& catchup,
+                                   const at::Tensor& step_counter) {
+  check_tables_and_state(op, tables, state, 2, false);
+  check_catch_up_state(op, tables[0], last_step, catchup);
+  return *check_step(op, step_counter);
+}
+
+// Returns the step counter, which the update increments.
+inline int64_t* check_fused_row_update_args(at::TensorList tables, at::TensorList state, const at::Tensor& ids,
+                                            at::TensorList row_grads, const at::Tensor& step_counter,
+                                            int64_t optimizer, const c10::optional<at::Tensor>& last_step,
+                                            const c10::optional<at::Tensor>& catchup) {
   constexpr const char* op = "fused_row_update";
   TORCH_CHECK(optimizer >= kSGD && optimizer <= kAdam, op, ": optimizer must be 0 (SGD), 1 (row-wise Adagrad), ",
               "2 (Adagrad), 3 (lazy Adam) or 4 (Adam), got ", optimizer);
@@ -122,6 +132,7 @@ inline void check_fused_row_update_args(at::TensorList tables, at::TensorList st
                 "]), got ", grads.sizes());
   }
   if (optimizer == kAdam) check_catch_up_state(op, tables[0], last_step, catchup);
+  return check_step(op, step_counter);
 }
 
 // One id of fused_row_update at position u (prev = ids[u - 1]): in range, and the ids strictly
@@ -150,6 +161,19 @@ RowUpdateParams<acc_t> make_row_update_params(double lr, double eps, double beta
                                 static_cast<acc_t>(weight_decay),
                                 static_cast<acc_t>(step_size),
                                 static_cast<acc_t>(bias_correction2_sqrt)};
+}
+
+// Adam's catch-up state as the kernels use it (nulls and a zero window for the other optimizers).
+struct CatchUpState {
+  int64_t* last_step;
+  double* table;
+  int64_t window;
+};
+
+inline CatchUpState catch_up_state(int64_t optimizer, const c10::optional<at::Tensor>& last_step,
+                                   const c10::optional<at::Tensor>& catchup) {
+  if (optimizer != kAdam) return {nullptr, nullptr, 0};
+  return {last_step->mutable_data_ptr<int64_t>(), catchup->mutable_data_ptr<double>(), catchup->size(0) - 1};
 }
 
 // The constants of step `step` for the catch-up table.

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from . import _backend, ops, reference
 from ._args import EmbeddingFMOutput, as_csr, field_offsets, mode_code, pooling_codes
-from .optim import FusedOptimizer
+from .optim import Adam, FusedOptimizer
 
 
 class EmbeddingFM(nn.Module):
@@ -126,7 +126,7 @@ class EmbeddingFM(nn.Module):
                 self.register_buffer(f"optimizer_{name}", state)
             self._row_state_names = list(row_state)
             self.register_buffer("optimizer_step", torch.zeros((), dtype=torch.int64))
-            self._register_load_state_dict_pre_hook(_load_flat_linear_state, with_module=True)
+            self._register_load_state_dict_pre_hook(_load_earlier_states, with_module=True)
             self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.flush())
 
     def reset_parameters(self, init_std: float = 0.01) -> None:
@@ -327,11 +327,24 @@ def _refuse_unsynchronised(module: "EmbeddingFM") -> None:
                            f"deepfm_fast.distributed.independent(model) if each rank trains its own model")
 
 
-def _load_flat_linear_state(module, state_dict, prefix, *args):
-    """Checkpoints before the first-order state was [N] kept it as [N, 1]: load them too."""
+def _load_earlier_states(module, state_dict, prefix, *args):
+    """Loads what earlier versions and the other fused optimizers saved:
+    * a first-order state of shape [N, 1] (now [N]);
+    * no catch-up state into ``Adam`` (saved by ``LazyAdam``, or by the first ``Adam``, which had
+      LazyAdam's semantics): every row is taken as up to date at the saved step, and training
+      continues with dense-Adam semantics from there;
+    * ``Adam``'s catch-up state into another optimizer: dropped (``state_dict()`` flushed the rows)."""
     for name in [k for k in state_dict if k.startswith(prefix + "linear_optimizer_state")]:
         if state_dict[name].dim() == 2 and state_dict[name].shape[1] == 1:
             state_dict[name] = state_dict[name].reshape(-1)
+    step_key = prefix + "optimizer_step"
+    own = set(module.optimizer_row_state())
+    if own and step_key in state_dict and not any(prefix + f"optimizer_{n}" in state_dict for n in own):
+        fresh = module.optimizer.new_row_state(module.weight.shape[0], module.weight.device, step=state_dict[step_key])
+        state_dict.update({prefix + f"optimizer_{n}": t for n, t in fresh.items()})
+    for name in Adam.ROW_STATE:
+        if name not in own:
+            state_dict.pop(prefix + f"optimizer_{name}", None)
 
 
 class _FusedStepReference(torch.autograd.Function):

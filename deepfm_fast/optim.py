@@ -81,8 +81,8 @@ class FusedOptimizer:
         shape = table.shape[:1] if self.row_wise_state else table.shape
         return [torch.zeros(shape, dtype=dtype, device=table.device) for _ in range(self.num_states)]
 
-    def new_row_state(self, num_rows: int, device) -> Dict[str, Tensor]:
-        """State shared by the tables of one set of rows (none, but for `Adam`)."""
+    def new_row_state(self, num_rows: int, device, step: int = 0) -> Dict[str, Tensor]:
+        """State shared by the tables of one set of rows (none, but for `Adam`), every row up to date at `step`."""
         return {}
 
     def update(self, tables, states, ids: Tensor, row_grads, step: Tensor,
@@ -156,6 +156,7 @@ class Adam(FusedOptimizer):
 
     code = _args.ADAM
     num_states = 2
+    ROW_STATE = ("last_step", "catchup")  # the names of new_row_state's tensors
 
     def __init__(self, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, catch_up_window: int = 8192):
@@ -171,8 +172,9 @@ class Adam(FusedOptimizer):
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", catch_up_window={self.catch_up_window})"
 
-    def new_row_state(self, num_rows: int, device) -> Dict[str, Tensor]:
-        return {"last_step": torch.zeros(num_rows, dtype=torch.int64, device=device),
+    def new_row_state(self, num_rows: int, device, step: int = 0) -> Dict[str, Tensor]:
+        # A zero catch-up table composes no missed step: right while no row is behind.
+        return {"last_step": torch.full((num_rows,), int(step), dtype=torch.int64, device=device),
                 "catchup": torch.zeros(self.catch_up_window + 1, _args.CATCH_UP_COLUMNS, dtype=torch.float64,
                                        device=device)}
 

@@ -252,6 +252,44 @@ def test_checkpoints_with_first_order_state_of_shape_n_by_1_load():
     assert reloaded.linear_optimizer_state0.shape == (15,)
 
 
+def test_lazy_adam_state_loads_into_adam_and_continues_as_torch_adam():
+    # A LazyAdam state (also what the first, lazy Adam saved) has no catch-up state: Adam takes every
+    # row as up to date and continues as torch.optim.Adam from the same parameters and moments.
+    torch.manual_seed(0)
+    batches = gap_schedule(60)
+    lazy = EmbeddingFM([40, 8], 6, init_std=0.3, optimizer=optim.LazyAdam(0.01)).double()
+    for ids, labels in batches[:30]:
+        F.binary_cross_entropy_with_logits(lazy(ids), labels).backward()
+    saved = lazy.state_dict()
+    fused = EmbeddingFM([40, 8], 6, optimizer=optim.Adam(0.01, catch_up_window=16)).double()
+    fused.load_state_dict(saved)
+    assert bool((fused.optimizer_last_step == 30).all())
+    dense = EmbeddingFM([40, 8], 6).double()
+    dense.load_state_dict(saved, strict=False)
+    torch_adam = torch.optim.Adam([dense.weight, dense.linear_weight], lr=0.01)
+    for p, prefix in ((dense.weight, "weight"), (dense.linear_weight, "linear")):
+        torch_adam.state[p] = {"step": torch.tensor(30.0, dtype=torch.float64),
+                               "exp_avg": saved[f"{prefix}_optimizer_state0"].clone(),
+                               "exp_avg_sq": saved[f"{prefix}_optimizer_state1"].clone()}
+    for ids, labels in batches[30:]:
+        F.binary_cross_entropy_with_logits(fused(ids), labels).backward()
+        torch_adam.zero_grad()
+        F.binary_cross_entropy_with_logits(dense(ids), labels).backward()
+        torch_adam.step()
+    fused.eval()
+    for name in ("weight", "linear_weight"):
+        error = relative_error(getattr(fused, name), getattr(dense, name), saved[name])
+        assert error < 1e-12, (name, error)
+
+
+def test_adam_state_loads_into_lazy_adam():
+    module = EmbeddingFM([10, 5], 4, optimizer=optim.Adam(0.01))
+    module(torch.tensor([[1, 2], [3, 4]])).sum().backward()
+    reloaded = EmbeddingFM([10, 5], 4, optimizer=optim.LazyAdam(0.01))
+    reloaded.load_state_dict(module.state_dict())  # strict: the catch-up state is dropped, the rows were flushed
+    assert torch.equal(reloaded.weight, module.weight)
+
+
 @pytest.mark.parametrize("device", device_params())
 def test_step_count_stays_on_the_host(device):
     module = EmbeddingFM([10, 5], 4, optimizer=optim.Adam(0.01)).to(device).double()

@@ -63,8 +63,9 @@ void catch_up_row(const TableRef<scalar_t>& t, int64_t row, const double* entry)
 
 template <int64_t kOptimizer, typename scalar_t>
 void update_rows(const TableRef<scalar_t>& t, const int64_t* ids, const scalar_t* row_grads, int64_t num_ids,
-                 const RowUpdateParams<at::opmath_type<scalar_t>>& params, const int64_t* last_step,
-                 const double* catchup, int64_t step) {
+                 const RowUpdateParams<at::opmath_type<scalar_t>>& params, const CatchUpState& adam, int64_t step) {
+  const int64_t* last_step = adam.last_step;
+  const double* catchup = adam.table;
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = t.dim;
   const int64_t state0_width = kOptimizer == kRowWiseAdagrad ? 1 : dim;
@@ -147,8 +148,8 @@ void fused_row_update_cpu(at::TensorList tables, at::TensorList state, const at:
                           double eps, double beta1, double beta2, double weight_decay,
                           const c10::optional<at::Tensor>& last_step, const c10::optional<at::Tensor>& catchup,
                           bool check_ids) {
-  check_fused_row_update_args(tables, state, ids_in, row_grads, optimizer, last_step, catchup);
-  int64_t* counter = check_step("fused_row_update", step_counter);
+  int64_t* counter =
+      check_fused_row_update_args(tables, state, ids_in, row_grads, step_counter, optimizer, last_step, catchup);
   const at::Tensor ids = ids_in.contiguous();
   const int64_t num_ids = ids.numel(), num_rows = tables[0].size(0);
   const int64_t* id = ids.const_data_ptr<int64_t>();
@@ -157,9 +158,7 @@ void fused_row_update_cpu(at::TensorList tables, at::TensorList state, const at:
     for (int64_t u = 0; u < num_ids; ++u) check_row_id(u, id[u], u > 0 ? id[u - 1] : 0, num_rows);
   const int64_t step = ++*counter;
   const int64_t states_per_table = row_optimizer_states(optimizer);
-  int64_t* last = optimizer == kAdam ? last_step->mutable_data_ptr<int64_t>() : nullptr;
-  double* coefficients = optimizer == kAdam ? catchup->mutable_data_ptr<double>() : nullptr;
-  const int64_t window = optimizer == kAdam ? catchup->size(0) - 1 : 0;
+  const CatchUpState adam = catch_up_state(optimizer, last_step, catchup);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "fused_row_update_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = make_row_update_params<acc_t>(lr, eps, beta1, beta2, weight_decay, optimizer, step);
@@ -168,29 +167,25 @@ void fused_row_update_cpu(at::TensorList tables, at::TensorList state, const at:
       const at::Tensor grads = row_grads[t].contiguous();
       const scalar_t* g = grads.const_data_ptr<scalar_t>();
       switch (optimizer) {
-        case kSGD: update_rows<kSGD>(refs[t], id, g, num_ids, params, last, coefficients, step); break;
-        case kRowWiseAdagrad:
-          update_rows<kRowWiseAdagrad>(refs[t], id, g, num_ids, params, last, coefficients, step);
-          break;
-        case kAdagrad: update_rows<kAdagrad>(refs[t], id, g, num_ids, params, last, coefficients, step); break;
-        case kLazyAdam: update_rows<kLazyAdam>(refs[t], id, g, num_ids, params, last, coefficients, step); break;
-        default: update_rows<kAdam>(refs[t], id, g, num_ids, params, last, coefficients, step); break;
+        case kSGD: update_rows<kSGD>(refs[t], id, g, num_ids, params, adam, step); break;
+        case kRowWiseAdagrad: update_rows<kRowWiseAdagrad>(refs[t], id, g, num_ids, params, adam, step); break;
+        case kAdagrad: update_rows<kAdagrad>(refs[t], id, g, num_ids, params, adam, step); break;
+        case kLazyAdam: update_rows<kLazyAdam>(refs[t], id, g, num_ids, params, adam, step); break;
+        default: update_rows<kAdam>(refs[t], id, g, num_ids, params, adam, step); break;
       }
     }
     if (optimizer != kAdam) return;
-    for (int64_t u = 0; u < num_ids; ++u) last[id[u]] = step;
-    advance_catch_up_table(coefficients, window, make_catch_up_step(lr, eps, beta1, beta2, step));
-    const auto [begin, end] = sweep_rows(num_rows, window, step);
-    catch_up_rows(refs, last, coefficients, window, step, begin, end);
+    for (int64_t u = 0; u < num_ids; ++u) adam.last_step[id[u]] = step;
+    advance_catch_up_table(adam.table, adam.window, make_catch_up_step(lr, eps, beta1, beta2, step));
+    const auto [begin, end] = sweep_rows(num_rows, adam.window, step);
+    catch_up_rows(refs, adam.last_step, adam.table, adam.window, step, begin, end);
   });
 }
 
 void adam_catch_up_cpu(at::TensorList tables, at::TensorList state, const at::Tensor& last_step,
                        const at::Tensor& catchup, const at::Tensor& step_counter, int64_t row_begin, int64_t row_end) {
   constexpr const char* op = "adam_catch_up";
-  check_tables_and_state(op, tables, state, 2, false);
-  check_catch_up_state(op, tables[0], last_step, catchup);
-  const int64_t target = *check_step(op, step_counter);
+  const int64_t target = check_catch_up_args(op, tables, state, last_step, catchup, step_counter);
   const auto [begin, end] = check_row_range(op, tables[0].size(0), row_begin, row_end);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_catch_up_cpu", [&] {
     catch_up_rows(table_refs<scalar_t>(tables, state, 2), last_step.mutable_data_ptr<int64_t>(),
@@ -202,9 +197,7 @@ std::vector<at::Tensor> adam_rows_cpu(at::TensorList tables, at::TensorList stat
                                       const at::Tensor& catchup, const at::Tensor& step_counter,
                                       const at::Tensor& rows_in) {
   constexpr const char* op = "adam_rows";
-  check_tables_and_state(op, tables, state, 2, false);
-  check_catch_up_state(op, tables[0], last_step, catchup);
-  const int64_t target = *check_step(op, step_counter);
+  const int64_t target = check_catch_up_args(op, tables, state, last_step, catchup, step_counter);
   const at::Tensor rows = check_rows(op, rows_in, tables[0]);
   const int64_t num = rows.numel(), num_rows = tables[0].size(0), window = catchup.size(0) - 1;
   const int64_t* row = rows.const_data_ptr<int64_t>();

@@ -232,8 +232,8 @@ void fused_row_update_cuda(at::TensorList tables, at::TensorList state, const at
                            double eps, double beta1, double beta2, double weight_decay,
                            const c10::optional<at::Tensor>& last_step, const c10::optional<at::Tensor>& catchup,
                            bool check_ids_arg) {
-  check_fused_row_update_args(tables, state, ids_in, row_grads_in, optimizer, last_step, catchup);
-  int64_t* counter = check_step("fused_row_update", step_counter);
+  int64_t* counter =
+      check_fused_row_update_args(tables, state, ids_in, row_grads_in, step_counter, optimizer, last_step, catchup);
   const c10::cuda::CUDAGuard device_guard(tables[0].device());
   const at::Tensor ids = ids_in.contiguous();
   std::vector<at::Tensor> row_grads;
@@ -246,9 +246,7 @@ void fused_row_update_cuda(at::TensorList tables, at::TensorList state, const at
     check_ids(ids, num_rows, stream);
   const int64_t step = ++*counter;
   const int64_t states_per_table = row_optimizer_states(optimizer);
-  int64_t* last = optimizer == kAdam ? last_step->mutable_data_ptr<int64_t>() : nullptr;
-  double* coefficients = optimizer == kAdam ? catchup->mutable_data_ptr<double>() : nullptr;
-  const int64_t window = optimizer == kAdam ? catchup->size(0) - 1 : 0;
+  const CatchUpState adam = catch_up_state(optimizer, last_step, catchup);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "fused_row_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = make_row_update_params<acc_t>(lr, eps, beta1, beta2, weight_decay, optimizer, step);
@@ -258,7 +256,7 @@ void fused_row_update_cuda(at::TensorList tables, at::TensorList state, const at
         const auto grid = cuda::ceil_div(num_ids, cuda::kThreadsPerBlock / kLanes.value);
         auto launch = [&](auto kernel) {
           kernel<<<grid, cuda::kThreadsPerBlock, 0, stream>>>(args, ids.const_data_ptr<int64_t>(), num_ids, num_rows,
-                                                              params, last, coefficients, window, step);
+                                                              params, adam.last_step, adam.table, adam.window, step);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
         switch (optimizer) {
@@ -272,12 +270,12 @@ void fused_row_update_cuda(at::TensorList tables, at::TensorList state, const at
     }
     if (optimizer != kAdam) return;
     const at::Tensor previous = catchup->clone();
-    advance_catch_up_kernel<<<cuda::ceil_div(window + 1, cuda::kThreadsPerBlock), cuda::kThreadsPerBlock, 0,
-                              stream>>>(previous.const_data_ptr<double>(), coefficients, window,
+    advance_catch_up_kernel<<<cuda::ceil_div(adam.window + 1, cuda::kThreadsPerBlock), cuda::kThreadsPerBlock, 0,
+                              stream>>>(previous.const_data_ptr<double>(), adam.table, adam.window,
                                         make_catch_up_step(lr, eps, beta1, beta2, step));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const auto [begin, end] = sweep_rows(num_rows, window, step);
-    launch_catch_up_rows(args, max_dim, last, coefficients, window, step, begin, end, stream);
+    const auto [begin, end] = sweep_rows(num_rows, adam.window, step);
+    launch_catch_up_rows(args, max_dim, adam.last_step, adam.table, adam.window, step, begin, end, stream);
   });
 }
 
@@ -285,9 +283,7 @@ void adam_catch_up_cuda(at::TensorList tables, at::TensorList state, const at::T
                         const at::Tensor& catchup, const at::Tensor& step_counter, int64_t row_begin,
                         int64_t row_end) {
   constexpr const char* op = "adam_catch_up";
-  check_tables_and_state(op, tables, state, 2, false);
-  check_catch_up_state(op, tables[0], last_step, catchup);
-  const int64_t target = *check_step(op, step_counter);
+  const int64_t target = check_catch_up_args(op, tables, state, last_step, catchup, step_counter);
   const auto [begin, end] = check_row_range(op, tables[0].size(0), row_begin, row_end);
   const c10::cuda::CUDAGuard device_guard(tables[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -303,9 +299,7 @@ std::vector<at::Tensor> adam_rows_cuda(at::TensorList tables, at::TensorList sta
                                        const at::Tensor& catchup, const at::Tensor& step_counter,
                                        const at::Tensor& rows_in) {
   constexpr const char* op = "adam_rows";
-  check_tables_and_state(op, tables, state, 2, false);
-  check_catch_up_state(op, tables[0], last_step, catchup);
-  const int64_t target = *check_step(op, step_counter);
+  const int64_t target = check_catch_up_args(op, tables, state, last_step, catchup, step_counter);
   const at::Tensor rows = check_rows(op, rows_in, tables[0]);
   const int64_t num = rows.numel(), num_rows = tables[0].size(0);
   const c10::cuda::CUDAGuard device_guard(tables[0].device());
