@@ -13,7 +13,9 @@ other before timing. Run:
         --benchmark-json benchmarks/results/fused_optim_cpu.json
 
 Peak memory of each variant run alone: benchmarks/peak_rss.py. DEEPFM_FAST_BENCH_DEVICE=cuda runs
-the same steps on the GPU (without the FBGEMM CPU baselines).
+the same steps on the GPU (without the FBGEMM CPU baselines). DEEPFM_FAST_BENCH_VARIANTS=a,b keeps
+only those variants (the dense-gradient DeepFM allocates and frees GBs each step, and on this VM
+its page faults slow the variants alternating with it by 1.3-5x: compare the fused ones without it).
 """
 import gc
 import itertools
@@ -28,6 +30,7 @@ from recording import alternating_info
 
 ROWS = W.TABLE_ROWS[os.environ.get("DEEPFM_FAST_BENCH_TABLE", "large")]
 DEVICE = os.environ.get("DEEPFM_FAST_BENCH_DEVICE", "cpu")
+ONLY = [n for n in os.environ.get("DEEPFM_FAST_BENCH_VARIANTS", "").split(",") if n]
 if DEVICE == "cuda":  # the GPU workloads of ../shared/docs/benchmarks.md
     W2_CASES = [(16, 4096, "uniform"), (16, 65536, "uniform"), (16, 65536, "zipf"), (64, 65536, "uniform")]
     W3_CASES = [(16, 4096, "uniform"), (16, 65536, "uniform")]
@@ -44,7 +47,7 @@ W3_AT_K64 = ["fused_Adam", "plain_sparse_SparseAdam"]
 
 def build(variants, names, dim):
     built = {}
-    for name in names:
+    for name in [n for n in names if not ONLY or n in ONLY]:
         if name.startswith("fbgemm") and (DEVICE != "cpu" or not W.has_fbgemm()):
             continue
         built[name] = variants[name](ROWS, dim)
@@ -99,7 +102,8 @@ def test_w2_fm_step(benchmark, dim, batch, dist):
 def test_w3_deepfm_step(benchmark, dim, batch, dist):
     names = list(W.W3_VARIANTS) if dim == 16 else W3_AT_K64
     variants = build(W.W3_VARIANTS, names, dim)
-    # The dense-gradient Adam step costs seconds on a 10.4 M-row table: fewer rounds.
-    run_case(benchmark, "W3 DeepFM step", variants, batch, dim, dist, rounds=5)
+    # The dense-gradient Adam step costs seconds on a 10.4 M-row table: fewer rounds with it.
+    rounds = 5 if "plain_dense_Adam" in variants else 15
+    run_case(benchmark, "W3 DeepFM step", variants, batch, dim, dist, rounds=rounds)
     del variants
     gc.collect()
