@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include "cpu/parallel.h"
@@ -128,15 +129,17 @@ void catch_up_rows(const std::vector<TableRef<scalar_t>>& refs, int64_t* last_st
   });
 }
 
-// The table after step `step` from the table after step - 1 (read from a copy), the powers of the
-// betas by running products.
+// The table after step `step` from the table after step - 1, in place: entry j reads the old entry
+// j - 1, kept aside before it is overwritten. The powers of the betas by running products.
 void advance_catch_up_table(double* catchup, int64_t window, const CatchUpStep& s) {
-  const std::vector<double> prev(catchup, catchup + (window + 1) * kCatchUpColumns);
+  std::array<double, kCatchUpColumns> prev{}, old{};
   const double inv_sqrt_beta2 = 1.0 / std::sqrt(s.beta2);
   double beta1_j = 1.0, beta2_j = 1.0, inv_sqrt_beta2_j = 1.0;
   for (int64_t j = 0; j <= window; ++j) {
-    advance_catch_up_entry(j > 0 ? prev.data() + (j - 1) * kCatchUpColumns : nullptr, catchup + j * kCatchUpColumns,
-                           j, s, beta1_j, beta2_j, inv_sqrt_beta2_j);
+    double* entry = catchup + j * kCatchUpColumns;
+    std::copy(entry, entry + kCatchUpColumns, old.begin());
+    advance_catch_up_entry(j > 0 ? prev.data() : nullptr, entry, j, s, beta1_j, beta2_j, inv_sqrt_beta2_j);
+    prev = old;
     beta1_j *= s.beta1;
     beta2_j *= s.beta2;
     inv_sqrt_beta2_j *= inv_sqrt_beta2;
