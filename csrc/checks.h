@@ -38,6 +38,22 @@ inline void check_same_dtype(const char* op, const char* arg, const at::Tensor& 
               " but ", ref_arg, " has dtype ", ref.scalar_type());
 }
 
+// Tables may be strided views of a wider row-major record (EmbeddingFM's interleaved layout: V, w
+// and the optimizer state of a row side by side): each row's elements contiguous, rows any number
+// of elements apart as long as they do not overlap. Row r of `t` starts at r * t.stride(0).
+inline bool rows_are_strided_records(const at::Tensor& t) {
+  if (t.dim() == 1) return t.size(0) <= 1 || t.stride(0) >= 1;
+  if (t.dim() != 2) return false;
+  const bool elements_contiguous = t.size(1) <= 1 || t.stride(1) == 1;
+  return elements_contiguous && (t.size(0) <= 1 || t.stride(0) >= t.size(1));
+}
+
+inline void check_strided_records(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(rows_are_strided_records(t), op, ": ", arg, " (updated in place) must have contiguous, ",
+              "non-overlapping rows (row stride >= row width, element stride 1), got strides ", t.strides(),
+              " for shape ", t.sizes());
+}
+
 // emb: [B, F, K], floating point.
 inline void check_fm_interaction_args(const at::Tensor& emb) {
   check_dim("fm_interaction", "emb", emb, 3, "[batch, fields, embedding_dim]");
@@ -126,13 +142,13 @@ inline EmbeddingFMArgs prepare_embedding_fm_args(const char* op, const at::Tenso
                                                  int64_t mode, at::IntArrayRef pooling) {
   check_embedding_fm_args(op, weight, indices, offsets, psw, lw, num_fields, mode, pooling);
   EmbeddingFMArgs p;
-  p.weight = weight.contiguous();
+  p.weight = rows_are_strided_records(weight) ? weight : weight.contiguous();  // no copy of a packed table
   const bool wide = indices.scalar_type() == at::kLong || offsets.scalar_type() == at::kLong;
   const auto index_type = wide ? at::kLong : at::kInt;
   p.indices = indices.to(index_type).contiguous();
   p.offsets = offsets.to(index_type).contiguous();
   if (psw.has_value()) p.psw = psw->contiguous();
-  if (lw.has_value()) p.lw = lw->contiguous();
+  if (lw.has_value()) p.lw = *lw;  // read at row * stride(0)
   p.batch = (offsets.numel() - 1) / num_fields;
   return p;
 }

@@ -192,6 +192,13 @@ DEEPFM_HOST_DEVICE CatchUp<acc_t> catch_up_coefficients(const double* entry) {
                         static_cast<acc_t>(entry[kDecay1]), static_cast<acc_t>(entry[kDecay2])};
 }
 
+// The steps a row last updated after step `last` has missed by step `target`, at most the window
+// (the CUDA kernels cannot raise; the CPU kernels check instead: checked_missed_steps).
+DEEPFM_HOST_DEVICE int64_t clamped_missed_steps(int64_t last, int64_t target, int64_t window) {
+  const int64_t missed = target - last;
+  return missed < window ? missed : window;
+}
+
 // One element after the missed steps of its row: moved by its momentum, moments decayed. No
 // branch, so that the loop over a row's elements vectorises. A denominator below the floor needs
 // eps = 0 and v < 1e-60, which comes with m = 0 (no movement); the floor keeps alpha / floor finite.

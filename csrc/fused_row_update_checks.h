@@ -31,10 +31,12 @@ inline int64_t* check_step(const char* op, const at::Tensor& step) {
               ": step must be a CPU int64 tensor with one element (the step counter), got ", step.scalar_type(),
               " of shape ", step.sizes(), " on ", step.device());
   TORCH_CHECK(step.is_contiguous(), op, ": step must be contiguous (it is incremented in place)");
+  const int64_t steps_taken = step.const_data_ptr<int64_t>()[0];
+  TORCH_CHECK(steps_taken >= 0, op, ": step must be >= 0 (the number of steps taken), got ", steps_taken);
   return step.mutable_data_ptr<int64_t>();
 }
 
-// tables: 1 to kMaxRowUpdateTables contiguous [N] or [N, D_t] tables of one dtype and device;
+// tables: 1 to kMaxRowUpdateTables [N] or [N, D_t] tables (strided records, see checks.h) of one dtype and device;
 // state: `states_per_table` tensors per table, in turn, shaped like the table ([N] for a row-wise
 // state) in the state dtype.
 inline void check_tables_and_state(const char* op, at::TensorList tables, at::TensorList state,
@@ -48,7 +50,7 @@ inline void check_tables_and_state(const char* op, at::TensorList tables, at::Te
     TORCH_CHECK(table.dim() == 1 || table.dim() == 2, op, ": ", name, " must be a 1-D [num_rows] or 2-D ",
                 "[num_rows, dim] tensor, got a ", table.dim(), "-D tensor of shape ", table.sizes());
     check_floating(op, name.c_str(), table);
-    TORCH_CHECK(table.is_contiguous(), op, ": ", name, " must be contiguous (it is updated in place)");
+    check_strided_records(op, name.c_str(), table);
     check_same_device(op, name.c_str(), table, "tables[0]", first);
     check_same_dtype(op, name.c_str(), table, "tables[0]", first);
     TORCH_CHECK(table.size(0) == first.size(0), op, ": every table must have the rows of tables[0] (",
@@ -68,7 +70,7 @@ inline void check_tables_and_state(const char* op, at::TensorList tables, at::Te
       check_same_device(op, "state", s, "tables[0]", first);
       TORCH_CHECK(s.scalar_type() == state_dtype, op, ": state[", index, "] must have dtype ", state_dtype,
                   " for a ", first.scalar_type(), " table, got ", s.scalar_type());
-      TORCH_CHECK(s.is_contiguous(), op, ": state[", index, "] must be contiguous (it is updated in place)");
+      check_strided_records(op, ("state[" + std::to_string(index) + "]").c_str(), s);
       const at::IntArrayRef expected = row_wise_state ? table.sizes().slice(0, 1) : table.sizes();
       TORCH_CHECK(s.sizes() == expected, op, ": state[", index, "] (of ", name, ") must have shape ", expected,
                   ", got ", s.sizes());
@@ -86,10 +88,10 @@ inline void check_catch_up_state(const char* op, const at::Tensor& table, const 
   const at::Tensor& table_coefficients = *catchup;
   check_same_device(op, "last_step", last, "tables[0]", table);
   check_same_device(op, "catchup", table_coefficients, "tables[0]", table);
-  TORCH_CHECK(last.scalar_type() == at::kLong && last.dim() == 1 && last.size(0) == table.size(0) &&
-                  last.is_contiguous(),
-              op, ": last_step must be a contiguous int64 tensor of shape [", table.size(0), "], got ",
-              last.scalar_type(), " of shape ", last.sizes());
+  TORCH_CHECK(last.scalar_type() == at::kLong && last.dim() == 1 && last.size(0) == table.size(0), op,
+              ": last_step must be an int64 tensor of shape [", table.size(0), "], got ", last.scalar_type(),
+              " of shape ", last.sizes());
+  check_strided_records(op, "last_step", last);
   TORCH_CHECK(table_coefficients.scalar_type() == at::kDouble && table_coefficients.dim() == 2 &&
                   table_coefficients.size(0) >= 2 && table_coefficients.size(1) == kCatchUpColumns &&
                   table_coefficients.is_contiguous(),
@@ -163,17 +165,35 @@ RowUpdateParams<acc_t> make_row_update_params(double lr, double eps, double beta
                                 static_cast<acc_t>(bias_correction2_sqrt)};
 }
 
-// Adam's catch-up state as the kernels use it (nulls and a zero window for the other optimizers).
+// Adam's catch-up state as the kernels use it (nulls and a zero window for the other optimizers);
+// row r's last step is last_step[r * last_step_stride].
 struct CatchUpState {
   int64_t* last_step;
+  int64_t last_step_stride;
   double* table;
   int64_t window;
 };
 
+inline CatchUpState catch_up_state(const at::Tensor& last_step, const at::Tensor& catchup) {
+  return {last_step.mutable_data_ptr<int64_t>(), last_step.stride(0), catchup.mutable_data_ptr<double>(),
+          catchup.size(0) - 1};
+}
+
 inline CatchUpState catch_up_state(int64_t optimizer, const c10::optional<at::Tensor>& last_step,
                                    const c10::optional<at::Tensor>& catchup) {
-  if (optimizer != kAdam) return {nullptr, nullptr, 0};
-  return {last_step->mutable_data_ptr<int64_t>(), catchup->mutable_data_ptr<double>(), catchup->size(0) - 1};
+  if (optimizer != kAdam) return {nullptr, 0, nullptr, 0};
+  return catch_up_state(*last_step, *catchup);
+}
+
+// The steps a row last updated after step `last` has missed by step `target` (<= 0: none). Rows
+// are never more than the window behind (the sweep sees to it); more means last_step or the
+// catch-up table were replaced, and reading the table there would be out of bounds.
+inline int64_t checked_missed_steps(const char* op, int64_t row, int64_t last, int64_t target, int64_t window) {
+  const int64_t missed = target - last;
+  TORCH_CHECK(missed <= window, op, ": row ", row, " was last updated at step ", last,
+              ", more than the catch-up window (", window, ") before step ", target,
+              "; were last_step or the catch-up table replaced?");
+  return missed;
 }
 
 // The constants of step `step` for the catch-up table.

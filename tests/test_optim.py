@@ -361,7 +361,15 @@ def test_update_ops_opcheck():
         (dict(optimizer=4, state=[torch.zeros(20, 4)] * 2 + [torch.zeros(20)] * 2),
          r"Adam \(optimizer 4\) needs last_step and catchup"),
         (dict(optimizer=4, state=[torch.zeros(20, 4)] * 2 + [torch.zeros(20)] * 2, last_step=torch.zeros(20),
-              catchup=torch.zeros(5, 11, dtype=torch.float64)), r"last_step must be a contiguous int64 tensor"),
+              catchup=torch.zeros(5, 11, dtype=torch.float64)), r"last_step must be an int64 tensor"),
+        (dict(optimizer=4, state=[torch.zeros(20, 4)] * 2 + [torch.zeros(20)] * 2,
+              last_step=torch.zeros(19, dtype=torch.int64),
+              catchup=torch.zeros(5, 11, dtype=torch.float64)), r"last_step must be an int64 tensor of shape \[20\]"),
+        (dict(step=torch.tensor(-3)), r"step must be >= 0 \(the number of steps taken\), got -3"),
+        (dict(tables=[torch.randn(1, 4).expand(20, 4), torch.randn(20)]),
+         r"tables\[0\] \(updated in place\) must have contiguous, non-overlapping rows"),
+        (dict(tables=[torch.randn(4, 20).t(), torch.randn(20)]),
+         r"tables\[0\] \(updated in place\) must have contiguous, non-overlapping rows"),
         (dict(optimizer=4, state=[torch.zeros(20, 4)] * 2 + [torch.zeros(20)] * 2,
               last_step=torch.zeros(20, dtype=torch.int64), catchup=torch.zeros(5, 10, dtype=torch.float64)),
          r"catchup must be a contiguous float64 tensor of shape \[window \+ 1, 11\]"),
@@ -376,7 +384,7 @@ def test_update_op_bad_inputs_name_the_argument(change, match):
         torch.ops.deepfm_fast.fused_row_update(args["tables"], args["state"], args["ids"], args["row_grads"],
                                                args["step"], args["optimizer"], 0.1, 1e-8, 0.9, 0.999, 0.0,
                                                args["last_step"], args["catchup"])
-    assert int(args["step"].reshape(-1)[0]) == 0  # nothing was done
+    assert int(args["step"].reshape(-1)[0]) == (-3 if "step must be >= 0" in match else 0)  # nothing was done
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -446,6 +454,22 @@ def test_adam_rows_are_the_caught_up_rows_and_change_nothing(device):
         assert_close(copy_, table[rows])
     torch.library.opcheck(torch.ops.deepfm_fast.adam_rows.default,
                           (tables, flat, row_state["last_step"], row_state["catchup"], step, rows))
+
+
+def test_rows_further_behind_than_the_window_raise_instead_of_reading_past_the_table():
+    opt = optim.Adam(0.05, catch_up_window=4)
+    tables = [torch.randn(10, 3), torch.randn(10)]
+    flat = [s for t in tables for s in opt.new_state(t)]
+    row_state, step = opt.new_row_state(10, "cpu", step=6), counter(6)
+    row_state["last_step"][2] = 0  # 6 steps behind a window of 4: a replaced last_step
+    match = r"row 2 was last updated at step 0, more than the catch-up window \(4\)"
+    ids = torch.tensor([2])
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.deepfm_fast.adam_rows(tables, flat, row_state["last_step"], row_state["catchup"], step, ids)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.deepfm_fast.adam_catch_up(tables, flat, row_state["last_step"], row_state["catchup"], step)
+    with pytest.raises(RuntimeError, match=match):
+        opt.update(tables, [flat[:2], flat[2:]], ids, [torch.randn(1, 3), torch.randn(1)], step, row_state)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])

@@ -72,6 +72,8 @@ template <typename scalar_t, typename index_t>
 struct Inputs {
   const scalar_t* weight;
   int64_t dim;
+  int64_t stride;     // of weight's rows (> dim in a packed record)
+  int64_t lw_stride;  // of linear_weight's rows
   const index_t* indices;
   const index_t* offsets;
   const scalar_t* psw;  // nullptr: every x_i = 1
@@ -79,6 +81,9 @@ struct Inputs {
   int64_t batch, fields;
   bool feature_mode;
   const uint8_t* mean;  // [fields], 1 where the field is mean-pooled
+
+  const scalar_t* row(int64_t id) const { return weight + id * stride; }
+  scalar_t linear_weight(int64_t id) const { return lw[id * lw_stride]; }
 };
 
 // Random rows of a large table are bound by memory latency (one miss per row): the gathers
@@ -88,10 +93,10 @@ constexpr int64_t kPrefetchAhead = 16;
 
 template <typename scalar_t, typename index_t>
 inline void prefetch_row(const Inputs<scalar_t, index_t>& in, int64_t id, bool with_linear = false) {
-  const char* row = reinterpret_cast<const char*>(in.weight + id * in.dim);
+  const char* row = reinterpret_cast<const char*>(in.row(id));
   const int64_t bytes = in.dim * static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(row + at);
-  if (with_linear && in.lw != nullptr) __builtin_prefetch(in.lw + id);
+  if (with_linear && in.lw != nullptr) __builtin_prefetch(&in.lw[id * in.lw_stride]);
 }
 
 template <typename scalar_t, typename index_t, int64_t kStaticDim>
@@ -117,7 +122,7 @@ void forward_kernel(const Inputs<scalar_t, index_t>& in, scalar_t* fm, scalar_t*
           for (int64_t p = start; p < stop; ++p) {
             if (k0 == 0 && p + kPrefetchAhead < nnz) prefetch_row(in, in.indices[p + kPrefetchAhead], true);
             const acc_t x = in.psw ? static_cast<acc_t>(in.psw[p]) : acc_t(1);
-            const scalar_t* row = in.weight + static_cast<int64_t>(in.indices[p]) * dim + k0;
+            const scalar_t* row = in.row(static_cast<int64_t>(in.indices[p])) + k0;
             for (int j = 0; j < nv; ++j) {
               const V u = x * simd::load<V>(row + j * lanes);
               e[j] += u;
@@ -151,7 +156,7 @@ void forward_kernel(const Inputs<scalar_t, index_t>& in, scalar_t* fm, scalar_t*
       if (in.lw != nullptr) {
         acc_t lin = 0;
         for (int64_t p = off[0]; p < off[fields]; ++p)
-          lin += static_cast<acc_t>(in.lw[in.indices[p]]) * (in.psw ? static_cast<acc_t>(in.psw[p]) : acc_t(1));
+          lin += static_cast<acc_t>(in.linear_weight(in.indices[p])) * (in.psw ? static_cast<acc_t>(in.psw[p]) : acc_t(1));
         linear[b] = static_cast<scalar_t>(lin);
       }
     }
@@ -182,13 +187,13 @@ void occurrence_grads_kernel(const Inputs<scalar_t, index_t>& in, const scalar_t
       for (int64_t p = off[0]; p < off[fields]; ++p) {
         const acc_t x = in.psw ? static_cast<acc_t>(in.psw[p]) : acc_t(1);
         if (lin_occ != nullptr) lin_occ[rank[p]] = gl * x;
-        if (grad_x != nullptr) grad_x[p] = in.lw ? gl * static_cast<acc_t>(in.lw[in.indices[p]]) : acc_t(0);
+        if (grad_x != nullptr) grad_x[p] = in.lw ? gl * static_cast<acc_t>(in.linear_weight(in.indices[p])) : acc_t(0);
       }
       simd::for_each_tile<acc_t, tile_vectors<acc_t, kStaticDim>()>(dim, [&](int64_t k0, auto vectors, auto tag) {
         using V = typename decltype(tag)::type;
         constexpr int nv = vectors.value;
         constexpr int lanes = simd::lanes<V>();
-        auto row_of = [&](int64_t p) { return in.weight + static_cast<int64_t>(in.indices[p]) * dim + k0; };
+        auto row_of = [&](int64_t p) { return in.row(static_cast<int64_t>(in.indices[p])) + k0; };
         auto scale_of = [&](int64_t f) {
           const int64_t n = off[f + 1] - off[f];
           return in.mean[f] && n > 1 ? acc_t(1) / static_cast<acc_t>(n) : acc_t(1);
@@ -308,6 +313,8 @@ template <typename scalar_t, typename index_t>
 Inputs<scalar_t, index_t> make_inputs(const Prepared& p, int64_t num_fields, int64_t mode) {
   return Inputs<scalar_t, index_t>{p.weight.const_data_ptr<scalar_t>(),
                                    p.weight.size(1),
+                                   p.weight.stride(0),
+                                   p.lw ? p.lw->stride(0) : 0,
                                    p.indices.const_data_ptr<index_t>(),
                                    p.offsets.const_data_ptr<index_t>(),
                                    p.psw ? p.psw->const_data_ptr<scalar_t>() : nullptr,

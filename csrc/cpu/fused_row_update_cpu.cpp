@@ -1,9 +1,8 @@
 // CPU kernels of fused_row_update and adam_catch_up: the optimizer step on the touched rows of one
 // or more tables that share the ids (the embedding table and the first-order weights), in place.
 // The ids are unique (sorted, as embedding_fm_backward returns them), so rows are split between
-// threads with no two threads on one row and no atomics. Tables are updated one after the other:
-// measured here, one pass over both tables per row was no faster and made the row-wise Adagrad
-// pass 2.5x slower.
+// threads with no two threads on one row and no atomics. Each id's rows of every table are updated
+// in one visit, so that a packed record (EmbeddingFM's layout) is read and written once.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -29,13 +28,19 @@ inline void prefetch_for_write(const void* p, int64_t bytes) {
   for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(c + offset, 1, 1);
 }
 
-// One table of an update, with its state (per element, or per row for row-wise Adagrad).
+// One table of an update, with its state (per element, or per row for row-wise Adagrad). Each is
+// read at row * its row stride (a packed record, or a plain contiguous table).
 template <typename scalar_t>
 struct TableRef {
   scalar_t* weight;
   at::opmath_type<scalar_t>* state0;
   at::opmath_type<scalar_t>* state1;
   int64_t dim;
+  int64_t stride, state0_stride, state1_stride;
+
+  scalar_t* row(int64_t r) const { return weight + r * stride; }
+  at::opmath_type<scalar_t>* row_state0(int64_t r) const { return state0 + r * state0_stride; }
+  at::opmath_type<scalar_t>* row_state1(int64_t r) const { return state1 + r * state1_stride; }
 };
 
 template <typename scalar_t>
@@ -45,7 +50,8 @@ std::vector<TableRef<scalar_t>> table_refs(at::TensorList tables, at::TensorList
   for (size_t t = 0; t < tables.size(); ++t) {
     const at::TensorList s = state.slice(t * states_per_table, states_per_table);
     refs.push_back({tables[t].mutable_data_ptr<scalar_t>(), s.size() > 0 ? s[0].mutable_data_ptr<acc_t>() : nullptr,
-                    s.size() > 1 ? s[1].mutable_data_ptr<acc_t>() : nullptr, table_width(tables[t])});
+                    s.size() > 1 ? s[1].mutable_data_ptr<acc_t>() : nullptr, table_width(tables[t]),
+                    tables[t].stride(0), s.size() > 0 ? s[0].stride(0) : 0, s.size() > 1 ? s[1].stride(0) : 0});
   }
   return refs;
 }
@@ -55,58 +61,72 @@ template <typename scalar_t>
 void catch_up_row(const TableRef<scalar_t>& t, int64_t row, const double* entry) {
   using acc_t = at::opmath_type<scalar_t>;
   const CatchUp<acc_t> c = catch_up_coefficients<acc_t>(entry);
-  scalar_t* value = t.weight + row * t.dim;
-  acc_t* m = t.state0 + row * t.dim;
-  acc_t* v = t.state1 + row * t.dim;
+  scalar_t* value = t.row(row);
+  acc_t* m = t.row_state0(row);
+  acc_t* v = t.row_state1(row);
   for (int64_t k = 0; k < t.dim; ++k)
     value[k] = static_cast<scalar_t>(catch_up_element<acc_t>(static_cast<acc_t>(value[k]), m + k, v + k, c));
 }
 
+// One optimizer step of row `row` of table `t`, with the row's summed gradient `grad`.
 template <int64_t kOptimizer, typename scalar_t>
-void update_rows(const TableRef<scalar_t>& t, const int64_t* ids, const scalar_t* row_grads, int64_t num_ids,
-                 const RowUpdateParams<at::opmath_type<scalar_t>>& params, const CatchUpState& adam, int64_t step) {
-  const int64_t* last_step = adam.last_step;
-  const double* catchup = adam.table;
+inline void update_row(const TableRef<scalar_t>& t, int64_t row, const scalar_t* grad,
+                       const RowUpdateParams<at::opmath_type<scalar_t>>& params) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = t.dim;
-  const int64_t state0_width = kOptimizer == kRowWiseAdagrad ? 1 : dim;
-  at::parallel_for(0, num_ids, grain_size(dim), [&](int64_t begin, int64_t end) {
+  scalar_t* value = t.row(row);
+  if constexpr (kOptimizer == kRowWiseAdagrad) {
+    acc_t sum_sq = acc_t(0);
+    for (int64_t k = 0; k < dim; ++k) {
+      const acc_t g = decayed_grad<acc_t>(grad[k], value[k], params);
+      sum_sq += g * g;
+    }
+    const acc_t multiplier = rowwise_adagrad_multiplier<acc_t>(t.row_state0(row), sum_sq, dim, params);
+    for (int64_t k = 0; k < dim; ++k) {
+      const acc_t v = value[k];
+      value[k] = static_cast<scalar_t>(v - multiplier * decayed_grad<acc_t>(grad[k], v, params));
+    }
+  } else {
+    acc_t* s0 = t.state0 ? t.row_state0(row) : nullptr;
+    acc_t* s1 = t.state1 ? t.row_state1(row) : nullptr;
+    for (int64_t k = 0; k < dim; ++k) {
+      const acc_t v = value[k];
+      const acc_t g = decayed_grad<acc_t>(grad[k], v, params);
+      value[k] = static_cast<scalar_t>(
+          update_element<kOptimizer, acc_t>(v, g, s0 ? s0 + k : nullptr, s1 ? s1 + k : nullptr, params));
+    }
+  }
+}
+
+// Every table's row of each id in one pass: with the packed layout that is one visit of one record
+// per id. grads[t] holds table t's row gradients, one row per id.
+template <int64_t kOptimizer, typename scalar_t>
+void update_rows(const std::vector<TableRef<scalar_t>>& refs, const std::vector<const scalar_t*>& grads,
+                 const int64_t* ids, int64_t num_ids, const RowUpdateParams<at::opmath_type<scalar_t>>& params,
+                 const CatchUpState& adam, int64_t step) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, num_ids, grain_size(refs[0].dim), [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       if (u + kPrefetchDistance < end) {
         const int64_t ahead = ids[u + kPrefetchDistance];
-        prefetch_for_write(t.weight + ahead * dim, dim * sizeof(scalar_t));
-        if (t.state0) prefetch_for_write(t.state0 + ahead * state0_width, state0_width * sizeof(acc_t));
-        if (t.state1) prefetch_for_write(t.state1 + ahead * dim, dim * sizeof(acc_t));
-        if (kOptimizer == kAdam) __builtin_prefetch(last_step + ahead);
+        for (const auto& t : refs) {
+          prefetch_for_write(t.row(ahead), t.dim * sizeof(scalar_t));
+          const int64_t state0_width = kOptimizer == kRowWiseAdagrad ? 1 : t.dim;
+          if (t.state0) prefetch_for_write(t.row_state0(ahead), state0_width * sizeof(acc_t));
+          if (t.state1) prefetch_for_write(t.row_state1(ahead), t.dim * sizeof(acc_t));
+        }
+        if (kOptimizer == kAdam) __builtin_prefetch(adam.last_step + ahead * adam.last_step_stride, 1);
       }
       const int64_t row = ids[u];
-      scalar_t* value = t.weight + row * dim;
-      const scalar_t* grad = row_grads + u * dim;
-      if constexpr (kOptimizer == kAdam) {
-        const int64_t missed = step - 1 - last_step[row];
-        if (missed > 0) catch_up_row(t, row, catchup + missed * kCatchUpColumns);
+      int64_t missed = 0;
+      if constexpr (kOptimizer == kAdam)
+        missed = checked_missed_steps("fused_row_update", row, adam.last_step[row * adam.last_step_stride], step - 1,
+                                      adam.window);
+      for (size_t t = 0; t < refs.size(); ++t) {
+        if (kOptimizer == kAdam && missed > 0) catch_up_row(refs[t], row, adam.table + missed * kCatchUpColumns);
+        update_row<kOptimizer>(refs[t], row, grads[t] + u * refs[t].dim, params);
       }
-      if constexpr (kOptimizer == kRowWiseAdagrad) {
-        acc_t sum_sq = acc_t(0);
-        for (int64_t k = 0; k < dim; ++k) {
-          const acc_t g = decayed_grad<acc_t>(grad[k], value[k], params);
-          sum_sq += g * g;
-        }
-        const acc_t multiplier = rowwise_adagrad_multiplier<acc_t>(t.state0 + row, sum_sq, dim, params);
-        for (int64_t k = 0; k < dim; ++k) {
-          const acc_t v = value[k];
-          value[k] = static_cast<scalar_t>(v - multiplier * decayed_grad<acc_t>(grad[k], v, params));
-        }
-      } else {
-        acc_t* s0 = t.state0 ? t.state0 + row * dim : nullptr;
-        acc_t* s1 = t.state1 ? t.state1 + row * dim : nullptr;
-        for (int64_t k = 0; k < dim; ++k) {
-          const acc_t v = value[k];
-          const acc_t g = decayed_grad<acc_t>(grad[k], v, params);
-          value[k] = static_cast<scalar_t>(
-              update_element<kOptimizer, acc_t>(v, g, s0 ? s0 + k : nullptr, s1 ? s1 + k : nullptr, params));
-        }
-      }
+      if constexpr (kOptimizer == kAdam) adam.last_step[row * adam.last_step_stride] = step;
     }
   });
 }
@@ -114,17 +134,15 @@ void update_rows(const TableRef<scalar_t>& t, const int64_t* ids, const scalar_t
 // Adam: every row of [begin, end) that is behind step `target` is caught up to it with the table
 // after that step (entry target - last_step[row] <= window).
 template <typename scalar_t>
-void catch_up_rows(const std::vector<TableRef<scalar_t>>& refs, int64_t* last_step, const double* catchup,
-                   int64_t window, int64_t target, int64_t begin, int64_t end) {
+void catch_up_rows(const std::vector<TableRef<scalar_t>>& refs, const CatchUpState& adam, int64_t target,
+                   int64_t begin, int64_t end) {
   at::parallel_for(begin, end, grain_size(8 * refs[0].dim), [&](int64_t lo, int64_t hi) {
     for (int64_t row = lo; row < hi; ++row) {
-      const int64_t missed = target - last_step[row];
+      int64_t& last = adam.last_step[row * adam.last_step_stride];
+      const int64_t missed = checked_missed_steps("adam_catch_up", row, last, target, adam.window);
       if (missed <= 0) continue;
-      TORCH_CHECK(missed <= window, "adam_catch_up: row ", row, " was last updated at step ", last_step[row],
-                  ", more than the catch-up window (", window, ") before step ", target,
-                  "; were last_step or the catch-up table replaced?");
-      for (const auto& t : refs) catch_up_row(t, row, catchup + missed * kCatchUpColumns);
-      last_step[row] = target;
+      for (const auto& t : refs) catch_up_row(t, row, adam.table + missed * kCatchUpColumns);
+      last = target;
     }
   });
 }
@@ -166,22 +184,21 @@ void fused_row_update_cpu(at::TensorList tables, at::TensorList state, const at:
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = make_row_update_params<acc_t>(lr, eps, beta1, beta2, weight_decay, optimizer, step);
     const auto refs = table_refs<scalar_t>(tables, state, states_per_table);
-    for (size_t t = 0; t < refs.size(); ++t) {
-      const at::Tensor grads = row_grads[t].contiguous();
-      const scalar_t* g = grads.const_data_ptr<scalar_t>();
-      switch (optimizer) {
-        case kSGD: update_rows<kSGD>(refs[t], id, g, num_ids, params, adam, step); break;
-        case kRowWiseAdagrad: update_rows<kRowWiseAdagrad>(refs[t], id, g, num_ids, params, adam, step); break;
-        case kAdagrad: update_rows<kAdagrad>(refs[t], id, g, num_ids, params, adam, step); break;
-        case kLazyAdam: update_rows<kLazyAdam>(refs[t], id, g, num_ids, params, adam, step); break;
-        default: update_rows<kAdam>(refs[t], id, g, num_ids, params, adam, step); break;
-      }
+    std::vector<at::Tensor> grads;
+    std::vector<const scalar_t*> grad_ptr;
+    for (const auto& g : row_grads) grads.push_back(g.contiguous());
+    for (const auto& g : grads) grad_ptr.push_back(g.const_data_ptr<scalar_t>());
+    switch (optimizer) {
+      case kSGD: update_rows<kSGD>(refs, grad_ptr, id, num_ids, params, adam, step); break;
+      case kRowWiseAdagrad: update_rows<kRowWiseAdagrad>(refs, grad_ptr, id, num_ids, params, adam, step); break;
+      case kAdagrad: update_rows<kAdagrad>(refs, grad_ptr, id, num_ids, params, adam, step); break;
+      case kLazyAdam: update_rows<kLazyAdam>(refs, grad_ptr, id, num_ids, params, adam, step); break;
+      default: update_rows<kAdam>(refs, grad_ptr, id, num_ids, params, adam, step); break;
     }
     if (optimizer != kAdam) return;
-    for (int64_t u = 0; u < num_ids; ++u) adam.last_step[id[u]] = step;
     advance_catch_up_table(adam.table, adam.window, make_catch_up_step(lr, eps, beta1, beta2, step));
     const auto [begin, end] = sweep_rows(num_rows, adam.window, step);
-    catch_up_rows(refs, adam.last_step, adam.table, adam.window, step, begin, end);
+    catch_up_rows(refs, adam, step, begin, end);
   });
 }
 
@@ -191,8 +208,7 @@ void adam_catch_up_cpu(at::TensorList tables, at::TensorList state, const at::Te
   const int64_t target = check_catch_up_args(op, tables, state, last_step, catchup, step_counter);
   const auto [begin, end] = check_row_range(op, tables[0].size(0), row_begin, row_end);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_catch_up_cpu", [&] {
-    catch_up_rows(table_refs<scalar_t>(tables, state, 2), last_step.mutable_data_ptr<int64_t>(),
-                  catchup.const_data_ptr<double>(), catchup.size(0) - 1, target, begin, end);
+    catch_up_rows(table_refs<scalar_t>(tables, state, 2), catch_up_state(last_step, catchup), target, begin, end);
   });
 }
 
@@ -202,7 +218,7 @@ std::vector<at::Tensor> adam_rows_cpu(at::TensorList tables, at::TensorList stat
   constexpr const char* op = "adam_rows";
   const int64_t target = check_catch_up_args(op, tables, state, last_step, catchup, step_counter);
   const at::Tensor rows = check_rows(op, rows_in, tables[0]);
-  const int64_t num = rows.numel(), num_rows = tables[0].size(0), window = catchup.size(0) - 1;
+  const int64_t num = rows.numel(), num_rows = tables[0].size(0);
   const int64_t* row = rows.const_data_ptr<int64_t>();
   for (int64_t u = 0; u < num; ++u)
     TORCH_CHECK(row[u] >= 0 && row[u] < num_rows, op, ": rows[", u, "] = ", row[u], " is out of range for tables with ",
@@ -212,34 +228,36 @@ std::vector<at::Tensor> adam_rows_cpu(at::TensorList tables, at::TensorList stat
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_rows_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto refs = table_refs<scalar_t>(tables, state, 2);
-    const int64_t* last = last_step.const_data_ptr<int64_t>();
-    const double* coefficients = catchup.const_data_ptr<double>();
+    const CatchUpState adam = catch_up_state(last_step, catchup);
+    std::vector<scalar_t*> out_ptr;
+    for (const auto& o : out) out_ptr.push_back(o.mutable_data_ptr<scalar_t>());
     at::parallel_for(0, num, grain_size(8 * refs[0].dim), [&](int64_t lo, int64_t hi) {
       for (int64_t u = lo; u < hi; ++u) {
         if (u + kPrefetchDistance < hi) {  // each row is a cache miss in every array: overlap them
           const int64_t ahead = row[u + kPrefetchDistance];
-          __builtin_prefetch(last + ahead);
+          __builtin_prefetch(adam.last_step + ahead * adam.last_step_stride);
           for (const auto& ref : refs) {
-            __builtin_prefetch(ref.weight + ahead * ref.dim);
-            __builtin_prefetch(ref.state0 + ahead * ref.dim);
-            __builtin_prefetch(ref.state1 + ahead * ref.dim);
+            __builtin_prefetch(ref.row(ahead));
+            __builtin_prefetch(ref.row_state0(ahead));
+            __builtin_prefetch(ref.row_state1(ahead));
           }
         }
         const int64_t r = row[u];
-        const int64_t missed = target - last[r];
-        TORCH_CHECK(missed <= window, op, ": row ", r, " was last updated at step ", last[r],
-                    ", more than the catch-up window (", window, ") before step ", target);
+        const int64_t missed =
+            checked_missed_steps(op, r, adam.last_step[r * adam.last_step_stride], target, adam.window);
         for (size_t t = 0; t < refs.size(); ++t) {
           const auto& ref = refs[t];
-          scalar_t* dst = out[t].mutable_data_ptr<scalar_t>() + u * ref.dim;
-          const scalar_t* src = ref.weight + r * ref.dim;
+          scalar_t* dst = out_ptr[t] + u * ref.dim;
+          const scalar_t* src = ref.row(r);
           if (missed <= 0) {
             std::copy(src, src + ref.dim, dst);
             continue;
           }
-          const CatchUp<acc_t> c = catch_up_coefficients<acc_t>(coefficients + missed * kCatchUpColumns);
+          const CatchUp<acc_t> c = catch_up_coefficients<acc_t>(adam.table + missed * kCatchUpColumns);
+          const acc_t* m0 = ref.row_state0(r);
+          const acc_t* v0 = ref.row_state1(r);
           for (int64_t k = 0; k < ref.dim; ++k) {
-            acc_t m = ref.state0[r * ref.dim + k], v = ref.state1[r * ref.dim + k];  // copies: the state stays
+            acc_t m = m0[k], v = v0[k];  // copies: the state stays
             dst[k] = static_cast<scalar_t>(catch_up_element<acc_t>(static_cast<acc_t>(src[k]), &m, &v, c));
           }
         }

@@ -4,10 +4,14 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cstdint>
+
+#include "bounds_check.h"
 
 namespace deepfm_fast {
 namespace cuda {
@@ -15,6 +19,17 @@ namespace cuda {
 constexpr int kThreadsPerBlock = 256;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A grid-stride loop's blocks for n items (at most 4096 blocks).
+inline int64_t grid_for(int64_t n) { return std::min<int64_t>(std::max<int64_t>(ceil_div(n, kThreadsPerBlock), 1), 4096); }
+
+// The bounds-check mode of this call; must run after the device guard (it asks the current stream).
+inline int bounds_check_mode() {
+  const int mode = cuda_bounds_check();
+  if (mode == kBoundsError && c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None)
+    return kBoundsOff;  // a graph being captured cannot sync; the kernels stay in bounds
+  return mode;
+}
 
 // Threads that cooperate on one sample: the power of two >= K, capped at a warp, so that the
 // threads of a sample read consecutive addresses of each embedding row and reduce with shuffles.

@@ -41,7 +41,6 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -56,15 +55,6 @@
 
 namespace deepfm_fast {
 namespace {
-
-// The mode of this call; must run after the device guard (it asks the current stream).
-int bounds_check_mode() {
-  const int mode = cuda_bounds_check();
-  if (mode == kBoundsError &&
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None)
-    return kBoundsOff;  // a graph being captured cannot sync; the kernels stay in bounds
-  return mode;
-}
 
 // ---- device helpers -----------------------------------------------------------------------------
 
@@ -100,12 +90,13 @@ struct PoolingFlags {
 
 template <typename scalar_t, typename index_t>
 struct Inputs {
-  const scalar_t* weight;  // [rows, dim]
+  const scalar_t* weight;  // [rows, dim], row r at r * stride (a packed record: stride > dim)
   const index_t* indices;  // [nnz]
   const index_t* offsets;  // [batch * fields + 1]
   const scalar_t* psw;     // [nnz] or nullptr (every x_i = 1)
   const scalar_t* lw;      // [rows] or nullptr (no first order)
   int64_t rows, dim, nnz, batch, fields;
+  int64_t stride, lw_stride;
   bool feature_mode, clamp;
   PoolingFlags pooling;
 
@@ -118,7 +109,7 @@ struct Inputs {
   }
   __device__ __forceinline__ at::opmath_type<scalar_t> value(int64_t row, int64_t k) const {
     using acc_t = at::opmath_type<scalar_t>;
-    return row >= 0 && k < dim ? static_cast<acc_t>(weight[row * dim + k]) : acc_t(0);
+    return row >= 0 && k < dim ? static_cast<acc_t>(weight[row * stride + k]) : acc_t(0);
   }
   // 1/n for a mean-pooled bag of n > 1 ids, else 1 (an empty bag pools to 0 either way).
   __device__ __forceinline__ at::opmath_type<scalar_t> scale(int64_t f, int64_t n) const {
@@ -154,7 +145,7 @@ __global__ void forward_kernel(const Inputs<scalar_t, index_t> in, scalar_t* __r
       for (int64_t p = start; p < stop; ++p) {
         const int64_t row = in.row(p);
         const acc_t x = in.x(p);
-        if (c == 0 && lane == 0 && in.lw != nullptr && row >= 0) lin += static_cast<acc_t>(in.lw[row]) * x;
+        if (c == 0 && lane == 0 && in.lw != nullptr && row >= 0) lin += static_cast<acc_t>(in.lw[row * in.lw_stride]) * x;
 #pragma unroll
         for (int j = 0; j < kPer; ++j) {
           const acc_t u = x * in.value(row, k0 + j * kLanes);
@@ -273,7 +264,7 @@ __global__ void occurrence_grads_kernel(const Inputs<scalar_t, index_t> in, cons
         if (grad_x != nullptr) {
           dot = cuda::group_sum<kLanes>(dot);  // every lane of the group is here: same p loop
           if (lane == 0) {
-            const acc_t first = in.lw != nullptr && row >= 0 ? gl * static_cast<acc_t>(in.lw[row]) : acc_t(0);
+            const acc_t first = in.lw != nullptr && row >= 0 ? gl * static_cast<acc_t>(in.lw[row * in.lw_stride]) : acc_t(0);
             grad_x[p] = (c == 0 ? first : grad_x[p]) + dot;  // the same thread wrote it in chunk c - 1
           }
         }
@@ -422,10 +413,6 @@ __global__ void check_csr_kernel(const index_t* __restrict__ indices, int64_t nn
   }
 }
 
-int64_t grid_for(int64_t n) {
-  return std::min<int64_t>(std::max<int64_t>(cuda::ceil_div(n, cuda::kThreadsPerBlock), 1), 4096);
-}
-
 // Groups of lanes for an embedding dimension: kLanes >= dim up to a warp, then two dimensions per
 // lane (dim <= 64) and chunks of 64 beyond.
 template <typename Fn>
@@ -480,6 +467,8 @@ Inputs<scalar_t, index_t> make_inputs(const Prepared& p, int64_t num_fields, int
                                    p.indices.numel(),
                                    p.batch,
                                    num_fields,
+                                   p.weight.stride(0),
+                                   p.lw ? p.lw->stride(0) : 0,
                                    mode == 1,
                                    bounds == kBoundsClamp,
                                    p.pooling};
@@ -489,7 +478,7 @@ Inputs<scalar_t, index_t> make_inputs(const Prepared& p, int64_t num_fields, int
 void launch_csr_check(const Prepared& p, const at::Tensor& stats, cudaStream_t stream) {
   const int64_t nnz = p.indices.numel(), num_offsets = p.offsets.numel();
   AT_DISPATCH_INDEX_TYPES(p.indices.scalar_type(), "embedding_fm_check_cuda", [&] {
-    check_csr_kernel<index_t><<<grid_for(std::max(nnz, num_offsets - 1)), cuda::kThreadsPerBlock, 0, stream>>>(
+    check_csr_kernel<index_t><<<cuda::grid_for(std::max(nnz, num_offsets - 1)), cuda::kThreadsPerBlock, 0, stream>>>(
         p.indices.const_data_ptr<index_t>(), nnz, p.offsets.const_data_ptr<index_t>(), num_offsets,
         p.weight.size(0), stats.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -527,7 +516,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_fm_cuda(
   const Prepared p = prepare(op, weight_in, indices_in, offsets_in, psw_in, lw_in, num_fields, mode, pooling);
   const c10::cuda::CUDAGuard device_guard(p.weight.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int bounds = bounds_check_mode();
+  const int bounds = cuda::bounds_check_mode();
   if (bounds == kBoundsError) {  // the one device->host sync of the forward
     const at::Tensor stats = at::full({5}, -1, p.weight.options().dtype(at::kLong));
     launch_csr_check(p, stats, stream);
@@ -572,7 +561,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
   const bool has_grad_pooled = grad_pooled_in.has_value() && grad_pooled_in->numel() > 0;
   const at::Tensor grad_pooled = has_grad_pooled ? grad_pooled_in->contiguous() : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int bounds = bounds_check_mode();
+  const int bounds = cuda::bounds_check_mode();
   const int64_t nnz = p.indices.numel(), dim = p.weight.size(1), rows = p.weight.size(0);
   const auto options = p.weight.options();
   const auto long_options = options.dtype(at::kLong);
@@ -615,7 +604,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
     std::tie(sorted, order) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
     head = at::empty({nnz}, options.dtype(at::kInt));
     AT_DISPATCH_INDEX_TYPES(sorted.scalar_type(), "embedding_fm_segments_cuda", [&] {
-      mark_segments_kernel<index_t><<<grid_for(nnz), cuda::kThreadsPerBlock, 0, stream>>>(
+      mark_segments_kernel<index_t><<<cuda::grid_for(nnz), cuda::kThreadsPerBlock, 0, stream>>>(
           sorted.const_data_ptr<index_t>(), nnz, rows, head.mutable_data_ptr<int32_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -637,7 +626,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
   if (num_unique > 0) {
     at::Tensor seg_start = at::empty({num_unique + 1}, long_options);
     AT_DISPATCH_INDEX_TYPES(sorted.scalar_type(), "embedding_fm_segments_cuda", [&] {
-      segment_starts_kernel<index_t><<<grid_for(nnz), cuda::kThreadsPerBlock, 0, stream>>>(
+      segment_starts_kernel<index_t><<<cuda::grid_for(nnz), cuda::kThreadsPerBlock, 0, stream>>>(
           sorted.const_data_ptr<index_t>(), head.const_data_ptr<int32_t>(), seg.const_data_ptr<int64_t>(), nnz, rows,
           unique_ids.mutable_data_ptr<int64_t>(), seg_start.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -647,7 +636,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
     const int64_t max_chunks = num_unique + cuda::ceil_div(nnz, kSegmentChunk);
     const int64_t max_partials = 2 * cuda::ceil_div(nnz, kSegmentChunk);
     at::Tensor chunks = at::empty({num_unique}, long_options), long_chunks = at::empty({num_unique}, long_options);
-    chunk_count_kernel<<<grid_for(num_unique), cuda::kThreadsPerBlock, 0, stream>>>(
+    chunk_count_kernel<<<cuda::grid_for(num_unique), cuda::kThreadsPerBlock, 0, stream>>>(
         seg_start.const_data_ptr<int64_t>(), num_unique, chunks.mutable_data_ptr<int64_t>(),
         long_chunks.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

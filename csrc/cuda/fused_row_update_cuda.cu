@@ -13,7 +13,7 @@
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <ATen/ops/stack.h>
 
 #include <algorithm>
 #include <vector>
@@ -26,7 +26,8 @@
 namespace deepfm_fast {
 namespace {
 
-// The tables of one update, passed to the kernel by value.
+// The tables of one update, passed to the kernel by value. Row r of a table (or of a state) starts
+// at r * its row stride: a packed record, or a plain contiguous table.
 template <typename scalar_t, typename acc_t>
 struct DeviceTables {
   scalar_t* weight[kMaxRowUpdateTables];
@@ -34,7 +35,14 @@ struct DeviceTables {
   acc_t* state1[kMaxRowUpdateTables];
   const scalar_t* grads[kMaxRowUpdateTables];
   int64_t dim[kMaxRowUpdateTables];
+  int64_t stride[kMaxRowUpdateTables];
+  int64_t state0_stride[kMaxRowUpdateTables];
+  int64_t state1_stride[kMaxRowUpdateTables];
   int count;
+
+  __device__ __forceinline__ scalar_t* row(int t, int64_t r) const { return weight[t] + r * stride[t]; }
+  __device__ __forceinline__ acc_t* row_state0(int t, int64_t r) const { return state0[t] + r * state0_stride[t]; }
+  __device__ __forceinline__ acc_t* row_state1(int t, int64_t r) const { return state1[t] + r * state1_stride[t]; }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -46,8 +54,11 @@ DeviceTables<scalar_t, acc_t> device_tables(at::TensorList tables, at::TensorLis
     args.weight[t] = tables[t].mutable_data_ptr<scalar_t>();
     args.grads[t] = row_grads.empty() ? nullptr : row_grads[t].const_data_ptr<scalar_t>();
     args.dim[t] = table_width(tables[t]);
+    args.stride[t] = tables[t].stride(0);
     args.state0[t] = states_per_table > 0 ? state[t * states_per_table].mutable_data_ptr<acc_t>() : nullptr;
     args.state1[t] = states_per_table > 1 ? state[t * states_per_table + 1].mutable_data_ptr<acc_t>() : nullptr;
+    args.state0_stride[t] = states_per_table > 0 ? state[t * states_per_table].stride(0) : 0;
+    args.state1_stride[t] = states_per_table > 1 ? state[t * states_per_table + 1].stride(0) : 0;
   }
   return args;
 }
@@ -58,9 +69,9 @@ __device__ __forceinline__ void catch_up_row(const DeviceTables<scalar_t, acc_t>
                                              const double* entry, int lane) {
   const CatchUp<acc_t> c = catch_up_coefficients<acc_t>(entry);
   const int64_t dim = tables.dim[t];
-  scalar_t* value = tables.weight[t] + row * dim;
-  acc_t* m = tables.state0[t] + row * dim;
-  acc_t* v = tables.state1[t] + row * dim;
+  scalar_t* value = tables.row(t, row);
+  acc_t* m = tables.row_state0(t, row);
+  acc_t* v = tables.row_state1(t, row);
   for (int64_t k = lane; k < dim; k += kLanes)
     value[k] = static_cast<scalar_t>(catch_up_element<acc_t>(static_cast<acc_t>(value[k]), m + k, v + k, c));
 }
@@ -68,24 +79,21 @@ __device__ __forceinline__ void catch_up_row(const DeviceTables<scalar_t, acc_t>
 template <int64_t kOptimizer, int kLanes, typename scalar_t, typename acc_t>
 __global__ void update_rows_kernel(DeviceTables<scalar_t, acc_t> tables, const int64_t* __restrict__ ids,
                                    int64_t num_ids, int64_t num_rows, RowUpdateParams<acc_t> params,
-                                   int64_t* __restrict__ last_step, const double* __restrict__ catchup,
-                                   int64_t window, int64_t step) {
+                                   CatchUpState adam, int64_t step) {
   const int lane = threadIdx.x % kLanes;
   const int64_t u = cuda::group_index<kLanes>();
   if (u >= num_ids) return;  // the whole group leaves together
   const int64_t row = ids[u];
   if (row < 0 || row >= num_rows) return;  // only in "clamp"/"off" mode: never a write outside the tables
   int64_t missed = 0;
-  if constexpr (kOptimizer == kAdam) {
-    missed = step - 1 - last_step[row];
-    missed = missed < window ? missed : window;  // never more than the window (see the CPU kernel's check)
-  }
+  if constexpr (kOptimizer == kAdam)
+    missed = clamped_missed_steps(adam.last_step[row * adam.last_step_stride], step - 1, adam.window);
   for (int t = 0; t < tables.count; ++t) {
     const int64_t dim = tables.dim[t];
-    scalar_t* value = tables.weight[t] + row * dim;
+    scalar_t* value = tables.row(t, row);
     const scalar_t* grad = tables.grads[t] + u * dim;
     if constexpr (kOptimizer == kAdam) {
-      if (missed > 0) catch_up_row<kLanes>(tables, t, row, catchup + missed * kCatchUpColumns, lane);
+      if (missed > 0) catch_up_row<kLanes>(tables, t, row, adam.table + missed * kCatchUpColumns, lane);
     }
     if constexpr (kOptimizer == kRowWiseAdagrad) {
       acc_t sum_sq = acc_t(0);
@@ -95,7 +103,7 @@ __global__ void update_rows_kernel(DeviceTables<scalar_t, acc_t> tables, const i
       }
       sum_sq = cuda::group_sum<kLanes>(sum_sq);
       acc_t multiplier = acc_t(0);
-      if (lane == 0) multiplier = rowwise_adagrad_multiplier<acc_t>(tables.state0[t] + row, sum_sq, dim, params);
+      if (lane == 0) multiplier = rowwise_adagrad_multiplier<acc_t>(tables.row_state0(t, row), sum_sq, dim, params);
       multiplier = cuda::group_broadcast<kLanes>(multiplier);
       for (int64_t k = lane; k < dim; k += kLanes) {
         const acc_t v = value[k];
@@ -105,32 +113,31 @@ __global__ void update_rows_kernel(DeviceTables<scalar_t, acc_t> tables, const i
       for (int64_t k = lane; k < dim; k += kLanes) {
         const acc_t v = value[k];
         const acc_t g = decayed_grad<acc_t>(grad[k], v, params);
-        acc_t* s0 = tables.state0[t] ? tables.state0[t] + row * dim + k : nullptr;
-        acc_t* s1 = tables.state1[t] ? tables.state1[t] + row * dim + k : nullptr;
+        acc_t* s0 = tables.state0[t] ? tables.row_state0(t, row) + k : nullptr;
+        acc_t* s1 = tables.state1[t] ? tables.row_state1(t, row) + k : nullptr;
         value[k] = static_cast<scalar_t>(update_element<kOptimizer, acc_t>(v, g, s0, s1, params));
       }
     }
   }
   if constexpr (kOptimizer == kAdam) {
     __syncwarp(cuda::group_mask<kLanes>());  // every lane has read last_step[row]
-    if (lane == 0) last_step[row] = step;
+    if (lane == 0) adam.last_step[row * adam.last_step_stride] = step;
   }
 }
 
 // Adam: the rows of [begin, end) behind step `target`, caught up to it.
 template <int kLanes, typename scalar_t, typename acc_t>
-__global__ void catch_up_rows_kernel(DeviceTables<scalar_t, acc_t> tables, int64_t* __restrict__ last_step,
-                                     const double* __restrict__ catchup, int64_t window, int64_t target,
+__global__ void catch_up_rows_kernel(DeviceTables<scalar_t, acc_t> tables, CatchUpState adam, int64_t target,
                                      int64_t begin, int64_t end) {
   const int lane = threadIdx.x % kLanes;
   const int64_t row = begin + cuda::group_index<kLanes>();
   if (row >= end) return;
-  int64_t missed = target - last_step[row];
+  int64_t* last = adam.last_step + row * adam.last_step_stride;
+  const int64_t missed = clamped_missed_steps(*last, target, adam.window);
   if (missed <= 0) return;
-  missed = missed < window ? missed : window;
-  for (int t = 0; t < tables.count; ++t) catch_up_row<kLanes>(tables, t, row, catchup + missed * kCatchUpColumns, lane);
+  for (int t = 0; t < tables.count; ++t) catch_up_row<kLanes>(tables, t, row, adam.table + missed * kCatchUpColumns, lane);
   __syncwarp(cuda::group_mask<kLanes>());
-  if (lane == 0) last_step[row] = target;
+  if (lane == 0) *last = target;
 }
 
 // The outputs of adam_rows, one per table, passed to the kernel by value.
@@ -141,28 +148,31 @@ struct RowOutputs {
 
 // Adam: out[t][u] = row rows[u] of table t as dense Adam has it after step `target` (copies).
 template <int kLanes, typename scalar_t, typename acc_t>
-__global__ void adam_rows_kernel(DeviceTables<scalar_t, acc_t> tables, RowOutputs<scalar_t> out,
-                                 const int64_t* __restrict__ last_step, const double* __restrict__ catchup,
-                                 int64_t window, int64_t target, const int64_t* __restrict__ rows, int64_t num,
-                                 int64_t num_rows) {
+__global__ void adam_rows_kernel(DeviceTables<scalar_t, acc_t> tables, RowOutputs<scalar_t> out, CatchUpState adam,
+                                 int64_t target, const int64_t* __restrict__ rows, int64_t num, int64_t num_rows) {
   const int lane = threadIdx.x % kLanes;
   const int64_t u = cuda::group_index<kLanes>();
   if (u >= num) return;
   const int64_t row = rows[u];
-  if (row < 0 || row >= num_rows) return;  // checked on the host in "error" mode
-  int64_t missed = target - last_step[row];
-  missed = missed < window ? missed : window;
+  if (row < 0 || row >= num_rows) {  // only in "clamp"/"off" mode: a zero row, never a read outside the tables
+    for (int t = 0; t < tables.count; ++t)
+      for (int64_t k = lane; k < tables.dim[t]; k += kLanes) out.ptr[t][u * tables.dim[t] + k] = scalar_t(0);
+    return;
+  }
+  const int64_t missed = clamped_missed_steps(adam.last_step[row * adam.last_step_stride], target, adam.window);
   for (int t = 0; t < tables.count; ++t) {
     const int64_t dim = tables.dim[t];
-    const scalar_t* src = tables.weight[t] + row * dim;
+    const scalar_t* src = tables.row(t, row);
     scalar_t* dst = out.ptr[t] + u * dim;
     if (missed <= 0) {
       for (int64_t k = lane; k < dim; k += kLanes) dst[k] = src[k];
       continue;
     }
-    const CatchUp<acc_t> c = catch_up_coefficients<acc_t>(catchup + missed * kCatchUpColumns);
+    const CatchUp<acc_t> c = catch_up_coefficients<acc_t>(adam.table + missed * kCatchUpColumns);
+    const acc_t* m0 = tables.row_state0(t, row);
+    const acc_t* v0 = tables.row_state1(t, row);
     for (int64_t k = lane; k < dim; k += kLanes) {
-      acc_t m = tables.state0[t][row * dim + k], v = tables.state1[t][row * dim + k];  // copies
+      acc_t m = m0[k], v = v0[k];  // copies
       dst[k] = static_cast<scalar_t>(catch_up_element<acc_t>(static_cast<acc_t>(src[k]), &m, &v, c));
     }
   }
@@ -194,8 +204,7 @@ __global__ void check_ids_kernel(const int64_t* __restrict__ ids, int64_t num_id
 void check_ids(const at::Tensor& ids, int64_t num_rows, cudaStream_t stream) {
   const int64_t num_ids = ids.numel();
   const at::Tensor first_bad = at::full({1}, -1, ids.options());
-  const int64_t grid = std::min<int64_t>(std::max<int64_t>(cuda::ceil_div(num_ids, cuda::kThreadsPerBlock), 1), 4096);
-  check_ids_kernel<<<grid, cuda::kThreadsPerBlock, 0, stream>>>(
+  check_ids_kernel<<<cuda::grid_for(num_ids), cuda::kThreadsPerBlock, 0, stream>>>(
       ids.const_data_ptr<int64_t>(), num_ids, num_rows,
       reinterpret_cast<unsigned long long*>(first_bad.mutable_data_ptr<int64_t>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -207,14 +216,13 @@ void check_ids(const at::Tensor& ids, int64_t num_rows, cudaStream_t stream) {
 }
 
 template <typename scalar_t, typename acc_t>
-void launch_catch_up_rows(const DeviceTables<scalar_t, acc_t>& args, int64_t max_dim, int64_t* last_step,
-                          const double* catchup, int64_t window, int64_t target, int64_t begin, int64_t end,
-                          cudaStream_t stream) {
+void launch_catch_up_rows(const DeviceTables<scalar_t, acc_t>& args, int64_t max_dim, const CatchUpState& adam,
+                          int64_t target, int64_t begin, int64_t end, cudaStream_t stream) {
   if (end <= begin) return;
   cuda::dispatch_lanes(cuda::lanes_for_dim(max_dim), [&](auto kLanes) {
     catch_up_rows_kernel<kLanes.value>
         <<<cuda::ceil_div(end - begin, cuda::kThreadsPerBlock / kLanes.value), cuda::kThreadsPerBlock, 0, stream>>>(
-            args, last_step, catchup, window, target, begin, end);
+            args, adam, target, begin, end);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -240,10 +248,7 @@ void fused_row_update_cuda(at::TensorList tables, at::TensorList state, const at
   for (size_t t = 0; t < tables.size(); ++t) row_grads.push_back(row_grads_in[t].contiguous());
   const int64_t num_ids = ids.numel(), num_rows = tables[0].size(0), max_dim = max_width(tables);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // A graph being captured cannot sync: "error" then behaves as "off" (the kernel stays in bounds).
-  if (check_ids_arg && num_ids > 0 && cuda_bounds_check() == kBoundsError &&
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None)
-    check_ids(ids, num_rows, stream);
+  if (check_ids_arg && num_ids > 0 && cuda::bounds_check_mode() == kBoundsError) check_ids(ids, num_rows, stream);
   const int64_t step = ++*counter;
   const int64_t states_per_table = row_optimizer_states(optimizer);
   const CatchUpState adam = catch_up_state(optimizer, last_step, catchup);
@@ -256,7 +261,7 @@ void fused_row_update_cuda(at::TensorList tables, at::TensorList state, const at
         const auto grid = cuda::ceil_div(num_ids, cuda::kThreadsPerBlock / kLanes.value);
         auto launch = [&](auto kernel) {
           kernel<<<grid, cuda::kThreadsPerBlock, 0, stream>>>(args, ids.const_data_ptr<int64_t>(), num_ids, num_rows,
-                                                              params, adam.last_step, adam.table, adam.window, step);
+                                                              params, adam, step);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
         switch (optimizer) {
@@ -275,7 +280,7 @@ void fused_row_update_cuda(at::TensorList tables, at::TensorList state, const at
                                         make_catch_up_step(lr, eps, beta1, beta2, step));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const auto [begin, end] = sweep_rows(num_rows, adam.window, step);
-    launch_catch_up_rows(args, max_dim, adam.last_step, adam.table, adam.window, step, begin, end, stream);
+    launch_catch_up_rows(args, max_dim, adam, step, begin, end, stream);
   });
 }
 
@@ -290,8 +295,7 @@ void adam_catch_up_cuda(at::TensorList tables, at::TensorList state, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_catch_up_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch_catch_up_rows(device_tables<scalar_t, acc_t>(tables, state, {}, 2), max_width(tables),
-                         last_step.mutable_data_ptr<int64_t>(), catchup.const_data_ptr<double>(), catchup.size(0) - 1,
-                         target, begin, end, stream);
+                         catch_up_state(last_step, catchup), target, begin, end, stream);
   });
 }
 
@@ -304,10 +308,10 @@ std::vector<at::Tensor> adam_rows_cuda(at::TensorList tables, at::TensorList sta
   const int64_t num = rows.numel(), num_rows = tables[0].size(0);
   const c10::cuda::CUDAGuard device_guard(tables[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (num > 0 && cuda_bounds_check() == kBoundsError &&
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+  if (num > 0 && cuda::bounds_check_mode() == kBoundsError) {
     const auto [lo, hi] = at::aminmax(rows);
-    const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
+    const at::Tensor range = at::stack({lo, hi}).cpu();  // one sync
+    const int64_t low = range.const_data_ptr<int64_t>()[0], high = range.const_data_ptr<int64_t>()[1];
     TORCH_CHECK(low >= 0 && high < num_rows, op, ": rows hold ", low < 0 ? low : high,
                 ", out of range for tables with ", num_rows, " rows");
   }
@@ -322,8 +326,7 @@ std::vector<at::Tensor> adam_rows_cuda(at::TensorList tables, at::TensorList sta
     cuda::dispatch_lanes(cuda::lanes_for_dim(max_width(tables)), [&](auto kLanes) {
       adam_rows_kernel<kLanes.value>
           <<<cuda::ceil_div(num, cuda::kThreadsPerBlock / kLanes.value), cuda::kThreadsPerBlock, 0, stream>>>(
-              args, outputs, last_step.const_data_ptr<int64_t>(), catchup.const_data_ptr<double>(),
-              catchup.size(0) - 1, target, rows.const_data_ptr<int64_t>(), num, num_rows);
+              args, outputs, catch_up_state(last_step, catchup), target, rows.const_data_ptr<int64_t>(), num, num_rows);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
