@@ -119,7 +119,7 @@ def _broadcast_tables(module: EmbeddingFM, group: Optional[dist.ProcessGroup]) -
     with torch.no_grad():
         for t in tensors:
             device = _collective_device(group)
-            buffer = t.detach().to(device)
+            buffer = t.detach().to(device).contiguous()  # packed rows are strided views
             dist.broadcast(buffer, src=src, group=group)
             t.copy_(buffer)
 

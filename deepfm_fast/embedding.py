@@ -4,7 +4,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from . import _backend, ops, reference
+from . import _backend, _packing, ops, reference
 from ._args import EmbeddingFMOutput, as_csr, field_offsets, mode_code, pooling_codes
 from .optim import Adam, FusedOptimizer
 
@@ -49,6 +49,12 @@ class EmbeddingFM(nn.Module):
             buffers (and ``state_dict``; the step count stays on the CPU so that reading it never
             waits for a GPU). Each backward is one step of the tables. With ``Adam``, ``eval()``
             and ``state_dict()`` first bring every row up to date (`flush`).
+        pack_rows: with a fused optimizer, store each row's ``weight``, ``linear_weight`` and
+            optimizer state side by side in one record, so that the forward and the update visit
+            one place per id instead of one per tensor (float32/float64 tables; a float16/bfloat16
+            table keeps its float32 state apart). ``weight``, ``linear_weight`` and the state
+            buffers stay what they were, as strided views of the records (same names, shapes and
+            ``state_dict`` keys; checkpoints load both ways). ``False``: separate tensors.
 
     Shape:
         - ``forward(indices)``: ``indices [B, F]`` int32/int64 local ids, one per field;
@@ -79,7 +85,7 @@ class EmbeddingFM(nn.Module):
     def __init__(self, field_dims: Sequence[int], embedding_dim: int, *, mode: str = "field",
                  pooling: Union[str, Sequence[str]] = "sum", sparse: bool = False, init_std: float = 0.01,
                  use_reference: bool = False, optimizer: Optional[FusedOptimizer] = None,
-                 pool_first_order: bool = False):
+                 pool_first_order: bool = False, pack_rows: bool = True):
         super().__init__()
         field_dims = [int(d) for d in field_dims]
         if not field_dims or any(d < 1 for d in field_dims):
@@ -109,6 +115,7 @@ class EmbeddingFM(nn.Module):
         self._scaled_fields = [f for f, m in enumerate(mean) if m] if pool_first_order else []
         self.reset_parameters(init_std)
         self.optimizer = optimizer
+        self.pack_rows = pack_rows
         self._sync = 0  # a process group of deepfm_fast.distributed that merges the fused updates
         if optimizer is not None:
             if not isinstance(optimizer, FusedOptimizer):
@@ -127,7 +134,8 @@ class EmbeddingFM(nn.Module):
             self._row_state_names = list(row_state)
             self.register_buffer("optimizer_step", torch.zeros((), dtype=torch.int64))
             self._register_load_state_dict_pre_hook(_load_earlier_states, with_module=True)
-            self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.flush())
+            self.register_state_dict_pre_hook(_flush_before_saving)
+            self._pack()
 
     def reset_parameters(self, init_std: float = 0.01) -> None:
         nn.init.normal_(self.weight, 0.0, init_std)
@@ -135,10 +143,82 @@ class EmbeddingFM(nn.Module):
         nn.init.zeros_(self.bias)
 
     def _apply(self, fn, *args, **kwargs):
+        if self.optimizer is None:
+            return super()._apply(fn, *args, **kwargs)
+        # The optimizer's buffers follow the table to its device but keep their own dtypes: a cast
+        # of the model (.half(), .float()) must not round the state or the float64 catch-up table.
+        order = list(self._buffers)
+        own = {name: self._buffers.pop(name) for name in self._optimizer_buffer_names()}
         super()._apply(fn, *args, **kwargs)
-        if self.optimizer is not None:  # the step count stays on the host: reading it never syncs
-            self._buffers["optimizer_step"] = self._buffers["optimizer_step"].cpu()
+        device, state_dtype = self.weight.device, self.optimizer.state_dtype(self.weight.dtype)
+        for name, t in own.items():
+            if name == "optimizer_step":  # on the host: reading it never syncs
+                own[name] = t.cpu()
+            elif name.startswith(("weight_optimizer_state", "linear_optimizer_state")):
+                own[name] = t.to(device, state_dtype)
+            else:
+                own[name] = t.to(device)
+        for name in order:
+            if name in own:
+                self._buffers.pop(name, None)
+                self._buffers[name] = own[name]
+            else:
+                self._buffers[name] = self._buffers.pop(name)
+        self._pack()
         return self
+
+    def _optimizer_buffer_names(self) -> List[str]:
+        n = self.optimizer.num_states
+        return ([f"weight_optimizer_state{i}" for i in range(n)] + [f"linear_optimizer_state{i}" for i in range(n)]
+                + [f"optimizer_{name}" for name in self._row_state_names] + ["optimizer_step"])
+
+    def _packed_columns(self):
+        """The tensors with one row per table row, in record order (see `deepfm_fast._packing`)."""
+        table_states, linear_states = self.optimizer_states()
+        columns = [("weight", self.weight)]
+        columns += [(f"weight_optimizer_state{i}", s) for i, s in enumerate(table_states)]
+        columns += [("linear_weight", self.linear_weight)]
+        columns += [(f"linear_optimizer_state{i}", s) for i, s in enumerate(linear_states)]
+        if "last_step" in self._row_state_names:
+            columns.append(("optimizer_last_step", self.optimizer_last_step))
+        return columns
+
+    def _pack(self) -> None:
+        """Moves the fused optimizer's rows into one record per row (`pack_rows`), unless they are there."""
+        if self.optimizer is None or not self.pack_rows:
+            return
+        columns = self._packed_columns()
+        if _packing.is_packed(columns):
+            return
+        for name, view in _packing.pack(columns).items():
+            if name in self._parameters:
+                self._parameters[name].data = view
+            else:
+                self._buffers[name] = view
+
+    @property
+    def rows_packed(self) -> bool:
+        """Whether the rows are stored as packed records (`pack_rows` and a float32/float64 table)."""
+        return self.optimizer is not None and _packing.is_packed(self._packed_columns())
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "optimizer_last_step"
+        if key in destination and self.rows_packed:
+            # torch.save refuses int64 and float views of one storage: the last steps leave as a copy.
+            destination[key] = destination[key].clone()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if "optimizer_last_step" in self._buffers and self.rows_packed:  # torch.save(module): as above
+            state["_buffers"] = {**self._buffers, "optimizer_last_step": self._buffers["optimizer_last_step"].clone()}
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "pack_rows" not in self.__dict__:  # pickled before packed rows existed
+            self.pack_rows = False
+        self._pack()  # a copy (copy.deepcopy, pickle) packs its own rows
 
     def _check_local(self, ids: Tensor, field_of: Tensor) -> None:
         bad = (ids < 0) | (ids >= self._field_dims[field_of])
@@ -311,7 +391,8 @@ class EmbeddingFM(nn.Module):
         return (f"field_dims={self.field_dims}, embedding_dim={self.embedding_dim}, mode={self.mode!r}, "
                 f"pooling={self.pooling!r}, sparse={self.sparse}, use_reference={self.use_reference}"
                 + (", pool_first_order=True" if self.pool_first_order else "")
-                + (f", optimizer={self.optimizer}" if self.optimizer is not None else ""))
+                + (f", optimizer={self.optimizer}" if self.optimizer is not None else "")
+                + (", rows_packed=True" if self.rows_packed else ""))
 
 
 def _refuse_unsynchronised(module: "EmbeddingFM") -> None:
@@ -325,6 +406,10 @@ def _refuse_unsynchronised(module: "EmbeddingFM") -> None:
                            f"ranks would let the replicas' tables drift apart: wrap the model with "
                            f"deepfm_fast.distributed.wrap(model) instead of DistributedDataParallel, or call "
                            f"deepfm_fast.distributed.independent(model) if each rank trains its own model")
+
+
+def _flush_before_saving(module, prefix, keep_vars):
+    module.flush()  # a module-level function, not a lambda: the module stays picklable (torch.save)
 
 
 def _load_earlier_states(module, state_dict, prefix, *args):

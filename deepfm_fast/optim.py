@@ -75,9 +75,14 @@ class FusedOptimizer:
         return (f"{type(self).__name__}(lr={self.lr}, eps={self.eps}, betas={self.betas}, "
                 f"weight_decay={self.weight_decay})")
 
+    @staticmethod
+    def state_dtype(table_dtype: torch.dtype) -> torch.dtype:
+        """The state's dtype for a table of ``table_dtype``: float32, or float64 for a float64 table."""
+        return torch.float64 if table_dtype == torch.float64 else torch.float32
+
     def new_state(self, table: Tensor) -> List[Tensor]:
-        """Zero state tensors for `table` [N] or [N, D]: float32, or float64 for a float64 table."""
-        dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
+        """Zero state tensors for `table` [N] or [N, D], in `state_dtype`."""
+        dtype = self.state_dtype(table.dtype)
         shape = table.shape[:1] if self.row_wise_state else table.shape
         return [torch.zeros(shape, dtype=dtype, device=table.device) for _ in range(self.num_states)]
 
