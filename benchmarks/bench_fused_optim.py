@@ -1,7 +1,9 @@
 """W2 and W3 with the fused optimizers: one training step on the large tables.
 
-W2, the FM-only step: fused row-wise Adagrad and SGD against FBGEMM's TBE (EXACT_ROWWISE_ADAGRAD,
-EXACT_SGD; fbgemm-gpu-cpu==1.8.0, skipped if not installed) and nn.Embedding(sparse=True) + SGD.
+W2, the FM-only step: fused row-wise Adagrad and SGD (packed rows, and separate tensors as before
+packing) against FBGEMM's TBE (EXACT_ROWWISE_ADAGRAD, EXACT_SGD; fbgemm-gpu-cpu==1.8.0, skipped if
+not installed) and nn.Embedding(sparse=True) + SGD, with the same-run limit: a read-modify-write of
+the step's unique rows in records of the packed size (`workloads.record_update_limit`).
 W3, the DeepFM step (DNN 400x3 with batch norm, Adam for the dense parameters): fused Adam (dense-Adam
 semantics) and fused LazyAdam (SparseAdam semantics) on the tables against a plain PyTorch DeepFM
 with dense gradients + Adam and with sparse gradients + SparseAdam. The batches cycle, so after the
@@ -31,6 +33,7 @@ from recording import alternating_info
 ROWS = W.TABLE_ROWS[os.environ.get("DEEPFM_FAST_BENCH_TABLE", "large")]
 DEVICE = os.environ.get("DEEPFM_FAST_BENCH_DEVICE", "cpu")
 ONLY = [n for n in os.environ.get("DEEPFM_FAST_BENCH_VARIANTS", "").split(",") if n]
+ONLY_FUSED = bool(ONLY) and not any(n.startswith("limit") for n in ONLY)  # "limit" in the list keeps the limits
 if DEVICE == "cuda":  # the GPU workloads of ../shared/docs/benchmarks.md
     W2_CASES = [(16, 4096, "uniform"), (16, 65536, "uniform"), (16, 65536, "zipf"), (64, 65536, "uniform")]
     W3_CASES = [(16, 4096, "uniform"), (16, 65536, "uniform")]
@@ -45,12 +48,12 @@ W2_AT_K64 = ["fused_RowWiseAdagrad", "fbgemm_tbe_EXACT_ROWWISE_ADAGRAD",
 W3_AT_K64 = ["fused_Adam", "plain_sparse_SparseAdam"]
 
 
-def build(variants, names, dim):
+def build(variants, names, dim, rows=ROWS):
     built = {}
     for name in [n for n in names if not ONLY or n in ONLY]:
         if name.startswith("fbgemm") and (DEVICE != "cpu" or not W.has_fbgemm()):
             continue
-        built[name] = variants[name](ROWS, dim)
+        built[name] = variants[name](rows, dim)
         built[name].model.to(DEVICE)  # in place: the optimizers keep their parameters
     fused = next(iter(built.values()))
     deepfm = isinstance(fused.model, torch.nn.ModuleList)  # W3: [table, DNN]
@@ -60,29 +63,34 @@ def build(variants, names, dim):
             W.copy_tables(table.weight, table.linear_weight, variant)
             if deepfm:
                 variant.model[1].load_state_dict(fused.model[1].state_dict())
+    if DEVICE == "cpu" and not ONLY_FUSED:  # the same-run limit at each packed record size
+        tables = [v.model[0] if deepfm else v.model for v in built.values() if v.name.startswith("fused")]
+        for floats in sorted({t.weight.stride(0) for t in tables if t.rows_packed}):
+            limit = W.record_update_limit(rows, floats)
+            built[limit.name] = limit
     return built
 
 
 def check_first_logits(variants, ids, labels):
     """All variants start from the same tables: their first logits (computed before any update) agree."""
-    logits = {name: v.step(ids, labels).detach() for name, v in variants.items()}
+    logits = {name: v.step(ids, labels).detach() for name, v in variants.items() if not v.limit}
     first = next(iter(logits.values()))
     for name, logit in logits.items():
         torch.testing.assert_close(logit, first, atol=1e-4, rtol=1e-4, msg=f"{name} disagrees")
 
 
-def run_case(benchmark, workload, variants, batch, dim, dist, rounds):
-    batches = [(ids.to(DEVICE), labels.to(DEVICE)) for ids, labels in W.make_batches(ROWS, dist, batch)]
+def run_case(benchmark, workload, variants, batch, dim, dist, rounds, rows=ROWS):
+    batches = [(ids.to(DEVICE), labels.to(DEVICE)) for ids, labels in W.make_batches(rows, dist, batch)]
     check_first_logits(variants, *batches[0])
     cycle = {name: itertools.cycle(batches) for name in variants}
     steps = {name: (lambda v=v, c=cycle[name]: v.step(*next(c))) for name, v in variants.items()}
     medians = alternating_medians(steps, rounds=rounds, warmup=2, device=DEVICE)
     fused = next(iter(variants))
-    offsets = torch.arange(W.FIELDS, device=DEVICE) * ROWS
+    offsets = torch.arange(W.FIELDS, device=DEVICE) * rows
     unique_rows = sum(int(torch.unique(ids + offsets).numel()) for ids, _ in batches) / len(batches)
     benchmark.group = f"{workload} K={dim} B={batch} {dist} {DEVICE}"
     benchmark.extra_info.update(
-        workload=workload, rows=ROWS * W.FIELDS, dim=dim, batch=batch, dist=dist, device=DEVICE,
+        workload=workload, rows=rows * W.FIELDS, dim=dim, batch=batch, dist=dist, device=DEVICE,
         unique_rows_per_step=unique_rows, **alternating_info(medians, fused),
     )
     synchronize = (lambda: torch.cuda.synchronize()) if DEVICE == "cuda" else (lambda: None)

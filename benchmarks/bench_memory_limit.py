@@ -1,7 +1,8 @@
 """The physical limit: random-row gather and read-modify-write rates of this machine.
 
 A 10.4 M-row table (26 x 400,000, Criteo-sized) of 64-byte (K=16) or 256-byte (K=64) float32
-rows; 106,496 random rows per call (= B*F of a B=4096, 26-field step), one thread, plain C with
+rows, or of the packed records of EmbeddingFM (80 bytes: K=16 with SGD or row-wise Adagrad; 224:
+with Adam); 106,496 random rows per call (= B*F of a B=4096, 26-field step), one thread, plain C with
 software prefetch (benchmarks/row_access.c, built with gcc -O3 here). Ids in random order, and
 sorted unique (the order in which the fused optimizers update rows). Rates go to extra_info;
 benchmarks/results/fused_optim_cpu.md relates the fused FM step to them.
@@ -9,38 +10,27 @@ benchmarks/results/fused_optim_cpu.md relates the fused FM step to them.
     OMP_WAIT_POLICY=PASSIVE python -m pytest benchmarks/bench_memory_limit.py --benchmark-only \
         --benchmark-json benchmarks/results/memory_limit_cpu.json
 """
-import ctypes
-import os
-import subprocess
-import tempfile
-
 import numpy as np
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+import row_access as R
+
 ROWS = 26 * 400_000
 ACCESSES = 4096 * 26
 
 
 @pytest.fixture(scope="module")
 def row_access():
-    build_dir = tempfile.mkdtemp(prefix="deepfm_fast_row_access_")
-    library = os.path.join(build_dir, "row_access.so")
-    subprocess.run(["gcc", "-O3", "-shared", "-fPIC", "-o", library, os.path.join(HERE, "row_access.c")], check=True)
-    lib = ctypes.CDLL(library)
-    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.gather_rows.argtypes = [pointer, pointer, i64, i64, pointer]
-    lib.update_rows.argtypes = [pointer, pointer, pointer, i64, i64, ctypes.c_float]
-    return lib
+    return R.library()
 
 
-def ptr(array):
-    return array.ctypes.data_as(ctypes.c_void_p)
+ptr = R.ptr
 
 
 @pytest.mark.parametrize("order", ["random", "sorted_unique"])
 @pytest.mark.parametrize("access", ["gather", "read_modify_write"])
-@pytest.mark.parametrize("dim", [16, 64], ids=["64B_rows", "256B_rows"])
+# 80 and 224 bytes: the packed records of a K=16 table with SGD or row-wise Adagrad, and with Adam.
+@pytest.mark.parametrize("dim", [16, 20, 56, 64], ids=["64B_rows", "80B_records", "224B_records", "256B_rows"])
 def test_random_row_rate(benchmark, row_access, dim, access, order):
     rng = np.random.default_rng(0)
     table = rng.standard_normal((ROWS, dim), dtype=np.float32)

@@ -49,10 +49,12 @@ def dnn(in_features, hidden=(400, 400, 400)):
 
 
 class Variant:
-    """One model + optimizers; `step(ids, labels)` runs one training step and returns the logits."""
+    """One model + optimizers; `step(ids, labels)` runs one training step and returns the logits
+    (None for a `limit`: the memory traffic of a step, with no model)."""
 
-    def __init__(self, name, model, step_fn, optimizers=()):
+    def __init__(self, name, model, step_fn, optimizers=(), limit=False):
         self.name, self.model, self._step, self.optimizers = name, model, step_fn, list(optimizers)
+        self.limit = limit
 
     def state_bytes(self):
         """Bytes of the tables, parameters, buffers and optimizer states (not gradients)."""
@@ -71,8 +73,8 @@ class Variant:
         return self._step(ids, labels)
 
 
-def fused_fm(rows, dim, optimizer):
-    model = EmbeddingFM([rows] * FIELDS, dim, optimizer=optimizer, init_std=0.01)
+def fused_fm(rows, dim, optimizer, pack_rows=True):
+    model = EmbeddingFM([rows] * FIELDS, dim, optimizer=optimizer, init_std=0.01, pack_rows=pack_rows)
     bias_opt = torch.optim.SGD([model.bias], lr=LR)
 
     def step(ids, labels):
@@ -82,7 +84,36 @@ def fused_fm(rows, dim, optimizer):
         bias_opt.zero_grad(set_to_none=True)
         return logit
 
-    return Variant(f"fused_{type(optimizer).__name__}", model, step, [bias_opt])
+    return Variant(f"fused_{type(optimizer).__name__}" + ("" if pack_rows else SEPARATE), model, step, [bias_opt])
+
+
+SEPARATE = "_separate_rows"  # the name suffix of a fused variant with pack_rows=False (the layout before packing)
+
+
+def record_update_limit(rows, record_floats):
+    """The machine's limit for a fused step's table traffic: a read-modify-write of each row the
+    step touches (sorted, unique, as the fused update visits them), in records of `record_floats`
+    float32 values, by plain C with software prefetch (benchmarks/row_access.c)."""
+    import numpy as np
+
+    import row_access
+
+    lib = row_access.library()
+    table = np.zeros((rows * FIELDS, record_floats), dtype=np.float32)
+    table[:, 0] = 1.0  # touch every page once, so the first timed calls do not fault
+    offsets = torch.arange(FIELDS) * rows
+    unique_rows = {}
+
+    def step(ids, labels):
+        key = ids.data_ptr()  # the batches cycle: their unique rows are computed once, untimed
+        if key not in unique_rows:
+            unique = torch.unique(ids + offsets).numpy()
+            unique_rows[key] = (unique, np.zeros((len(unique), record_floats), dtype=np.float32))
+        unique, grads = unique_rows[key]
+        lib.update_rows(row_access.ptr(table), row_access.ptr(unique), row_access.ptr(grads), len(unique),
+                        record_floats, 0.0)
+
+    return Variant(f"limit_update_{record_floats * 4}B_records", table, step, limit=True)
 
 
 class PlainFM(nn.Module):
@@ -159,8 +190,8 @@ def tbe_fm(rows, dim, optimizer_name, first_order=False):
     return Variant(name, nn.ModuleList([tbe, nn.ParameterList([bias])]), step, [bias_opt])
 
 
-def fused_deepfm(rows, dim, optimizer, hidden=(400, 400, 400)):
-    table = EmbeddingFM([rows] * FIELDS, dim, optimizer=optimizer, init_std=0.01)
+def fused_deepfm(rows, dim, optimizer, hidden=(400, 400, 400), pack_rows=True):
+    table = EmbeddingFM([rows] * FIELDS, dim, optimizer=optimizer, init_std=0.01, pack_rows=pack_rows)
     net = dnn(FIELDS * dim, hidden)
     opt = torch.optim.Adam(list(net.parameters()) + [table.bias], lr=1e-3)
 
@@ -172,7 +203,8 @@ def fused_deepfm(rows, dim, optimizer, hidden=(400, 400, 400)):
         opt.zero_grad(set_to_none=True)
         return logit
 
-    return Variant(f"fused_{type(optimizer).__name__}", nn.ModuleList([table, net]), step, [opt])
+    return Variant(f"fused_{type(optimizer).__name__}" + ("" if pack_rows else SEPARATE), nn.ModuleList([table, net]),
+                   step, [opt])
 
 
 def plain_deepfm(rows, dim, sparse, hidden=(400, 400, 400)):
@@ -222,6 +254,8 @@ def copy_tables(src_weight, src_linear, variant):
 W2_VARIANTS = {
     "fused_RowWiseAdagrad": lambda rows, dim: fused_fm(rows, dim, optim.RowWiseAdagrad(LR)),
     "fused_SGD": lambda rows, dim: fused_fm(rows, dim, optim.SGD(LR)),
+    "fused_RowWiseAdagrad" + SEPARATE: lambda rows, dim: fused_fm(rows, dim, optim.RowWiseAdagrad(LR), pack_rows=False),
+    "fused_SGD" + SEPARATE: lambda rows, dim: fused_fm(rows, dim, optim.SGD(LR), pack_rows=False),
     "fbgemm_tbe_EXACT_ROWWISE_ADAGRAD": lambda rows, dim: tbe_fm(rows, dim, "EXACT_ROWWISE_ADAGRAD"),
     "fbgemm_tbe_EXACT_ROWWISE_ADAGRAD_with_first_order":
         lambda rows, dim: tbe_fm(rows, dim, "EXACT_ROWWISE_ADAGRAD", first_order=True),
@@ -231,6 +265,7 @@ W2_VARIANTS = {
 W3_VARIANTS = {
     # Adam: dense-Adam semantics (rows caught up); LazyAdam: SparseAdam semantics, as before.
     "fused_Adam": lambda rows, dim: fused_deepfm(rows, dim, optim.Adam(1e-3)),
+    "fused_Adam" + SEPARATE: lambda rows, dim: fused_deepfm(rows, dim, optim.Adam(1e-3), pack_rows=False),
     "fused_LazyAdam": lambda rows, dim: fused_deepfm(rows, dim, optim.LazyAdam(1e-3)),
     "plain_sparse_SparseAdam": lambda rows, dim: plain_deepfm(rows, dim, sparse=True),
     "plain_dense_Adam": lambda rows, dim: plain_deepfm(rows, dim, sparse=False),
