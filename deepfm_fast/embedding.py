@@ -220,12 +220,13 @@ class EmbeddingFM(nn.Module):
             self.pack_rows = False
         self._pack()  # a copy (copy.deepcopy, pickle) packs its own rows
 
-    def _check_local(self, ids: Tensor, field_of: Tensor) -> None:
-        bad = (ids < 0) | (ids >= self._field_dims[field_of])
+    def _check_local(self, ids: Tensor, field_dims: Tensor, field_of: Tensor) -> None:
+        """`field_dims`: each id's field size (broadcast over a [B, F] input); `field_of`: its field."""
+        bad = (ids < 0) | (ids >= field_dims)
         if bool(bad.any()):
             pos = ", ".join(str(i) for i in bad.nonzero()[0].tolist())
             flat = int(bad.reshape(-1).nonzero()[0, 0])
-            f = int(field_of.reshape(-1)[flat])
+            f = int(field_of.expand_as(ids).reshape(-1)[flat])
             raise IndexError(f"EmbeddingFM: id {int(ids.reshape(-1)[flat])} at indices[{pos}] is out of range for "
                              f"field {f}, which has field_dims[{f}] = {self.field_dims[f]} ids "
                              f"(0..{self.field_dims[f] - 1})")
@@ -238,15 +239,17 @@ class EmbeddingFM(nn.Module):
             if indices.dim() != 2 or indices.shape[1] != self.num_fields:
                 raise ValueError(f"EmbeddingFM: indices must be [batch, {self.num_fields}] (one id per field), "
                                  f"got shape {tuple(indices.shape)}")
-            field_of = torch.arange(self.num_fields, device=indices.device).expand_as(indices)
-        else:
-            counts = (offsets[1:] - offsets[:-1]).long()
-            if not torch.compiler.is_compiling() and (bool((counts < 0).any()) or int(counts.sum()) != indices.numel()):
-                return indices  # malformed offsets: let the op raise its precise error
-            bags = torch.arange(counts.numel(), device=indices.device)
-            field_of = torch.repeat_interleave(bags % self.num_fields, counts, output_size=indices.numel())
+            # Column f is field f: the per-field constants broadcast, no [B, F] gather of them.
+            if not torch.compiler.is_compiling():
+                self._check_local(indices, self._field_dims, torch.arange(self.num_fields, device=indices.device))
+            return indices + self.field_offsets.to(indices.dtype)
+        counts = (offsets[1:] - offsets[:-1]).long()
+        if not torch.compiler.is_compiling() and (bool((counts < 0).any()) or int(counts.sum()) != indices.numel()):
+            return indices  # malformed offsets: let the op raise its precise error
+        bags = torch.arange(counts.numel(), device=indices.device)
+        field_of = torch.repeat_interleave(bags % self.num_fields, counts, output_size=indices.numel())
         if not torch.compiler.is_compiling():
-            self._check_local(indices, field_of)
+            self._check_local(indices, self._field_dims[field_of], field_of)
         return indices + self.field_offsets[field_of].to(indices.dtype)
 
     def _scale_mean_bags(self, ids: Tensor, offsets: Optional[Tensor], per_sample_weights: Optional[Tensor]):

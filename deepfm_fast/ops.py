@@ -264,6 +264,7 @@ def _embedding_fm_setup_context(ctx, inputs, output):
     (weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode, pooling, return_pooled,
      sparse_grad) = inputs
     pooled = output[2] if return_pooled else None
+    ctx.set_materialize_grads(False)  # an unused output (pooled) gets None, not zeros
     ctx.save_for_backward(weight, indices, offsets, per_sample_weights, linear_weight, pooled)
     ctx.int_args = (num_fields, mode, pooling, sparse_grad)
 
@@ -458,6 +459,8 @@ def _register_fused_row_update():
         (weight, linear_weight, indices, offsets, psw, num_fields, mode, pooling, return_pooled, *states, step, last_step,
          catchup, optimizer, lr, eps, beta1, beta2, weight_decay, sync, rows, row_weight, row_linear_weight) = inputs
         pooled = output[2] if return_pooled else None
+        # An output nobody used (pooled, in an FM-only model) gets None, not a [B, F, K] of zeros.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(weight, linear_weight, indices, offsets, psw, pooled, step, last_step, catchup, rows,
                               row_weight, row_linear_weight, *[s for s in states if s is not None])
         ctx.args = (num_fields, mode, pooling, optimizer, lr, eps, beta1, beta2, weight_decay, sync)
