@@ -44,12 +44,18 @@ from torch import Tensor, nn
 
 from .embedding import EmbeddingFM
 
-__all__ = ["wrap", "init_from_environment", "independent", "merge_rows", "union_rows", "is_distributed", "rank",
-           "world_size", "convert_sync_batch_norm", "CpuSyncBatchNorm"]
+__all__ = ["wrap", "init_from_environment", "independent", "merges_across_ranks", "merge_rows", "union_rows",
+           "is_distributed", "rank", "world_size", "convert_sync_batch_norm", "CpuSyncBatchNorm"]
 
 # Process groups by the handle `EmbeddingFM._sync` holds (0: not synchronised, -1: independent).
 _GROUPS: Dict[int, Optional[dist.ProcessGroup]] = {}
 INDEPENDENT = -1
+
+
+def merges_across_ranks(handle: int) -> bool:
+    """``handle`` (an `EmbeddingFM._sync`) names a process group of `wrap` whose ranks merge their
+    rows: not 0 (not synchronised) nor `INDEPENDENT`."""
+    return handle > 0
 
 
 def is_distributed() -> bool:

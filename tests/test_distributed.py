@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepfm_fast import distributed
+from deepfm_fast import EmbeddingFM, distributed, optim
 from deepfm_fast.data import iterate_batches, make_synthetic
 from deepfm_fast.models import TABLE_OPTIMIZERS, DeepFM
 from testing import run_ranks
@@ -137,6 +137,35 @@ def test_bad_setups_raise_on_every_rank(worker, message):
     for rank, result in enumerate(results):
         assert "error" in result, (rank, result)
         assert __import__("re").search(message, result["error"]), (rank, result["error"])
+
+
+def _independent_table(use_reference):
+    torch.manual_seed(0)
+    return EmbeddingFM([5, 7], 4, optimizer=optim.Adam(lr=0.1), use_reference=use_reference).double()
+
+
+def _train_own_rows(table, rank):
+    """Two fused steps on rows that differ between the ranks."""
+    ids = torch.tensor([[rank, 2 * rank], [rank + 2, 6 - rank]])
+    for _ in range(2):
+        F.binary_cross_entropy_with_logits(table(ids), torch.ones(2, dtype=torch.float64)).backward()
+    table.eval()  # flushes Adam: every row up to date
+    return {"weight": table.weight.detach().clone(), "linear_weight": table.linear_weight.detach().clone()}
+
+
+def _independent_ranks(rank, world_size, use_reference):
+    return _train_own_rows(distributed.independent(_independent_table(use_reference)), rank)
+
+
+@pytest.mark.parametrize("use_reference", [False, True], ids=["compiled", "reference"])
+def test_independent_fused_tables_train_alone_on_each_rank(use_reference):
+    results = run_ranks(_independent_ranks, 2, args=(use_reference,), timeout_s=90)
+    for rank, result in enumerate(results):
+        assert "error" not in result, (rank, result)
+        alone = _train_own_rows(_independent_table(use_reference), rank)  # one process, no group
+        for key in alone:
+            assert torch.equal(result[key], alone[key]), (rank, key)
+    assert not torch.equal(results[0]["weight"], results[1]["weight"])
 
 
 def test_wrap_needs_a_process_group():
