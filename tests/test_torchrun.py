@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import deepfm_fast
 from deepfm_fast.cli import main
 from test_cli import write_libfm
 from testing import free_port
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+# The ranks import the deepfm_fast under test, not whichever checkout is installed (e.g. editable).
+CHECKOUT = str(Path(deepfm_fast.__file__).resolve().parents[1])
 pytestmark = pytest.mark.skipif(TORCHRUN is None or not torch.distributed.is_available(),
                                 reason="torchrun / torch.distributed is not available")
 
@@ -31,7 +34,8 @@ def _args(tmp_path, checkpoint, epochs, *extra):
 def _torchrun(tmp_path, *args):
     command = [TORCHRUN, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                "-m", "deepfm_fast", *args]
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE",
+           "PYTHONPATH": os.pathsep.join(filter(None, [CHECKOUT, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
