@@ -409,6 +409,34 @@ def cmd_train(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
+def _load_train_data_on_every_rank(opts: Dict[str, Any], rank: int, world_size: int):
+    """`load_train_data` on each rank of a torchrun job. With --cache-dir rank 0 reads the files and
+    fills the cache first, then the others read its cache; without, every rank parses them at once.
+    After each turn the ranks share their errors: a rank that failed raises its own, the others a
+    CLIError naming it, so that all stop at once instead of waiting for a rank that has left."""
+    if world_size == 1:
+        return load_train_data(opts)
+    import torch.distributed
+
+    turns = [rank == 0, rank > 0] if opts["cache_dir"] else [True]
+    loaded = None
+    for my_turn in turns:
+        error = None
+        if my_turn:
+            try:
+                loaded = load_train_data(opts if rank == 0 else {**opts, "progress": False})
+            except Exception as exc:  # raised below, once the other ranks know
+                error = exc
+        errors: List[Optional[str]] = [None] * world_size
+        torch.distributed.all_gather_object(errors, None if error is None else str(error))
+        if error is not None:
+            raise error
+        failed = next((r for r, message in enumerate(errors) if message is not None), None)
+        if failed is not None:
+            raise CLIError(f"rank {failed} could not load the data: {errors[failed]}")
+    return loaded
+
+
 def _train(opts: Dict[str, Any], rank: int, world_size: int, device) -> int:
     """Every rank builds the same model and reads the same data; under torchrun each trains on its
     share of every global batch of --batch-size rows, and rank 0 alone evaluates, checkpoints,
@@ -425,15 +453,7 @@ def _train(opts: Dict[str, Any], rank: int, world_size: int, device) -> int:
     if opts["resume"] and not opts["checkpoint_dir"]:
         raise CLIError("--resume needs --checkpoint-dir")
     table_optimizer = _table_optimizer(opts)
-    if world_size > 1 and rank > 0:
-        import torch.distributed
-
-        torch.distributed.barrier()  # rank 0 reads the files first: the others then reuse its --cache-dir
-    data, train, valid, test, spec = load_train_data(opts if rank == 0 else {**opts, "progress": False})
-    if world_size > 1 and rank == 0:
-        import torch.distributed
-
-        torch.distributed.barrier()
+    data, train, valid, test, spec = _load_train_data_on_every_rank(opts, rank, world_size)
     for split, n in data.bad_lines.items():
         if n:
             say(f"skipped {n} bad line(s) in {split}", file=sys.stderr)

@@ -6,14 +6,14 @@ touched rows inside the backward, and sparse gradients (``table_optimizer="spars
 ``torch.sparse_coo`` tensors DDP cannot reduce. `wrap` makes both work with torch.distributed
 collectives:
 
-- the tables (and the fused optimizer's state buffers) are left out of DDP, and rank 0's copy is
-  broadcast once, so every replica starts equal;
+- the tables that have no dense gradient (and the fused optimizer's state buffers) are left out of
+  DDP, and rank 0's copy of every table is broadcast once, so every replica starts equal;
 - fused: the backward all-gathers each rank's coalesced ``(unique ids, row gradients)`` of both
   tables (V and w), merges them (sum per row, divided by the world size: DDP's averaged gradient)
   and applies the same update on every rank. It runs inside the backward, so it overlaps the DNN's
   all-reduce, which DDP starts as the DNN's gradients become ready.
-- sparse: a gradient hook on each table does the same merge and hands the optimizer the averaged
-  sparse gradient.
+- sparse: a gradient hook on each table with a sparse gradient does the same merge and hands the
+  optimizer the averaged sparse gradient (the reference ops give ``w`` a dense one: DDP's).
 - dense: DDP's own all-reduce, as for any parameter.
 - the L2 penalty on the rows a batch uses covers the union of every rank's rows, once each.
 
@@ -36,7 +36,7 @@ rank unless `wrap` synchronised it (or `independent` said the replicas are meant
 import datetime
 import math
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -44,12 +44,18 @@ from torch import Tensor, nn
 
 from .embedding import EmbeddingFM
 
-__all__ = ["wrap", "init_from_environment", "independent", "merge_rows", "union_rows", "is_distributed", "rank",
-           "world_size", "convert_sync_batch_norm", "CpuSyncBatchNorm"]
+__all__ = ["wrap", "init_from_environment", "independent", "merges_across_ranks", "merge_rows", "union_rows",
+           "is_distributed", "rank", "world_size", "convert_sync_batch_norm", "CpuSyncBatchNorm"]
 
 # Process groups by the handle `EmbeddingFM._sync` holds (0: not synchronised, -1: independent).
 _GROUPS: Dict[int, Optional[dist.ProcessGroup]] = {}
 INDEPENDENT = -1
+
+
+def merges_across_ranks(handle: int) -> bool:
+    """``handle`` (an `EmbeddingFM._sync`) names a process group of `wrap` whose ranks merge their
+    rows: not 0 (not synchronised) nor `INDEPENDENT`."""
+    return handle > 0
 
 
 def is_distributed() -> bool:
@@ -110,12 +116,17 @@ def _check_same_model(model: nn.Module, group: Optional[dist.ProcessGroup]) -> N
                              f"(differs in: {', '.join(different)}); every rank must build the same model")
 
 
+def _fused_state(module: EmbeddingFM) -> List[Tensor]:
+    """The buffers of a fused optimizer: its states, row states and step count (none without one)."""
+    if module.optimizer is None:
+        return []
+    return module.optimizer_state_list() + list(module.optimizer_row_state().values()) + [module.optimizer_step]
+
+
 def _broadcast_tables(module: EmbeddingFM, group: Optional[dist.ProcessGroup]) -> None:
     """Rank 0's tables and optimizer state on every rank (DDP does this for the parameters it manages)."""
     src = dist.get_global_rank(group, 0) if group is not None else 0
-    tensors = [module.weight, module.linear_weight]
-    if module.optimizer is not None:
-        tensors += module.optimizer_state_list() + list(module.optimizer_row_state().values()) + [module.optimizer_step]
+    tensors = [module.weight, module.linear_weight] + _fused_state(module)
     with torch.no_grad():
         for t in tensors:
             device = _collective_device(group)
@@ -202,22 +213,30 @@ def wrap(model: nn.Module, *, process_group: Optional[dist.ProcessGroup] = None,
     _check_same_model(model, process_group)
     handle = max(_GROUPS, default=0) + 1
     _GROUPS[handle] = process_group
-    ignore = []
-    for name, module in tables:
-        prefix = f"{name}." if name else ""
+    synchronised: Set[int] = set()  # ids of the tensors kept equal here, not by DDP
+    for _, module in tables:
         _broadcast_tables(module, process_group)
-        if module.optimizer is not None or module.sparse:
-            # DDP must neither all-reduce these (no dense gradient) nor broadcast them every step.
-            ignore += [prefix + "weight", prefix + "linear_weight"]
-            ignore += [prefix + n for n, _ in module.named_buffers(recurse=False) if n.startswith(("weight_optimizer",
-                                                                                                  "linear_optimizer",
-                                                                                                  "optimizer_"))]
-        if module.sparse:
-            for param in module.sparse_parameters():
+        if module.optimizer is not None:
+            synchronised |= {id(t) for t in [module.weight, module.linear_weight] + _fused_state(module)}
+        for param in module.sparse_parameters():
+            if param.requires_grad:  # a frozen table has no gradient to merge (and refuses hooks)
                 param.register_hook(lambda grad, h=handle: _merge_sparse_grad(h, grad))
+                synchronised.add(id(param))
         module._sync = handle
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, _ddp_names(model, synchronised))
     return nn.parallel.DistributedDataParallel(model, process_group=process_group, **ddp_kwargs)
+
+
+def _ddp_names(model: nn.Module, tensor_ids: Set[int]) -> List[str]:
+    """The names under which DDP looks up the parameters and buffers ``tensor_ids`` to ignore. DDP
+    spells them two ways: as ``named_parameters()`` and ``named_buffers()`` do, and, building its
+    reducer, ``f"{module_name}.{param_name}"``, which for the root's own parameters is ``".weight"``."""
+    names = [n for n, t in model.named_parameters(remove_duplicate=False) if id(t) in tensor_ids]
+    names += [n for n, t in model.named_buffers(remove_duplicate=False) if id(t) in tensor_ids]
+    names += [f"{module_name}.{n}" for module_name, module in model.named_modules()
+              for n, p in module.named_parameters(recurse=False) if id(p) in tensor_ids]
+    return sorted(set(names))
 
 
 def independent(model: nn.Module) -> nn.Module:

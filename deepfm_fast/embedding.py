@@ -457,9 +457,9 @@ class _FusedStepReference(torch.autograd.Function):
         ids, offsets, per_sample_weights = ctx.saved_tensors
         unique_ids, row_grads, linear_row_grads, grad_psw = _reference_coalesced_grads(
             module, ids, offsets, per_sample_weights, ctx.pooling, grad_fm, grad_linear, grad_pooled)
-        if module._sync:
-            from . import distributed
+        from . import distributed
 
+        if distributed.merges_across_ranks(module._sync):
             unique_ids, (row_grads, linear_row_grads) = distributed.merge_rows(
                 module._sync, unique_ids, [row_grads, linear_row_grads], grad_fm.shape[0])
         module.apply_fused_step(unique_ids, row_grads, linear_row_grads)

@@ -480,9 +480,9 @@ def _register_fused_row_update():
         if rows is not None:
             unique_ids = rows[unique_ids]  # sorted: rows are
         grads = [row_grads, linear_row_grads]
-        if sync:
-            from . import distributed
+        from . import distributed
 
+        if distributed.merges_across_ranks(sync):
             unique_ids, grads = distributed.merge_rows(sync, unique_ids, grads, batch)
         torch.ops.deepfm_fast.fused_row_update.default([weight, linear_weight], state, unique_ids, grads, step,
                                                        optimizer, lr, eps, beta1, beta2, weight_decay, last_step,

@@ -405,6 +405,23 @@ def test_cache_matches_in_memory_with_weights_and_bags(tmp_path):
     assert torch.equal(enc.multi_hot[0], mem.train.multi_hot[0])
 
 
+def test_cache_hit_keeps_the_libfm_layout_of_the_training_file(tmp_path, monkeypatch):
+    """The format spec a checkpoint stores holds the libFM layout, from the cache as after parsing,
+    and a cache hit does not read the training file to find it."""
+    from deepfm_fast.data import format_spec, make_format, trained_spec
+
+    p = tmp_path / "g.libfm"
+    p.write_text("1 3:2 10:1\n-1 4:1\n1 3:1 10:1 20:1\n")
+    first_fmt = make_format(format_spec("libfm"))
+    first = prepare_data(first_fmt, p, cache_dir=tmp_path / "c")
+    monkeypatch.setattr(LibFMFormat, "_mode", lambda *a, **k: pytest.fail("a cache hit read the layout from the file"))
+    second_fmt = make_format(format_spec("libfm"))
+    second = prepare_data(second_fmt, p, cache_dir=tmp_path / "c")
+    assert not first.from_cache and second.from_cache
+    assert trained_spec(format_spec("libfm"), first_fmt)["kwargs"]["layout"] == ["bag", 3]
+    assert trained_spec(format_spec("libfm"), second_fmt) == trained_spec(format_spec("libfm"), first_fmt)
+
+
 # -- batches and CSR -----------------------------------------------------------------------
 def small_dataset(r=37, seed=0):
     g = torch.Generator().manual_seed(seed)

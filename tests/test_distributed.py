@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepfm_fast import distributed
+from deepfm_fast import EmbeddingFM, distributed, optim
 from deepfm_fast.data import iterate_batches, make_synthetic
-from deepfm_fast.models import TABLE_OPTIMIZERS, DeepFM
+from deepfm_fast.models import LR, TABLE_OPTIMIZERS, DeepFM
 from testing import run_ranks
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -137,6 +137,103 @@ def test_bad_setups_raise_on_every_rank(worker, message):
     for rank, result in enumerate(results):
         assert "error" in result, (rank, result)
         assert __import__("re").search(message, result["error"]), (rank, result["error"])
+
+
+def _independent_table(use_reference):
+    torch.manual_seed(0)
+    return EmbeddingFM([5, 7], 4, optimizer=optim.Adam(lr=0.1), use_reference=use_reference).double()
+
+
+def _train_own_rows(table, rank):
+    """Two fused steps on rows that differ between the ranks."""
+    ids = torch.tensor([[rank, 2 * rank], [rank + 2, 6 - rank]])
+    for _ in range(2):
+        F.binary_cross_entropy_with_logits(table(ids), torch.ones(2, dtype=torch.float64)).backward()
+    table.eval()  # flushes Adam: every row up to date
+    return {"weight": table.weight.detach().clone(), "linear_weight": table.linear_weight.detach().clone()}
+
+
+def _independent_ranks(rank, world_size, use_reference):
+    return _train_own_rows(distributed.independent(_independent_table(use_reference)), rank)
+
+
+@pytest.mark.parametrize("use_reference", [False, True], ids=["compiled", "reference"])
+def test_independent_fused_tables_train_alone_on_each_rank(use_reference):
+    results = run_ranks(_independent_ranks, 2, args=(use_reference,), timeout_s=90)
+    for rank, result in enumerate(results):
+        assert "error" not in result, (rank, result)
+        alone = _train_own_rows(_independent_table(use_reference), rank)  # one process, no group
+        for key in alone:
+            assert torch.equal(result[key], alone[key]), (rank, key)
+    assert not torch.equal(results[0]["weight"], results[1]["weight"])
+
+
+def _root_table(variant):
+    """An `EmbeddingFM` as the whole model: DDP then names its parameters without a prefix."""
+    torch.manual_seed(0)
+    return EmbeddingFM([5, 7], 4, sparse=variant.startswith("root-sparse"), use_reference=variant.endswith("reference"),
+                       optimizer=optim.Adam(lr=0.1) if variant == "root-fused" else None).double()
+
+
+def _root_optimizers(table):
+    """SparseAdam for the sparse gradients, Adam for the dense ones (none for the fused tables)."""
+    sparse = table.sparse_parameters()
+    fused = [table.weight, table.linear_weight] if table.optimizer is not None else []
+    dense = [p for p in table.parameters() if all(p is not q for q in sparse + fused)]
+    return ([torch.optim.SparseAdam(sparse, lr=0.1)] if sparse else []) + [torch.optim.Adam(dense, lr=0.1)]
+
+
+def _root_batch(step, rank):
+    g = torch.Generator().manual_seed(10 * step + rank)  # each rank its own rows
+    return torch.randint(0, 5, (8, 2), generator=g), torch.randint(0, 2, (8,), generator=g).double()
+
+
+def _train_wrapped(rank, world_size, variant):
+    """STEPS steps of a wrapped variant, each rank on its own rows."""
+    data = _data()
+    if variant.startswith("root-"):
+        model = _root_table(variant)
+        optimizers = _root_optimizers(model)
+    else:
+        torch.manual_seed(0)
+        model = (DeepFM(data.fields, 6, hidden_units=(16,), table_optimizer="sparse_adam", use_reference=True)
+                 if variant == "deepfm-sparse-reference" else LR(data.fields, table_optimizer="sparse_adam")).double()
+        optimizers = _optimizers(model, "sparse_adam")
+    ddp = distributed.wrap(model)
+    for step, batch in enumerate(_global_batches(data, shard=(rank, world_size))):
+        if variant.startswith("root-"):
+            ids, labels = _root_batch(step, rank)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            F.binary_cross_entropy_with_logits(ddp(ids), labels).backward()
+            for opt in optimizers:
+                opt.step()
+        else:
+            _step(ddp, model, batch, optimizers)
+    fused = [m for m in model.modules() if isinstance(m, EmbeddingFM) and m.optimizer is not None]
+    return {"state": _final_state(model),
+            "fused_tables_have_grad": any(t.grad is not None for m in fused for t in (m.weight, m.linear_weight))}
+
+
+@pytest.mark.parametrize("variant", [
+    "deepfm-sparse-reference",  # the reference gives w a dense gradient, which only DDP averages
+    "root-dense", "root-sparse", "root-sparse-reference", "root-fused",
+    "lr-frozen-sparse-table",  # LR's table requires no gradient: no hook to register
+])
+def test_wrap_keeps_every_parameter_equal_across_ranks(variant):
+    """wrap leaves to DDP exactly the parameters it neither hooks nor fuses, under the names DDP
+    looks up (an `EmbeddingFM` that is the whole model included); ranks on different rows stay equal."""
+    results = run_ranks(_train_wrapped, 2, args=(variant,), timeout_s=90)
+    for rank, result in enumerate(results):
+        assert "error" not in result, (rank, result)
+    # Left to DDP, a fused table would get a dense zero gradient, all-reduced at every step.
+    assert not results[0]["fused_tables_have_grad"]
+    rank0, rank1 = results[0]["state"], results[1]["state"]
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    linear_weight = next(v for k, v in rank0.items() if k.endswith("linear_weight"))
+    assert bool(linear_weight.ne(0).any())  # it trained (it starts at zero)
 
 
 def test_wrap_needs_a_process_group():

@@ -360,6 +360,12 @@ def test_clear_errors():
             trc.shard(model)
 
 
+def test_a_field_name_a_table_cannot_take_is_named():
+    # nn.ModuleDict (the collection's tables) refuses "." in a key, and sharding names tables by dotted paths.
+    with pytest.raises(ValueError, match=r"field name 'user\.id' contains '\.'"):
+        trc.TorchRecDeepFM([SparseField("item", 4), SparseField("user.id", 3)], 4)
+
+
 def test_missing_torchrec_names_the_pip_command():
     import subprocess
     import sys

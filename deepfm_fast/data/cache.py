@@ -4,7 +4,8 @@ Cache layout (``cache_dir/<key>/``, ``key`` = hash of the format options and the
 file's path, size and mtime)::
 
     meta.json                    fitted FeatureEncoder (fields, vocabularies or hash settings,
-                                 numeric statistics), options, training file signature, version
+                                 numeric statistics), options, training file signature, version,
+                                 libFM layout of the training file
     <split>-<srckey>/            one per encoded file (train, valid, test, ...), srckey = hash
         split.json               of that file's signature; rows, bad_lines, arrays present
         labels.npy               float32 [R]
@@ -214,6 +215,15 @@ def _load_split(encoder: FeatureEncoder, d: Path) -> EncodedDataset:
     return _assemble(encoder, arrays)
 
 
+def _fix_libfm_layout(fmt: Format, train: Path, chunk_rows: int, meta: Optional[Dict[str, Any]]) -> None:
+    """libFM: every file is read with the layout (position/bag, pair count) of the training file,
+    which the cache's meta.json keeps, so that a cache hit need not read the file to find it."""
+    if not isinstance(fmt, LibFMFormat) or fmt.layout is not None:
+        return
+    stored = meta.get("libfm_layout") if meta is not None else None  # absent from caches made before it was kept
+    fmt.set_layout(*(stored if stored is not None else fmt._mode(train, chunk_rows)))
+
+
 def prepare_data(
     fmt: Format,
     train: Union[str, Path],
@@ -257,13 +267,14 @@ def prepare_data(
     sigs = {k: file_signature(p) for k, p in files.items()}
     opts = {"version": CACHE_VERSION, "format": fmt.options(), "skip_bad_lines": skip_bad_lines}
 
-    root = None
+    root, meta = None, None
     if cache_dir is not None:
         root = Path(cache_dir) / _key({"options": opts, "train": sigs["train"]})
         meta_path = root / "meta.json"
         split_dirs = {k: root / f"{k}-{_key(s)}" for k, s in sigs.items()}
-        if meta_path.is_file() and all((d / "split.json").is_file() for d in split_dirs.values()):
-            meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+        if meta is not None and all((d / "split.json").is_file() for d in split_dirs.values()):
+            _fix_libfm_layout(fmt, train, chunk_rows, meta)
             encoder = FeatureEncoder.from_dict(meta["encoder"])
             splits = {k: _load_split(encoder, d) for k, d in split_dirs.items()}
             bad = {k: json.loads((d / "split.json").read_text())["bad_lines"] for k, d in split_dirs.items()}
@@ -271,12 +282,10 @@ def prepare_data(
                                 True, bad, root)
         root.mkdir(parents=True, exist_ok=True)
 
-    if isinstance(fmt, LibFMFormat):
-        # Every file is read with the layout (position/bag, pair count) of the training file.
-        fmt.set_layout(*fmt._mode(train, chunk_rows))
-    if root is not None and meta_path.is_file():
+    _fix_libfm_layout(fmt, train, chunk_rows, meta)
+    if meta is not None:
         # Same options and training file: reuse the fitted encoder; only new files get encoded.
-        encoder = FeatureEncoder.from_dict(json.loads(meta_path.read_text())["encoder"])
+        encoder = FeatureEncoder.from_dict(meta["encoder"])
         fit_stats = None
     else:
         fit_stats = ReadStats()
@@ -310,5 +319,6 @@ def prepare_data(
         bad[name] = stats.bad_lines
     if root is not None and fit_stats is not None:
         write_json(meta_path, {"version": CACHE_VERSION, "options": opts, "train_source": sigs["train"],
-                            "train_rows": fit_stats.rows, "encoder": encoder.to_dict()})
+                            "train_rows": fit_stats.rows, "encoder": encoder.to_dict(),
+                            "libfm_layout": fmt.layout if isinstance(fmt, LibFMFormat) else None})
     return PreparedData(splits["train"], splits.get("valid"), splits.get("test"), encoder, False, bad, root)

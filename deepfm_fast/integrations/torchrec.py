@@ -171,7 +171,7 @@ class TorchRecDeepFM(nn.Module):
     Args:
         fields: :class:`~deepfm_fast.features.SparseField`, :class:`MultiHotField` (sum or mean)
             and :class:`NumericField` specs, in data order; the names become the KJT keys and, as
-            ``t_<name>``, the table names.
+            ``t_<name>``, the table names (so they cannot contain ``"."``).
         embedding_dim: ``K``; any value >= 1 (the table rows are padded to a multiple of 4).
         hidden_units, activation, dropout, batch_norm: the DNN (:class:`deepfm_fast.models.MLP`).
             Under DMP the DNN is data parallel (DDP), so batch norm normalises each rank's share
@@ -214,6 +214,10 @@ class TorchRecDeepFM(nn.Module):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"TorchRecDeepFM: field names must be unique, repeated: {dup}")
+        for name in names:  # the table's name is a key of nn.ModuleDict, which takes no "."
+            if "." in name:
+                raise ValueError(f"TorchRecDeepFM: field name {name!r} contains '.', which a table name cannot "
+                                 f"(TorchRec keeps the tables in an nn.ModuleDict); rename the field")
         if embedding_dim < 1:
             raise ValueError(f"TorchRecDeepFM: embedding_dim must be >= 1, got {embedding_dim}")
         has_numeric = any(isinstance(f, NumericField) for f in fields)
@@ -487,21 +491,21 @@ def shard(model: TorchRecDeepFM, *, optimizer: str = "rowwise_adagrad", lr: floa
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
     plan = planner.collective_plan(model, [sharder], pg)
 
-    bags = model.embedding_bag_collection.embedding_bags
-    full = {name: bag.weight.detach().clone() for name, bag in bags.items() if bag.weight.device.type != "meta"}
+    # The unsharded tables by state_dict key, which the sharded tables keep (gather_state_dict relies on it).
+    full = {key: value.detach().clone() for key, value in model.state_dict().items()
+            if key.startswith("embedding_bag_collection.") and value.device.type != "meta"}
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), device=device, plan=plan,
                                    sharders=[sharder])
     # DMP re-initialises every shard (with the tables' init_fn, fresh random draws): give each
     # shard the rows the unsharded model had, so that sharded and unsharded start equal.
     with torch.no_grad():
         for key, weight in _table_weights(dmp).items():
-            name = key.split(".")[-2]
-            if name not in full:
+            if key not in full:  # a model on the meta device: the fresh rows are its init
                 continue
             for local in weight.local_shards():
                 row0, col0 = local.metadata.shard_offsets
                 rows, cols = local.metadata.shard_sizes
-                local.tensor.copy_(full[name][row0:row0 + rows, col0:col0 + cols])
+                local.tensor.copy_(full[key][row0:row0 + rows, col0:col0 + cols])
     return dmp
 
 
