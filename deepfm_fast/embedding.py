@@ -374,9 +374,9 @@ class EmbeddingFM(nn.Module):
         ``sparse=True`` the gradients are sparse like those of the op. Under `deepfm_fast.distributed`
         the rows are those of every rank's batch, each once."""
         rows = self.used_rows(indices, offsets, global_ids=global_ids)
-        if self._sync > 0:  # under deepfm_fast.distributed: the rows of every rank's batch
-            from . import distributed
+        from . import distributed
 
+        if distributed.merges_across_ranks(self._sync):  # the rows of every rank's batch
             rows = distributed.union_rows(self._sync, rows)
         gather = reference.gather_rows if self.use_reference else ops.gather_rows
         v = gather(self.weight, rows, self.sparse)
