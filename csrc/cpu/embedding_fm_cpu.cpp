@@ -26,6 +26,7 @@
 #include "checks.h"
 #include "cpu/coalesce.h"
 #include "cpu/parallel.h"
+#include "cpu/prefetch.h"
 #include "cpu/simd.h"
 #include "dispatch.h"
 
@@ -92,11 +93,10 @@ struct Inputs {
 constexpr int64_t kPrefetchAhead = 16;
 
 template <typename scalar_t, typename index_t>
-inline void prefetch_row(const Inputs<scalar_t, index_t>& in, int64_t id, bool with_linear = false) {
-  const char* row = reinterpret_cast<const char*>(in.row(id));
-  const int64_t bytes = in.dim * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(row + at);
-  if (with_linear && in.lw != nullptr) __builtin_prefetch(&in.lw[id * in.lw_stride]);
+inline __attribute__((always_inline)) void prefetch_row(const Inputs<scalar_t, index_t>& in, int64_t id,
+                                                        bool with_linear = false) {
+  prefetch_lines(in.row(id), in.dim * static_cast<int64_t>(sizeof(scalar_t)));
+  if (with_linear && in.lw != nullptr) prefetch_lines(&in.lw[id * in.lw_stride], sizeof(scalar_t));
 }
 
 template <typename scalar_t, typename index_t, int64_t kStaticDim>

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu/parallel.h"
+#include "cpu/prefetch.h"
 #include "fused_row_update_checks.h"
 
 namespace deepfm_fast {
@@ -22,11 +23,6 @@ namespace {
 // Rows of a large table are cache (and TLB) misses: touching the rows a few ids ahead lets their
 // loads overlap with the update of the current row instead of stalling one after the other.
 constexpr int64_t kPrefetchDistance = 8;
-
-inline void prefetch_for_write(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(c + offset, 1, 1);
-}
 
 // One table of an update, with its state (per element, or per row for row-wise Adagrad). Each is
 // read at row * its row stride (a packed record, or a plain contiguous table).
@@ -110,12 +106,12 @@ void update_rows(const std::vector<TableRef<scalar_t>>& refs, const std::vector<
       if (u + kPrefetchDistance < end) {
         const int64_t ahead = ids[u + kPrefetchDistance];
         for (const auto& t : refs) {
-          prefetch_for_write(t.row(ahead), t.dim * sizeof(scalar_t));
+          prefetch_lines<1>(t.row(ahead), t.dim * sizeof(scalar_t));
           const int64_t state0_width = kOptimizer == kRowWiseAdagrad ? 1 : t.dim;
-          if (t.state0) prefetch_for_write(t.row_state0(ahead), state0_width * sizeof(acc_t));
-          if (t.state1) prefetch_for_write(t.row_state1(ahead), t.dim * sizeof(acc_t));
+          if (t.state0) prefetch_lines<1>(t.row_state0(ahead), state0_width * sizeof(acc_t));
+          if (t.state1) prefetch_lines<1>(t.row_state1(ahead), t.dim * sizeof(acc_t));
         }
-        if (kOptimizer == kAdam) __builtin_prefetch(adam.last_step + ahead * adam.last_step_stride, 1);
+        if (kOptimizer == kAdam) prefetch_lines<1>(adam.last_step + ahead * adam.last_step_stride, sizeof(int64_t));
       }
       const int64_t row = ids[u];
       int64_t missed = 0;
@@ -235,11 +231,11 @@ std::vector<at::Tensor> adam_rows_cpu(at::TensorList tables, at::TensorList stat
       for (int64_t u = lo; u < hi; ++u) {
         if (u + kPrefetchDistance < hi) {  // each row is a cache miss in every array: overlap them
           const int64_t ahead = row[u + kPrefetchDistance];
-          __builtin_prefetch(adam.last_step + ahead * adam.last_step_stride);
+          prefetch_lines(adam.last_step + ahead * adam.last_step_stride, sizeof(int64_t));
           for (const auto& ref : refs) {
-            __builtin_prefetch(ref.row(ahead));
-            __builtin_prefetch(ref.row_state0(ahead));
-            __builtin_prefetch(ref.row_state1(ahead));
+            prefetch_lines(ref.row(ahead), ref.dim * sizeof(scalar_t));
+            prefetch_lines(ref.row_state0(ahead), ref.dim * sizeof(acc_t));
+            prefetch_lines(ref.row_state1(ahead), ref.dim * sizeof(acc_t));
           }
         }
         const int64_t r = row[u];
