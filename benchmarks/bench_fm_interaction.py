@@ -1,6 +1,7 @@
 """W1: the FM layer on pre-gathered embeddings [B, F, K] (../shared/docs/benchmarks.md).
 
-Fused op vs the eager reference vs torch.compile(reference), forward and forward+backward.
+Fused op vs the eager reference vs torch.compile(reference), forward and forward+backward, with
+the same-run memory limit of forward+backward (`limit_copy`: read [B, F, K] once, write it once).
 Run (CPU, one thread):
     OMP_WAIT_POLICY=PASSIVE python -m pytest benchmarks/bench_fm_interaction.py --benchmark-only \
         --benchmark-json benchmarks/results/fm_interaction_cpu.json
@@ -70,6 +71,9 @@ def test_w1(benchmark, shape, backward):
     for fn in impls.values():
         check_against_reference(fn, emb)
     steps = {name: step_fn(fn, emb, backward) for name, fn in impls.items()}
+    if backward:  # the same-run memory limit of forward + backward: read the input, write a gradient
+        gradient = torch.empty_like(emb)
+        steps["limit_copy"] = lambda: gradient.copy_(emb.detach())
     medians = alternating_medians(steps, device=DEVICE)
     benchmark.group = f"W1 {'fwd+bwd' if backward else 'fwd'} {DEVICE} {DTYPE}".replace("torch.", "")
     benchmark.extra_info.update(shape=list(shape), device=DEVICE, dtype=str(DTYPE),

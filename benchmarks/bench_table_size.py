@@ -23,6 +23,6 @@ VARIANTS = ["fused_SGD", "fbgemm_tbe_EXACT_SGD", "embedding_sparse_SGD"]
 def test_fm_step_by_table_size(benchmark, total_rows):
     rows = total_rows // W.FIELDS
     variants = build(W.W2_VARIANTS, VARIANTS, 16, rows=rows)
-    run_case(benchmark, "W2 FM-only step by table size", variants, 4096, 16, "uniform", rounds=11, rows=rows)
+    run_case(benchmark, "W2 FM-only step by table size", variants, 4096, 16, "uniform", rounds=25, rows=rows)
     del variants
     gc.collect()
