@@ -135,8 +135,12 @@ def _run_rank(rank, fn, world_size, port, out_dir, args):
     except Exception as error:  # reported to the parent with its message, as a result
         result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
     finally:
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        # Every rank done before any tears its group down: a rank destroying gloo while the other
+        # still exchanges the last collective's messages aborted now and then ("terminate called
+        # without an active exception").
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
 def run_ranks(fn, world_size=2, args=(), timeout_s=120.0):
