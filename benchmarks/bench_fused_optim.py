@@ -33,7 +33,7 @@ from recording import alternating_info
 ROWS = W.TABLE_ROWS[os.environ.get("DEEPFM_FAST_BENCH_TABLE", "large")]
 DEVICE = os.environ.get("DEEPFM_FAST_BENCH_DEVICE", "cpu")
 ONLY = [n for n in os.environ.get("DEEPFM_FAST_BENCH_VARIANTS", "").split(",") if n]
-ONLY_FUSED = bool(ONLY) and not any(n.startswith("limit") for n in ONLY)  # "limit" in the list keeps the limits
+WITH_LIMITS = not ONLY or "limit" in ONLY  # DEEPFM_FAST_BENCH_VARIANTS=...,limit keeps the same-run limits
 if DEVICE == "cuda":  # the GPU workloads of ../shared/docs/benchmarks.md
     W2_CASES = [(16, 4096, "uniform"), (16, 65536, "uniform"), (16, 65536, "zipf"), (64, 65536, "uniform")]
     W3_CASES = [(16, 4096, "uniform"), (16, 65536, "uniform")]
@@ -63,7 +63,7 @@ def build(variants, names, dim, rows=ROWS):
             W.copy_tables(table.weight, table.linear_weight, variant)
             if deepfm:
                 variant.model[1].load_state_dict(fused.model[1].state_dict())
-    if DEVICE == "cpu" and not ONLY_FUSED:  # the same-run limit at each packed record size
+    if DEVICE == "cpu" and WITH_LIMITS:  # the same-run limit at each packed record size
         tables = [v.model[0] if deepfm else v.model for v in built.values() if v.name.startswith("fused")]
         for floats in sorted({t.weight.stride(0) for t in tables if t.rows_packed}):
             limit = W.record_update_limit(rows, floats)

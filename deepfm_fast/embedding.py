@@ -158,12 +158,8 @@ class EmbeddingFM(nn.Module):
                 own[name] = t.to(device, state_dtype)
             else:
                 own[name] = t.to(device)
-        for name in order:
-            if name in own:
-                self._buffers.pop(name, None)
-                self._buffers[name] = own[name]
-            else:
-                self._buffers[name] = self._buffers.pop(name)
+        for name in order:  # back in their order (state_dict's key order)
+            self._buffers[name] = own.pop(name) if name in own else self._buffers.pop(name)
         self._pack()
         return self
 
@@ -220,13 +216,14 @@ class EmbeddingFM(nn.Module):
             self.pack_rows = False
         self._pack()  # a copy (copy.deepcopy, pickle) packs its own rows
 
-    def _check_local(self, ids: Tensor, field_dims: Tensor, field_of: Tensor) -> None:
-        """`field_dims`: each id's field size (broadcast over a [B, F] input); `field_of`: its field."""
+    def _check_local(self, ids: Tensor, field_dims: Tensor, field_of: Optional[Tensor] = None) -> None:
+        """`field_dims`: each id's field size, broadcast over a [B, F] input; `field_of`: each id's
+        field for CSR input (None: column f is field f)."""
         bad = (ids < 0) | (ids >= field_dims)
         if bool(bad.any()):
             pos = ", ".join(str(i) for i in bad.nonzero()[0].tolist())
             flat = int(bad.reshape(-1).nonzero()[0, 0])
-            f = int(field_of.expand_as(ids).reshape(-1)[flat])
+            f = int(field_of.reshape(-1)[flat]) if field_of is not None else flat % self.num_fields
             raise IndexError(f"EmbeddingFM: id {int(ids.reshape(-1)[flat])} at indices[{pos}] is out of range for "
                              f"field {f}, which has field_dims[{f}] = {self.field_dims[f]} ids "
                              f"(0..{self.field_dims[f] - 1})")
@@ -241,7 +238,7 @@ class EmbeddingFM(nn.Module):
                                  f"got shape {tuple(indices.shape)}")
             # Column f is field f: the per-field constants broadcast, no [B, F] gather of them.
             if not torch.compiler.is_compiling():
-                self._check_local(indices, self._field_dims, torch.arange(self.num_fields, device=indices.device))
+                self._check_local(indices, self._field_dims)
             return indices + self.field_offsets.to(indices.dtype)
         counts = (offsets[1:] - offsets[:-1]).long()
         if not torch.compiler.is_compiling() and (bool((counts < 0).any()) or int(counts.sum()) != indices.numel()):

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from deepfm_fast import EmbeddingFM, _packing, optim
+from deepfm_fast import EmbeddingFM, _packing, ops, optim, reference
 from testing import assert_close, device_params, random_csr
 
 OPTIMIZERS = {
@@ -154,3 +154,66 @@ def test_half_tables_are_not_packed():
     columns = [("v", torch.zeros(3, 4, dtype=torch.float16)), ("s", torch.zeros(3, 4))]
     assert _packing.record_layout(columns) is None
     assert _packing.pack(columns)["v"] is columns[0][1]
+
+
+def _strided_table(rows, dim, dtype=torch.float64, width=None):
+    """V [rows, dim] and w [rows] as views of wider records, like packed rows."""
+    records = torch.randn(rows, width or dim + 3, dtype=dtype)
+    return records, records[:, :dim], records[:, dim]
+
+
+def test_ops_read_strided_records_in_values_and_gradients():
+    indices, offsets = random_csr(4, 3, 9, 3, seed=7)
+    psw = torch.rand(indices.numel(), dtype=torch.float64)
+    _, weight, lw = _strided_table(9, 5)
+    assert weight.stride(0) == 8 and lw.stride(0) == 8
+    kwargs = dict(num_fields=3, mode="field", pooling=["mean", "sum", "mean"], return_pooled=True)
+    # Against the reference on contiguous copies.
+    out = ops.embedding_fm(weight, indices, offsets, psw, lw, **kwargs)
+    expected = reference.embedding_fm(weight.contiguous(), indices, offsets, psw, lw.contiguous(), **kwargs)
+    for a, e in zip(out, expected):
+        assert_close(a, e)
+    w, x, lin = (t.detach().requires_grad_() for t in (weight, psw, lw))
+
+    def fused(w, x, lin):
+        return tuple(ops.embedding_fm(w, indices, offsets, x, lin, **kwargs))
+
+    grads = torch.autograd.grad([o.sum() for o in fused(w, x, lin)], [w, x, lin])
+    wc, xc, linc = (t.detach().contiguous().requires_grad_() for t in (weight, psw, lw))
+    expected_grads = torch.autograd.grad(
+        [o.sum() for o in reference.embedding_fm(wc, indices, offsets, xc, linc, **kwargs)], [wc, xc, linc])
+    for a, e in zip(grads, expected_grads):
+        assert_close(a, e)
+    # Views of one record table as leaves: gradcheck perturbs them in place, through the records.
+    records = torch.randn(9, 8, dtype=torch.float64)
+    w_view, lin_view = records[:, :5].requires_grad_(), records[:, 5].requires_grad_()
+    assert torch.autograd.gradcheck(fused, (w_view, x.detach().requires_grad_(), lin_view))
+    torch.library.opcheck(torch.ops.deepfm_fast.embedding_fm.default,
+                          (weight, indices, offsets, psw, lw, 3, 0, [1, 0, 1], True))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_update_ops_on_strided_records_equal_the_reference_on_contiguous_tables(name):
+    opt = OPTIMIZERS[name]()
+    module = EmbeddingFM([30], 4, optimizer=opt)  # packed: its tables and states are strided views
+    tables = [module.weight, module.linear_weight]
+    states = module.optimizer_state_list()
+    row_state = module.optimizer_row_state()
+    assert all(t.stride(0) > (t.shape[1] if t.dim() == 2 else 1) for t in tables + states)
+    copies = [t.detach().clone() for t in tables], [s.clone() for s in states], \
+        {k: v.clone() for k, v in row_state.items()}
+    ids = torch.tensor([1, 4, 9, 29])
+    grads = [torch.randn(4, 4), torch.randn(4)]
+    step, step_copy = torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
+    args = (opt.code, opt.lr, opt.eps, *opt.betas, opt.weight_decay)
+    with torch.no_grad():
+        for _ in range(3):
+            ops.fused_row_update(tables, states, ids, grads, step, *args, row_state.get("last_step"),
+                                 row_state.get("catchup"), True)
+            reference.fused_row_update(copies[0], copies[1], ids, grads, step_copy, *args,
+                                       copies[2].get("last_step"), copies[2].get("catchup"), True)
+    for a, e in zip(tables + states, copies[0] + copies[1]):
+        assert_close(a, e)
+    torch.library.opcheck(torch.ops.deepfm_fast.fused_row_update.default,
+                          (tables, states, ids, grads, step, *args, row_state.get("last_step"),
+                           row_state.get("catchup"), True))
