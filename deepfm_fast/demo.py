@@ -68,7 +68,7 @@ def run_demo(rows: int = DEMO_DEFAULTS["rows"], epochs: int = DEMO_DEFAULTS["epo
     hidden = tuple(hidden_units)
     hp = dict(embedding_dim=embedding_dim, hidden_units=hidden, batch_norm=True, dropout=dropout, l2_embedding=0.0)
     seed_everything(seed)
-    model = DeepFM(data.fields, **hp, init_std=init_std, table_optimizer=table_optimizer, table_lr=table_lr)
+    model = DeepFM(data.fields, **hp, init_std=init_std, table_optimizer=table_optimizer)  # table_lr: the trainer's
     trainer = Trainer(model, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, table_lr=table_lr,
                                          seed=seed, patience=2, progress=progress))
     result = trainer.fit(data.train, data.valid)
