@@ -8,6 +8,7 @@ from deepfm_fast.data import iterate_batches, make_synthetic, to_csr
 from deepfm_fast.data.dataset import field_offsets
 from deepfm_fast.features import MultiHotField, NumericField, SparseField
 from deepfm_fast.models import FM, LR, DeepFM, build_model
+from testing import requires_compiled
 
 FIELDS = [SparseField("user", 40), SparseField("item", 60), MultiHotField("genres", 12, pooling="mean"),
           MultiHotField("tags", 9, pooling="sum"), NumericField("age"), NumericField("price")]
@@ -27,6 +28,7 @@ def _grads(model):
             if p.grad is not None}
 
 
+@requires_compiled
 @pytest.mark.parametrize("name", ["deepfm", "fm", "lr"])
 def test_fused_equals_reference_logits_and_grads(data, name):
     torch.manual_seed(0)
