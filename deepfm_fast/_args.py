@@ -1,6 +1,8 @@
 """Argument normalisation shared by the fused ops, their reference and the modules.
 
-Kept apart from `deepfm_fast.reference` so that the fast path never imports the oracle.
+Kept apart from `deepfm_fast.reference` (the oracle) and `deepfm_fast.ops` (the wrappers), so that
+both read one definition of the argument codes; `ops` itself imports the reference, its fallback
+without the compiled extension.
 """
 from typing import NamedTuple, Optional, Sequence, Union
 
