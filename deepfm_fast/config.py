@@ -93,14 +93,14 @@ def _dnn_inits() -> Sequence[str]:
 def _table_optimizer_help() -> str:
     from .models import TableMode
 
-    fused, plain = TableMode.fused_names(), [n for n in TableMode.names() if n not in TableMode.fused_names()]
+    plain = [n for n in TableMode.names() if n not in TableMode.fused_names()]
     return ("how the embedding table (and first-order weights) is trained. Fused, updating the rows each batch "
-            f"touches inside the backward: {', '.join(fused)}. adam: the semantics of torch.optim.Adam on the dense "
-            "gradient (rows no batch touched still move by their momentum, caught up in closed form), the best model "
-            "quality at the cost of a sparse update; lazy_adam: torch.optim.SparseAdam's semantics (untouched rows "
-            "frozen), a little faster, measurably worse models (benchmarks/results/quality.md). Plain PyTorch, for "
-            f"comparison: {', '.join(plain)} (sparse_adam: sparse gradients + torch SparseAdam; dense: dense gradients "
-            "+ Adam, the slow baseline). The DNN, bias and batch norm always use torch Adam")
+            f"touches inside the backward: {', '.join(TableMode.fused_names())}; adam has the semantics of "
+            "torch.optim.Adam on the dense gradient (rows no batch touched still move by their momentum, caught up "
+            "in closed form), the best model quality at the cost of a sparse update (each optimizer's semantics: "
+            "deepfm_fast.optim and the README; their model quality: benchmarks/results/quality.md). Plain PyTorch, "
+            f"for comparison: {', '.join(plain)} (sparse_adam: sparse gradients + torch SparseAdam; dense: dense "
+            "gradients + Adam, the slow baseline). The DNN, bias and batch norm always use torch Adam")
 
 
 def _opt(default: Any, text: Any, group: str, *, choices: Optional[Callable[[], Sequence[str]]] = None,
@@ -234,9 +234,6 @@ class RunConfig:
             raise RunError(f"config file {path}: expected a mapping of option -> value, got {type(options).__name__}")
         return cls.from_mapping(options or {}, base=p.resolve().parent, source=f"config file {path}",
                                 defaults=defaults)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _builtin_schemas():

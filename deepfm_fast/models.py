@@ -26,13 +26,12 @@ from the ``table_optimizer`` string (the names of ``deepfm-fast train --table-op
   touches every row each step);
 * ``"sparse_adam"``: coalesced sparse gradients, for ``torch.optim.SparseAdam`` on
   :meth:`CTRModel.sparse_parameters`;
-* a name of :data:`deepfm_fast.optim.NAMES` (``"adam"``, ``"lazy_adam"``, ``"rowwise_adagrad"``, ...):
-  that fused optimizer, applied to the touched rows inside the backward (``"adam"`` has the
-  semantics of ``torch.optim.Adam`` on the dense gradient, ``"lazy_adam"`` those of
-  ``SparseAdam``). ``V`` and ``w`` then get no gradient; the bias and the DNN still need a torch
-  optimizer. ``l2_embedding`` becomes the fused optimizer's ``weight_decay`` (the same
-  gradient as the penalty: ``lambda * V_j`` on each row used in the batch, once), so
-  ``return_penalty`` gives 0. The optimizer state and step count are buffers of
+* a name of :data:`deepfm_fast.optim.NAMES` (``"adam"``, ``"rowwise_adagrad"``, ...): that fused
+  optimizer, applied to the touched rows inside the backward (``"adam"`` has the semantics of
+  ``torch.optim.Adam`` on the dense gradient). ``V`` and ``w`` then get no gradient; the bias and
+  the DNN still need a torch optimizer. ``l2_embedding`` becomes the fused optimizer's
+  ``weight_decay`` (the same gradient as the penalty: ``lambda * V_j`` on each row used in the
+  batch, once), so ``return_penalty`` gives 0. The optimizer state and step count are buffers of
   ``model.embedding``, so ``state_dict`` carries them.
 
 :meth:`CTRModel.optimizers` builds what trains a model in its table mode (:class:`Optimizers`:
