@@ -1,4 +1,4 @@
-"""W2 and W4 (../shared/docs/benchmarks.md): the fused embedding_fm op against the reference, plain
+"""W2 and W4 (benchmarks/README.md): the fused embedding_fm op against the reference, plain
 PyTorch (nn.EmbeddingBag(sparse=True)) and FBGEMM's TBE forward. One process, one thread, the
 implementations of a case alternating round by round after their outputs are checked against each
 other; the alternating medians and ratios are in each benchmark's extra_info.

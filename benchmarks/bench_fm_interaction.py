@@ -1,4 +1,4 @@
-"""W1: the FM layer on pre-gathered embeddings [B, F, K] (../shared/docs/benchmarks.md).
+"""W1: the FM layer on pre-gathered embeddings [B, F, K] (benchmarks/README.md).
 
 Fused op vs the eager reference vs torch.compile(reference), forward and forward+backward, with
 the same-run memory limit of forward+backward (`limit_copy`: read [B, F, K] once, write it once).

@@ -34,7 +34,7 @@ ROWS = W.TABLE_ROWS[os.environ.get("DEEPFM_FAST_BENCH_TABLE", "large")]
 DEVICE = os.environ.get("DEEPFM_FAST_BENCH_DEVICE", "cpu")
 ONLY = [n for n in os.environ.get("DEEPFM_FAST_BENCH_VARIANTS", "").split(",") if n]
 WITH_LIMITS = not ONLY or "limit" in ONLY  # DEEPFM_FAST_BENCH_VARIANTS=...,limit keeps the same-run limits
-if DEVICE == "cuda":  # the GPU workloads of ../shared/docs/benchmarks.md
+if DEVICE == "cuda":  # the GPU workloads of benchmarks/README.md
     W2_CASES = [(16, 4096, "uniform"), (16, 65536, "uniform"), (16, 65536, "zipf"), (64, 65536, "uniform")]
     W3_CASES = [(16, 4096, "uniform"), (16, 65536, "uniform")]
 else:

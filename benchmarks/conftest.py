@@ -1,4 +1,4 @@
-"""Shared benchmark settings: one thread (the CPU comparisons of ../shared/docs/benchmarks.md).
+"""Shared benchmark settings: one thread (the CPU comparisons of benchmarks/README.md).
 
 Implementations are timed ALTERNATING in one process, so that noise on these shared machines hits
 all of them alike; compare medians and ratios, not single runs. The timing helper is

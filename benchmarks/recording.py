@@ -1,6 +1,6 @@
 """What every benchmark result records, written in one place.
 
-../shared/docs/benchmarks.md asks each result in results/ to name the machine, CPU model, torch
+benchmarks/README.md asks each result in results/ to name the machine, CPU model, torch
 version, thread count and command, and the comparisons to give their alternating medians and
 ratios. The pieces:
 

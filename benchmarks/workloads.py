@@ -1,4 +1,4 @@
-"""The W2/W3 workloads of ../shared/docs/benchmarks.md, shared by the benchmarks and peak_rss.py.
+"""The W2/W3 workloads of benchmarks/README.md, shared by the benchmarks and peak_rss.py.
 
 Criteo-shaped: 26 single-id fields of ROWS rows each ("large": 26 x 400,000 = 10.4 M rows),
 ids uniform or Zipf(1.05) per field. Every variant is one training step: forward, BCE with

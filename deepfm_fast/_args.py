@@ -1,6 +1,7 @@
 """Argument normalisation shared by the fused ops, their reference and the modules.
 
-A ground-floor module: it imports no other part of deepfm_fast, so every floor may import it.
+A ground-floor module: it imports no other part of deepfm_fast, so every floor may import it; `reference`
+(the oracle) and `ops` (the wrappers) both read its one definition of the argument codes.
 """
 import enum
 from typing import NamedTuple, Optional, Sequence, Union

@@ -1,6 +1,7 @@
 """``deepfm-fast demo``: train a DeepFM on data with a known best AUC, then time its step fused vs plain.
 
-Two questions in about half a minute on two cores, with nothing to download:
+Two questions in one short run, with nothing to download (its output and time on the project's
+machine: README, Numbers):
 
 1. Does it learn? :func:`~deepfm_fast.data.make_synthetic` draws labels from a planted DeepFM, so
    the best achievable test AUC and logloss are known; the trained model should come within
@@ -27,8 +28,8 @@ from typing import Any, Dict, Sequence
 
 __all__ = ["run_demo", "DEMO_DEFAULTS"]
 
-# 30-60 s on 2 cores, within ~0.02 AUC of the planted truth (the default make_synthetic data:
-# 1M rows, 3,851 Zipf ids, planted rank-4 DeepFM).
+# Sized to end within ~0.02 AUC of the planted truth on the default make_synthetic data (1M rows,
+# 3,851 Zipf ids, planted rank-4 DeepFM) in a short run.
 DEMO_DEFAULTS: Dict[str, Any] = {"rows": 1_000_000, "epochs": 4, "batch_size": 4096, "lr": 3e-3, "table_lr": 2e-2,
                                  "init_std": 1e-2, "embedding_dim": 10, "hidden_units": [256, 256], "dropout": 0.0}
 
@@ -68,7 +69,7 @@ def run_demo(rows: int = DEMO_DEFAULTS["rows"], epochs: int = DEMO_DEFAULTS["epo
     hidden = tuple(hidden_units)
     hp = dict(embedding_dim=embedding_dim, hidden_units=hidden, batch_norm=True, dropout=dropout, l2_embedding=0.0)
     seed_everything(seed)
-    model = DeepFM(data.fields, **hp, init_std=init_std, table_optimizer=table_optimizer, table_lr=table_lr)
+    model = DeepFM(data.fields, **hp, init_std=init_std, table_optimizer=table_optimizer)  # table_lr: the trainer's
     trainer = Trainer(model, TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, table_lr=table_lr,
                                          seed=seed, patience=2, progress=progress))
     result = trainer.fit(data.train, data.valid)

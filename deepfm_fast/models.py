@@ -19,22 +19,24 @@ by the batch (see :meth:`CTRModel.forward`). ``use_reference=True`` builds the s
 pure-PyTorch reference ops; the parameters have the same names, so a ``state_dict`` moves
 between the two and gives the same logits and gradients.
 
-How the table (``V`` and the first-order ``w``) is trained is chosen by ``table_optimizer``:
+How the table (``V`` and the first-order ``w``) is trained is one :class:`TableMode`, parsed once
+from the ``table_optimizer`` string (the names of ``deepfm-fast train --table-optimizer``):
 
 * ``None`` / ``"dense"``: dense gradients, for any torch optimizer (the slow baseline: Adam then
   touches every row each step);
 * ``"sparse_adam"``: coalesced sparse gradients, for ``torch.optim.SparseAdam`` on
   :meth:`CTRModel.sparse_parameters`;
-* ``"adam"``, ``"lazy_adam"``, ``"rowwise_adagrad"``, ``"adagrad"``, ``"sgd"``: the fused optimizers
-  of :mod:`deepfm_fast.optim`, applied to the touched rows inside the backward (``"adam"`` has the
-  semantics of ``torch.optim.Adam`` on the dense gradient, ``"lazy_adam"`` those of
-  ``SparseAdam``). ``V`` and ``w`` then get no gradient; the bias and the DNN still need a torch
-  optimizer. ``l2_embedding`` becomes the fused optimizer's ``weight_decay`` (the same
-  gradient as the penalty: ``lambda * V_j`` on each row used in the batch, once), so
-  ``return_penalty`` gives 0. The optimizer state and step count are buffers of
-  ``model.embedding``, so ``state_dict`` carries them; the learning rate is
-  ``model.embedding.optimizer.lr`` (a plain attribute; :class:`~deepfm_fast.train.Trainer` sets
-  and decays it).
+* a name of :data:`deepfm_fast.optim.NAMES` (``"adam"``, ``"rowwise_adagrad"``, ...): that fused
+  optimizer, applied to the touched rows inside the backward (``"adam"`` has the semantics of
+  ``torch.optim.Adam`` on the dense gradient). ``V`` and ``w`` then get no gradient; the bias and
+  the DNN still need a torch optimizer. ``l2_embedding`` becomes the fused optimizer's
+  ``weight_decay`` (the same gradient as the penalty: ``lambda * V_j`` on each row used in the
+  batch, once), so ``return_penalty`` gives 0. The optimizer state and step count are buffers of
+  ``model.embedding``, so ``state_dict`` carries them.
+
+:meth:`CTRModel.optimizers` builds what trains a model in its table mode (:class:`Optimizers`:
+the torch optimizers and the fused one behind one learning-rate interface), which is all
+:class:`~deepfm_fast.train.Trainer` uses.
 
 Example::
 
@@ -57,7 +59,8 @@ Training with the fused table optimizer (what ``deepfm-fast train`` does by defa
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -67,22 +70,124 @@ from .data.dataset import Batch, to_csr
 from .embedding import EmbeddingFM
 from .features import FieldSpec, MultiHotField, NumericField, SparseField, fields_from_dicts, fields_to_dicts
 
-__all__ = ["CTRModel", "DeepFM", "FM", "LR", "MLP", "build_model", "MODELS", "TABLE_OPTIMIZERS",
-           "FUSED_TABLE_OPTIMIZERS"]
+__all__ = ["CTRModel", "DeepFM", "FM", "LR", "MLP", "build_model", "MODELS", "TableMode", "Optimizers",
+           "TABLE_OPTIMIZERS"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
                 "prelu": nn.PReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU}
 
 
-# How the table is trained (``table_optimizer``): the fused optimizers of deepfm_fast.optim by name,
-# then the two plain-PyTorch ways.
-FUSED_TABLE_OPTIMIZERS = tuple(optim.NAMES)
-TABLE_OPTIMIZERS = FUSED_TABLE_OPTIMIZERS + ("sparse_adam", "dense")
+@dataclass(frozen=True)
+class TableMode:
+    """How the table (``V`` and ``w``) is trained, decided once from its name.
+
+    ``kind`` is ``"dense"`` (dense gradients, trained with the rest by a torch optimizer),
+    ``"sparse"`` (coalesced sparse gradients for ``torch.optim.SparseAdam``) or ``"fused"`` (the
+    fused optimizer ``optimizer``, a name of :data:`deepfm_fast.optim.NAMES`, updates the touched
+    rows inside the backward). ``name`` is the ``--table-optimizer`` spelling.
+    """
+
+    kind: str
+    optimizer: Optional[str] = None
+
+    DENSE: ClassVar[str] = "dense"
+    SPARSE: ClassVar[str] = "sparse_adam"
+
+    @staticmethod
+    def names() -> Tuple[str, ...]:
+        """Every table mode by name: the fused optimizers (``deepfm_fast.optim``), then the plain-PyTorch ways."""
+        return TableMode.fused_names() + (TableMode.SPARSE, TableMode.DENSE)
+
+    @staticmethod
+    def fused_names() -> Tuple[str, ...]:
+        return tuple(optim.NAMES)
+
+    @classmethod
+    def parse(cls, name: Optional[str], owner: str = "table_optimizer") -> "TableMode":
+        """The mode called ``name`` (None: dense); a ValueError naming ``owner`` and the choices otherwise."""
+        if name is None or name == cls.DENSE:
+            return cls("dense")
+        if name == cls.SPARSE:
+            return cls("sparse")
+        if name in cls.fused_names():
+            return cls("fused", name)
+        raise ValueError(f"{owner} must be one of {list(cls.names())} or None, got {name!r}")
+
+    @property
+    def name(self) -> str:
+        return {"dense": self.DENSE, "sparse": self.SPARSE}.get(self.kind, self.optimizer)
+
+    @property
+    def sparse(self) -> bool:
+        return self.kind == "sparse"
+
+    @property
+    def fused(self) -> bool:
+        return self.kind == "fused"
+
+    def fused_optimizer(self, lr: float, weight_decay: float) -> Optional[optim.FusedOptimizer]:
+        """A new fused optimizer of this mode (None unless fused); ``weight_decay`` is the L2 on the used rows."""
+        return optim.by_name(self.optimizer, lr, weight_decay) if self.fused else None
+
+
+# Every table mode's name, for callers that list them (a snapshot of TableMode.names() at import).
+TABLE_OPTIMIZERS = TableMode.names()
 # Which rows the L2 penalty covers: those a batch uses (any table optimizer), or the whole table
 # (FuxiCTR's embedding_regularizer; dense gradients only, since it touches every row).
 L2_SCOPES = ("used", "table")
 # The DNN's Linear init: PyTorch's default (Kaiming uniform) or FuxiCTR's Xavier normal (zero biases).
 DNN_INITS = ("default", "xavier_normal")
+
+
+class Optimizers:
+    """The optimizers of a training run (:meth:`CTRModel.optimizers`): one learning-rate interface over
+    the torch optimizers and a fused table optimizer, so that a trainer never asks which mode it runs.
+
+    Args:
+        dense: the torch optimizer of the DNN, batch norm and bias (and of the table in dense mode).
+        table: the torch optimizer of a sparse table (``SparseAdam``), if any.
+        fused: the fused table optimizer, if any. Its learning rate is in no ``state_dict``: a
+            checkpoint saves :attr:`table_lr` beside the states of :attr:`torch_optimizers`.
+    """
+
+    def __init__(self, dense: Optional[torch.optim.Optimizer] = None, table: Optional[torch.optim.Optimizer] = None,
+                 fused: Optional[optim.FusedOptimizer] = None):
+        self._dense, self._table, self._fused = dense, table, fused
+
+    @property
+    def torch_optimizers(self) -> List[torch.optim.Optimizer]:
+        """The torch optimizers, the table's first: what ``zero_grad``, ``step`` and a checkpoint need."""
+        return [o for o in (self._table, self._dense) if o is not None]
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the DNN and bias (the table's when nothing else is trained)."""
+        return self._dense.param_groups[0]["lr"] if self._dense is not None else self.table_lr
+
+    @property
+    def table_lr(self) -> float:
+        """The learning rate the table is trained with now."""
+        if self._fused is not None:
+            return self._fused.lr
+        table = self._table or self._dense
+        return table.param_groups[0]["lr"] if table is not None else float("nan")
+
+    def set_table_lr(self, lr: float) -> None:
+        """Sets the table's own learning rate (fused or sparse); a dense table follows :attr:`lr`."""
+        if self._fused is not None:
+            self._fused.lr = float(lr)
+        elif self._table is not None:
+            for group in self._table.param_groups:
+                group["lr"] = float(lr)
+
+    def decay(self, factor: float, floor: float) -> float:
+        """Multiplies every learning rate by ``factor``, none below ``floor``; returns the new :attr:`lr`."""
+        for opt in self.torch_optimizers:
+            for group in opt.param_groups:
+                group["lr"] = max(group["lr"] * factor, floor)
+        if self._fused is not None:
+            self._fused.lr = max(self._fused.lr * factor, floor)
+        return self.lr
 
 
 class MLP(nn.Module):
@@ -139,30 +244,28 @@ class CTRModel(nn.Module):
         use_reference: build on the reference ops (the test oracle) instead of the fused kernels.
         init_std: standard deviation of the table's normal init (default 1e-2; FuxiCTR uses 1e-4,
             which with few steps per epoch leaves the FM term inactive for many epochs).
-        table_optimizer: how the table is trained (see the module docs): ``None``/``"dense"``,
-            ``"sparse_adam"``, or a fused ``"adam"``, ``"lazy_adam"``, ``"rowwise_adagrad"``,
-            ``"adagrad"``, ``"sgd"``.
-        table_lr: initial learning rate of a fused table optimizer.
+        table_optimizer: how the table is trained: a :class:`TableMode` or its name (see the module
+            docs): ``None``/``"dense"``, ``"sparse_adam"``, or a fused optimizer's, e.g. ``"adam"``.
+        table_lr: initial learning rate of a fused table optimizer (:meth:`optimizers` sets it anew).
         sparse: deprecated spelling of ``table_optimizer="sparse_adam"``.
     """
 
     name = "base"
 
     def __init__(self, fields: Sequence[FieldSpec], embedding_dim: int = 10, *, l2_embedding: float = 0.0,
-                 use_reference: bool = False, init_std: float = 1e-2, table_optimizer: Optional[str] = None,
-                 table_lr: float = 1e-3, sparse: bool = False, l2_scope: str = "used"):
+                 use_reference: bool = False, init_std: float = 1e-2,
+                 table_optimizer: Union[str, TableMode, None] = None, table_lr: float = 1e-3, sparse: bool = False,
+                 l2_scope: str = "used"):
         super().__init__()
+        mode = table_optimizer if isinstance(table_optimizer, TableMode) else \
+            TableMode.parse(table_optimizer, f"{type(self).__name__}: table_optimizer")
         if sparse:
             warnings.warn(f"{type(self).__name__}: sparse=True is deprecated; use table_optimizer='sparse_adam'",
                           FutureWarning, stacklevel=2)
-            if table_optimizer not in (None, "sparse_adam"):
-                raise ValueError(f"{type(self).__name__}: sparse=True and table_optimizer={table_optimizer!r} "
+            if table_optimizer is not None and not mode.sparse:
+                raise ValueError(f"{type(self).__name__}: sparse=True and table_optimizer={mode.name!r} "
                                  f"exclude each other")
-            table_optimizer = "sparse_adam"
-        table_optimizer = table_optimizer or "dense"
-        if table_optimizer not in TABLE_OPTIMIZERS:
-            raise ValueError(f"{type(self).__name__}: table_optimizer must be one of {list(TABLE_OPTIMIZERS)} "
-                             f"or None, got {table_optimizer!r}")
+            mode = TableMode("sparse")
         fields = list(fields)
         if not fields:
             raise ValueError(f"{type(self).__name__}: needs at least one field")
@@ -176,31 +279,35 @@ class CTRModel(nn.Module):
             raise ValueError(f"{type(self).__name__}: l2_embedding must be >= 0, got {l2_embedding}")
         if l2_scope not in L2_SCOPES:
             raise ValueError(f"{type(self).__name__}: l2_scope must be one of {list(L2_SCOPES)}, got {l2_scope!r}")
-        if l2_scope == "table" and table_optimizer != "dense":
+        if l2_scope == "table" and mode.kind != "dense":
             raise ValueError(f"{type(self).__name__}: l2_scope='table' decays every row at every step, which needs "
-                             f"dense gradients (table_optimizer='dense'), not {table_optimizer!r}")
+                             f"dense gradients (table_optimizer='dense'), not {mode.name!r}")
         self.fields = fields
         self.embedding_dim = embedding_dim
         self.l2_embedding = float(l2_embedding)
         self.l2_scope = l2_scope
         self.use_reference = use_reference
         self.init_std = init_std
-        self.table_optimizer = table_optimizer
-        self.table_lr = float(table_lr)
-        fused = (optim.by_name(table_optimizer, table_lr, self.l2_embedding)
-                 if table_optimizer in FUSED_TABLE_OPTIMIZERS else None)
+        self.table_mode = mode
+        self._initial_table_lr = float(table_lr)
         pooling = [f.pooling if isinstance(f, MultiHotField) else "sum" for f in fields]
         # A mean-pooled multi-hot field averages its first-order term too (as FuxiCTR's LR layer and
         # DeepCTR-Torch's linear part pool sequence fields like the embeddings).
         self.embedding = EmbeddingFM([f.vocab_size for f in fields], embedding_dim, mode="field", pooling=pooling,
                                      pool_first_order=True, sparse=self.sparse, init_std=init_std,
-                                     use_reference=use_reference, optimizer=fused)
+                                     use_reference=use_reference,
+                                     optimizer=mode.fused_optimizer(table_lr, self.l2_embedding))
         self._plain = all(isinstance(f, SparseField) for f in fields)
+
+    @property
+    def table_optimizer(self) -> str:
+        """The table mode's name (``"dense"``, ``"sparse_adam"`` or a fused optimizer's)."""
+        return self.table_mode.name
 
     @property
     def sparse(self) -> bool:
         """The table emits sparse gradients (``table_optimizer="sparse_adam"``)."""
-        return self.table_optimizer == "sparse_adam"
+        return self.table_mode.sparse
 
     # -- inputs ----------------------------------------------------------------------------
     def _inputs(self, batch: Batch) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
@@ -263,7 +370,26 @@ class CTRModel(nn.Module):
     @property
     def fused(self) -> bool:
         """The table is updated by a fused optimizer inside the backward."""
-        return self.embedding.optimizer is not None
+        return self.table_mode.fused
+
+    @property
+    def table_lr(self) -> float:
+        """The table's learning rate: the fused optimizer's now, else the one given to the constructor."""
+        return self.embedding.optimizer.lr if self.fused else self._initial_table_lr
+
+    def optimizers(self, lr: float, table_lr: Optional[float] = None) -> "Optimizers":
+        """What trains this model in its table mode: ``torch.optim.Adam`` (``lr``) on
+        :meth:`dense_parameters` (the DNN, batch norm, bias; the table too in dense mode),
+        ``SparseAdam`` (``table_lr``) on the table in sparse mode, and in fused mode the fused
+        optimizer, whose learning rate becomes ``table_lr`` (default ``lr``)."""
+        table_lr = lr if table_lr is None else table_lr
+        sparse = [p for p in self.sparse_parameters() if p.requires_grad] if self.sparse else []
+        dense = self.dense_parameters()
+        out = Optimizers(dense=torch.optim.Adam(dense, lr=lr) if dense else None,
+                         table=torch.optim.SparseAdam(sparse, lr=table_lr) if sparse else None,
+                         fused=self.embedding.optimizer)
+        out.set_table_lr(table_lr)
+        return out
 
     def sparse_parameters(self):
         """The parameters with sparse gradients (``table_optimizer="sparse_adam"``), for
@@ -354,7 +480,7 @@ class DeepFM(CTRModel):
                  hidden_units: Sequence[int] = (400, 400, 400), activation: str = "relu",
                  dropout: float = 0.0, batch_norm: bool = False, l2_embedding: float = 0.0,
                  use_reference: bool = False, sparse: bool = False, init_std: float = 1e-2,
-                 table_optimizer: Optional[str] = None, table_lr: float = 1e-3, l2_scope: str = "used",
+                 table_optimizer: Union[str, TableMode, None] = None, table_lr: float = 1e-3, l2_scope: str = "used",
                  dnn_init: str = "default"):
         super().__init__(fields, embedding_dim, l2_embedding=l2_embedding, use_reference=use_reference,
                          sparse=sparse, init_std=init_std, table_optimizer=table_optimizer, table_lr=table_lr,

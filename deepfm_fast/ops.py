@@ -2,7 +2,10 @@
 
 Fake (meta) kernels and autograd are registered here, in Python, as PyTorch recommends for custom
 ops: that is what lets `torch.compile(fullgraph=True)` and `torch.export` trace through them.
-Without the compiled extension every wrapper runs the `deepfm_fast.reference` implementation.
+Without the compiled extension the wrappers with a `deepfm_fast.reference` counterpart
+(`fm_interaction`, `embedding_fm`, `gather_rows`, `fused_row_update`, `adam_catch_up`, `adam_rows`)
+run it; `embedding_fm_backward` and `embedding_fm_step` call their op and need the extension
+(`EmbeddingFM` then trains through the reference instead of calling them).
 """
 import warnings
 from typing import List, Optional, Sequence, Union
@@ -128,9 +131,11 @@ def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor] = No
     output); ``"clamp"`` and ``"off"`` skip the check and the sync. No mode ever reads out of bounds.
 
     Determinism: the backward on CPU and CUDA is deterministic by default and by construction (no
-    floating-point atomics: the ids are sorted stably and each row's gradient is summed by one thread
-    in position order), so ``torch.use_deterministic_algorithms(True)`` changes nothing and raises
-    nothing. The CUDA backward makes one device->host synchronisation (the number of unique rows).
+    floating-point atomics: the ids are sorted stably; the CPU sums each row's gradient in position
+    order, CUDA in two levels, chunks of 64 positions and then the chunks in order), so
+    ``torch.use_deterministic_algorithms(True)`` changes nothing and raises nothing; the two devices
+    sum in different orders, so their gradients agree to round-off, not bit for bit. The CUDA
+    backward makes one device->host synchronisation (the number of unique rows).
 
     Example:
         >>> V, w = torch.randn(1000, 16, requires_grad=True), torch.zeros(1000, requires_grad=True)

@@ -8,11 +8,12 @@ BARS configs, the default) is compared with the best so far; if it did not impro
 multiplied by ``lr_decay`` (floor ``min_lr``) and a patience counter grows; training stops when
 the counter reaches ``patience``; the best epoch's weights are restored at the end.
 
-Optimizers: torch Adam on every parameter with a gradient (the DNN, batch norm, bias; the table
-too for a ``"dense"`` model), ``SparseAdam`` on the table of a ``"sparse_adam"`` model, and for a
-model with a fused table optimizer (``table_optimizer="adam"`` etc.) the table is updated inside
-the backward by the optimizer in ``model.embedding.optimizer``, whose ``lr`` the trainer sets to
-``table_lr`` (default ``lr``) and decays with the others.
+Optimizers: what the model's table mode asks for (``model.optimizers(lr, table_lr)``, see
+:class:`deepfm_fast.models.Optimizers`): torch Adam on every parameter with a gradient (the DNN,
+batch norm, bias; the table too for a ``"dense"`` model), ``SparseAdam`` on the table of a
+``"sparse_adam"`` model, and for a model with a fused table optimizer (``table_optimizer="adam"``
+etc.) the table is updated inside the backward by that optimizer. The table's learning rate is
+``table_lr`` (default ``lr``), decayed with the others.
 
 Checkpoints (``checkpoint_dir``) are written to a temporary file and moved into place with
 ``os.replace``, so a crash never leaves a half-written file:
@@ -58,6 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed
 from ._io import atomic_write
 from .data.dataset import EncodedDataset, iterate_batches
+from .models import Optimizers
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "seed_everything", "evaluate", "predict",
            "load_checkpoint", "atomic_save", "monitor_score", "MONITORS"]
@@ -240,10 +242,9 @@ def evaluate(model: torch.nn.Module, dataset: EncodedDataset, batch_size: int = 
 class Trainer:
     """Trains a :mod:`deepfm_fast.models` model (anything with ``forward(batch, return_penalty)``).
 
-    Optimizers: Adam on every parameter with a gradient; with a ``"sparse_adam"`` model,
-    ``SparseAdam`` (lr ``table_lr``) on its ``sparse_parameters()`` and Adam on the rest; with a
-    fused table optimizer, Adam on the rest and the table updated inside the backward (its
-    ``lr`` set to ``table_lr``).
+    Optimizers: those of ``model.optimizers(config.lr, table_lr)`` (:class:`deepfm_fast.models.Optimizers`:
+    Adam, with ``SparseAdam`` on a sparse table, or a fused table optimizer); a model without that
+    method gets Adam on every parameter with a gradient.
 
     Data parallel: give it the model wrapped by :func:`deepfm_fast.distributed.wrap` (one process
     per rank, e.g. under ``torchrun``). Every rank then trains on its share of each batch of
@@ -269,63 +270,28 @@ class Trainer:
                              "wrapped; give Trainer deepfm_fast.distributed.wrap(model)")
         self.config = config or TrainConfig()
         self.meta = dict(meta or {})
-        self.table_lr = self.config.table_lr if self.config.table_lr is not None else self.config.lr
-        self.optimizers = self._make_optimizers()
-        if self._fused is not None:
-            self._fused.lr = self.table_lr
+        table_lr = self.config.table_lr if self.config.table_lr is not None else self.config.lr
+        # What trains the model in its table mode (deepfm_fast.models.CTRModel.optimizers); a model
+        # without that method is trained by Adam on every parameter with a gradient.
+        if hasattr(self.module, "optimizers"):
+            self._optimizers = self.module.optimizers(self.config.lr, table_lr)
+        else:
+            params = [p for p in getattr(self.module, "dense_parameters", self.module.parameters)() if p.requires_grad]
+            self._optimizers = Optimizers(dense=torch.optim.Adam(params, lr=self.config.lr) if params else None)
+        self.optimizers = self._optimizers.torch_optimizers
         self.generator = torch.Generator()
         self.ckpt_dir = Path(self.config.checkpoint_dir) if self.config.checkpoint_dir else None
         self._best_state: Optional[Dict[str, torch.Tensor]] = None
 
     @property
-    def _fused(self):
-        """The fused table optimizer of the model, or None."""
-        emb = getattr(self.module, "embedding", None)
-        return getattr(emb, "optimizer", None)
-
-    def _make_optimizers(self) -> List[torch.optim.Optimizer]:
-        lr = self.config.lr
-        self._dense_opt: Optional[torch.optim.Optimizer] = None
-        self._table_opt: Optional[torch.optim.Optimizer] = None
-        opts: List[torch.optim.Optimizer] = []
-        model = self.module
-        if getattr(model, "sparse", False):
-            sparse = [p for p in model.sparse_parameters() if p.requires_grad]
-            if sparse:
-                self._table_opt = torch.optim.SparseAdam(sparse, lr=self.table_lr)
-                opts.append(self._table_opt)
-        # dense_parameters(): all but the sparse parameters and the tables a fused optimizer updates.
-        params = model.dense_parameters() if hasattr(model, "dense_parameters") else model.parameters()
-        dense = [p for p in params if p.requires_grad]
-        if dense:
-            self._dense_opt = torch.optim.Adam(dense, lr=lr)
-            opts.append(self._dense_opt)
-        return opts
-
-    @property
     def lr(self) -> float:
         """Current learning rate of the torch Adam (DNN, bias; the table too for a dense model)."""
-        if self._dense_opt is not None:
-            return self._dense_opt.param_groups[0]["lr"]
-        return self.current_table_lr
+        return self._optimizers.lr
 
     @property
     def current_table_lr(self) -> float:
         """Current learning rate of the table's optimizer (fused, SparseAdam, or the dense Adam)."""
-        if self._fused is not None:
-            return self._fused.lr
-        if self._table_opt is not None:
-            return self._table_opt.param_groups[0]["lr"]
-        return self._dense_opt.param_groups[0]["lr"] if self._dense_opt is not None else self.table_lr
-
-    def _decay_lr(self) -> float:
-        cfg = self.config
-        for opt in self.optimizers:
-            for g in opt.param_groups:
-                g["lr"] = max(g["lr"] * cfg.lr_decay, cfg.min_lr)
-        if self._fused is not None:
-            self._fused.lr = max(self._fused.lr * cfg.lr_decay, cfg.min_lr)
-        return self.lr
+        return self._optimizers.table_lr
 
     # -- checkpoints -----------------------------------------------------------------------
     def _state(self, epoch: int, best: Dict[str, Any], history: List[Dict[str, float]]) -> Dict[str, Any]:
@@ -474,8 +440,7 @@ class Trainer:
                                  f"model needs {len(self.optimizers)}: was it trained with another table optimizer?")
             for opt, s in zip(self.optimizers, state["optimizers"]):
                 opt.load_state_dict(s)
-            if self._fused is not None:
-                self._fused.lr = float(state["table_lr"])  # a plain attribute, not in the state_dict
+            self._optimizers.set_table_lr(float(state["table_lr"]))  # a fused one's is in no state_dict
             start_epoch, best, history = state["epoch"], state["best"], state["history"]
             rng = state["rng"]
             _set_rng_state(rng["ranks"][self.rank] if "ranks" in rng else rng, self.generator)
@@ -535,7 +500,7 @@ class Trainer:
                 self._save_best(epoch, m)
             else:
                 best["stopping_steps"] += 1
-                record["lr_after"] = self._decay_lr()
+                record["lr_after"] = self._optimizers.decay(cfg.lr_decay, cfg.min_lr)
                 stopped = best["stopping_steps"] >= cfg.patience
             history.append(record)
             epochs_here += 1

@@ -8,7 +8,9 @@ import torch
 
 import deepfm_fast
 from deepfm_fast import ops, reference
-from testing import assert_close, device_params, index_dtypes, outputs_and_grads
+from testing import assert_close, device_params, index_dtypes, outputs_and_grads, requires_compiled
+
+pytestmark = requires_compiled
 
 MODES = ["field", "feature"]
 

@@ -167,7 +167,7 @@ def test_table_optimizer_flags(files, tmp_path, capsys):
 
 def test_choices_come_from_the_modules_and_help_works(monkeypatch, capsys):
     """--model, --table-optimizer, --monitor, --format list what the library defines, nothing hard-coded."""
-    from deepfm_fast import models, train
+    from deepfm_fast import models, optim, train
     from deepfm_fast.cli import build_parser
     from deepfm_fast.data.formats import FORMATS
 
@@ -177,14 +177,15 @@ def test_choices_come_from_the_modules_and_help_works(monkeypatch, capsys):
 
     parser = build_parser()
     assert choices(parser, "train", "--model") == list(models.MODELS)
-    assert choices(parser, "train", "--table-optimizer") == list(models.TABLE_OPTIMIZERS)
+    assert choices(parser, "train", "--table-optimizer") == [*optim.NAMES, "sparse_adam", "dense"]
     assert choices(parser, "train", "--monitor") == list(train.MONITORS)
     assert choices(parser, "train", "--format") == list(FORMATS)
-    assert choices(parser, "demo", "--table-optimizer") == list(models.FUSED_TABLE_OPTIMIZERS)
+    assert choices(parser, "demo", "--table-optimizer") == list(optim.NAMES)
     # An optimizer added to the library shows up in the command and its help without a CLI change.
-    monkeypatch.setattr(models, "TABLE_OPTIMIZERS", models.TABLE_OPTIMIZERS + ("lamb",))
-    monkeypatch.setattr(models, "FUSED_TABLE_OPTIMIZERS", models.FUSED_TABLE_OPTIMIZERS + ("lamb",))
+    monkeypatch.setitem(optim.NAMES, "lamb", optim.SGD)
     assert "lamb" in choices(build_parser(), "train", "--table-optimizer")
+    assert "lamb" in choices(build_parser(), "demo", "--table-optimizer")
+    assert models.TableMode.parse("lamb") == models.TableMode("fused", "lamb")
     for argv in ([], ["train"], ["evaluate"], ["predict"], ["demo"]):
         with pytest.raises(SystemExit) as exit_:
             main(argv + ["--help"])
@@ -250,3 +251,55 @@ def test_python_m_and_demo(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "deepfm_fast", "train", "--model", "nope"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_run_config_is_filled_alike_by_flags_and_a_file(tmp_path):
+    """argparse and a YAML/JSON file fill one RunConfig: the same options give the same object, with the
+    declared types; a file's relative paths are taken from the file's folder."""
+    from deepfm_fast.cli import build_parser
+    from deepfm_fast.config import RunConfig, resolve
+
+    (tmp_path / "data").mkdir()
+    flags = ["train", "--model", "fm", "--format", "libfm", "--train", str(tmp_path / "data" / "t.libfm"),
+             "--epochs", "3", "--lr", "1e-2", "--hidden-units", "8x8", "--batch-norm", "--no-progress",
+             "--table-optimizer", "sgd", "--max-rows", "100"]
+    from_flags = resolve(build_parser().parse_args(flags))
+    (tmp_path / "run.yaml").write_text("model: fm\nformat: libfm\ntrain: data/t.libfm\nepochs: 3\nlr: 1e-2\n"
+                                       "hidden-units: 8x8\nbatch_norm: true\nprogress: false\n"
+                                       "table_optimizer: sgd\nmax_rows: 100.0\n")
+    from_yaml = RunConfig.from_file(str(tmp_path / "run.yaml"))
+    assert from_yaml == from_flags
+    assert from_yaml.lr == 0.01 and isinstance(from_yaml.lr, float)      # YAML reads "1e-2" as text
+    assert from_yaml.max_rows == 100 and isinstance(from_yaml.max_rows, int)
+    assert from_yaml.hidden_units == [8, 8] and from_yaml.seed == RunConfig().seed == 2021
+    (tmp_path / "run.json").write_text(json.dumps({"model": "fm", "format": "libfm", "train": "data/t.libfm",
+                                                   "epochs": 3, "lr": 0.01, "hidden_units": [8, 8],
+                                                   "batch-norm": True, "progress": False, "table-optimizer": "sgd",
+                                                   "max_rows": 100}))
+    assert RunConfig.from_file(str(tmp_path / "run.json")) == from_flags
+    # The flags override the file.
+    again = resolve(build_parser().parse_args(["train", "--config", str(tmp_path / "run.yaml"), "--epochs", "5"]))
+    assert again.epochs == 5 and again.model == "fm" and again.train == from_flags.train
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"epochz": 3}, "unknown option 'epochz' (did you mean 'epochs'?)"),
+    ({"epochs": "three"}, "option 'epochs': invalid literal for int()"),
+    ({"epochs": 2.5}, "option 'epochs': must be an integer, got 2.5"),
+    ({"lr": True}, "option 'lr': must be float, got True"),
+    ({"lr": [0.1]}, "option 'lr': must be float, got [0.1]"),
+    ({"batch_norm": "yes"}, "option 'batch_norm': must be true or false, got 'yes'"),
+    ({"train": 7}, "option 'train': must be text, got 7"),
+    ({"epochs": None}, "option 'epochs': may not be null"),
+    ({"hidden_units": "4,a"}, "option 'hidden_units': hidden units must be integers"),
+    ({"table_optimizer": "lamb"}, "option 'table_optimizer' must be one of ['adam'"),
+])
+def test_run_config_names_the_bad_option(tmp_path, capsys, options, message):
+    from deepfm_fast.config import RunConfig, RunError
+
+    with pytest.raises(RunError) as error:
+        RunConfig.from_mapping(options, source="config file x.json")
+    assert str(error.value).startswith("config file x.json: ") and message in str(error.value)
+    (tmp_path / "bad.json").write_text(json.dumps(options))
+    assert main(["train", "--config", str(tmp_path / "bad.json")]) == 1
+    assert message in capsys.readouterr().err

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from deepfm_fast import EmbeddingFM, ops
-from testing import assert_close, leaf, product, random_csr
+from testing import assert_close, leaf, product, random_csr, requires_compiled
+
+pytestmark = requires_compiled
 
 MODES = ["field", "feature"]
 

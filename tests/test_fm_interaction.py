@@ -4,9 +4,19 @@ import torch
 
 import deepfm_fast
 from deepfm_fast import FMInteraction, ops, reference
-from testing import TOLERANCES, all_dtypes, assert_close, device_params, float_dtypes, product
+from testing import (
+    TOLERANCES,
+    all_dtypes,
+    assert_close,
+    assert_rounded_once,
+    device_params,
+    float_dtypes,
+    product,
+    reduced_dtypes,
+    requires_compiled,
+)
 
-pytestmark = pytest.mark.skipif(not deepfm_fast._backend.compiled(), reason="deepfm_fast._C is not built")
+pytestmark = requires_compiled
 
 # B=0, B=1, F=1, K=1, odd K (3, 100), the specialised K (8, 10, 16, 32, 64) and a large batch.
 SHAPES = [(0, 4, 8), (1, 1, 1), (1, 5, 3), (7, 1, 16), (5, 3, 100), (9, 26, 10), (6, 39, 16), (4, 7, 32),
@@ -17,30 +27,55 @@ def random_emb(shape, dtype, device, requires_grad=True):
     return torch.randn(shape, dtype=torch.float64, device=device).to(dtype).requires_grad_(requires_grad)
 
 
-def reference_value_and_grad(emb, reduce_sum, grad_out):
-    """The reference in float64 (the oracle for every dtype) with its gradient for `grad_out`."""
-    emb64 = emb.detach().double().requires_grad_()
-    out = reference.fm_interaction(emb64, reduce_sum)
-    out.backward(grad_out.double())
-    return out, emb64.grad
+def reference_value_and_grad(emb, reduce_sum, grad_out, dtype=torch.float64):
+    """The reference in `dtype` (float64: the oracle of float32/float64) with its gradient for `grad_out`."""
+    emb_ = emb.detach().to(dtype).requires_grad_()
+    out = reference.fm_interaction(emb_, reduce_sum)
+    out.backward(grad_out.to(dtype))
+    return out, emb_.grad
 
 
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype,shape,reduce_sum", product(all_dtypes, SHAPES, [True, False]))
 def test_values_and_gradients_match_reference(device, dtype, shape, reduce_sum):
-    if device == "cpu" and dtype in (torch.float16, torch.bfloat16) and shape[0] > 1000:
-        pytest.skip("reduced precision on CPU is tested on small shapes only")
     emb = random_emb(shape, dtype, device)
     out = ops.fm_interaction(emb, reduce_sum)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
-    expected_out, expected_grad = reference_value_and_grad(emb, reduce_sum, grad_out)
+    reduced = dtype in reduced_dtypes
+    # float16/bfloat16 accumulate in float32 and round once: the oracle is the reference in float32 on
+    # the same rounded inputs, rounded to the dtype (see testing.rounded_once_tolerance).
+    expected_out, expected_grad = reference_value_and_grad(emb, reduce_sum, grad_out,
+                                                           torch.float32 if reduced else torch.float64)
     assert out.shape == expected_out.shape and out.dtype == dtype and out.device == emb.device
-    # The sum over F*K products grows with F and K: scale the tolerance with the magnitude.
-    scale = max(1.0, float(expected_out.detach().abs().max())) if expected_out.numel() else 1.0
+    # The sum over F*K products grows with F and K: scale the tolerance with the magnitude the sums
+    # pass through, 0.5 * sum_k (sum_f |e_fk|)^2 per sample.
+    magnitude = reference.fm_interaction(emb.detach().double().abs(), True).abs()
+    scale = max(1.0, float(magnitude.max())) if magnitude.numel() else 1.0
+    if reduced:
+        assert_rounded_once(out, expected_out.detach(), scale)
+        grad_scale = max(1.0, float(grad_out.abs().max()) * float(emb.detach().double().abs().sum(1).max())) \
+            if emb.numel() else 1.0
+        assert_rounded_once(emb.grad, expected_grad, grad_scale)
+        return
     torch.testing.assert_close(out.double(), expected_out, atol=TOLERANCES[dtype]["atol"] * scale,
                                rtol=TOLERANCES[dtype]["rtol"])
     assert_close(emb.grad, expected_grad)
+
+
+def test_reduced_precision_check_catches_sums_in_half_precision():
+    """The check above fails a kernel that sums the fields in float16/bfloat16 instead of float32."""
+    for dtype in reduced_dtypes:
+        emb = random_emb((9, 26, 10), dtype, "cpu", requires_grad=False)
+        s, q = torch.zeros(9, 10, dtype=dtype), torch.zeros(9, 10, dtype=dtype)
+        for f in range(26):  # the running sums kept in the reduced dtype
+            s, q = s + emb[:, f], q + emb[:, f] * emb[:, f]
+        half_sums = (0.5 * (s * s - q)).float().sum(1).to(dtype)
+        expected, _ = reference_value_and_grad(emb, True, torch.ones(9), torch.float32)
+        scale = float(reference.fm_interaction(emb.double().abs(), True).max())
+        assert_rounded_once(ops.fm_interaction(emb), expected.detach(), scale)
+        with pytest.raises(AssertionError, match="Mismatched elements"):
+            assert_rounded_once(half_sums, expected.detach(), scale)
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -73,15 +108,16 @@ def test_non_contiguous_and_expanded_inputs(device, dtype):
         assert not emb.is_contiguous()
         out = ops.fm_interaction(emb)
         grad_out = torch.randn_like(out)
-        (grad,) = torch.autograd.grad(out, emb, grad_out)
+        (grad,) = torch.autograd.grad(out, emb, grad_out, retain_graph=True)
         expected_out, expected_grad = reference_value_and_grad(emb, True, grad_out)
         assert_close(out, expected_out)
-        leaf = emb if emb.is_leaf else emb._base  # the expanded case accumulates into its [1, F, K] base
-        if emb.is_leaf:
-            assert_close(grad, expected_grad)
-        else:
-            assert leaf is not None
-            assert_close(grad.sum(0, keepdim=True), expected_grad.sum(0, keepdim=True))
+        assert grad.shape == emb.shape
+        assert_close(grad, expected_grad)  # every sample's gradient, not only their sum
+        if not emb.is_leaf:  # the expanded case: the [1, F, K] base accumulates the samples' gradients
+            base = emb._base
+            out.backward(grad_out)
+            assert base.grad.shape == (1, 5, 16)
+            assert_close(base.grad, expected_grad.sum(0, keepdim=True))
 
 
 @pytest.mark.parametrize("device", device_params())

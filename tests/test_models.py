@@ -8,6 +8,7 @@ from deepfm_fast.data import iterate_batches, make_synthetic, to_csr
 from deepfm_fast.data.dataset import field_offsets
 from deepfm_fast.features import MultiHotField, NumericField, SparseField
 from deepfm_fast.models import FM, LR, DeepFM, build_model
+from testing import requires_compiled
 
 FIELDS = [SparseField("user", 40), SparseField("item", 60), MultiHotField("genres", 12, pooling="mean"),
           MultiHotField("tags", 9, pooling="sum"), NumericField("age"), NumericField("price")]
@@ -27,6 +28,7 @@ def _grads(model):
             if p.grad is not None}
 
 
+@requires_compiled
 @pytest.mark.parametrize("name", ["deepfm", "fm", "lr"])
 def test_fused_equals_reference_logits_and_grads(data, name):
     torch.manual_seed(0)
@@ -291,3 +293,28 @@ def test_table_optimizer_choices(data):
         DeepFM(data.fields, 4, table_optimizer="lamb")
     with pytest.raises(ValueError, match="exclude"), pytest.warns(FutureWarning):
         DeepFM(data.fields, 4, table_optimizer="adam", sparse=True)
+
+
+def test_table_mode_is_decided_once_and_the_optimizers_follow_it(data):
+    """TableMode.parse is the one reading of a table-optimizer name; Optimizers sets and decays the table's
+    learning rate in every mode without the caller asking which."""
+    from deepfm_fast import optim
+    from deepfm_fast.models import TableMode
+
+    assert TableMode.parse(None) == TableMode.parse("dense") == TableMode("dense")
+    assert TableMode.parse("sparse_adam").sparse and TableMode.parse("sparse_adam").name == "sparse_adam"
+    assert [TableMode.parse(n).optimizer for n in optim.NAMES] == list(optim.NAMES)
+    assert all(TableMode.parse(n).fused and TableMode.parse(n).name == n for n in optim.NAMES)
+    with pytest.raises(ValueError, match=r"--table-optimizer must be one of \['adam'.*got 'lamb'"):
+        TableMode.parse("lamb", "--table-optimizer")
+    for name, torch_kinds in (("dense", ["Adam"]), ("sparse_adam", ["SparseAdam", "Adam"]), ("adagrad", ["Adam"])):
+        model = DeepFM(data.fields, 4, hidden_units=(8,), table_optimizer=TableMode.parse(name))
+        opts = model.optimizers(lr=0.01, table_lr=0.5)
+        assert [type(o).__name__ for o in opts.torch_optimizers] == torch_kinds, name
+        assert opts.lr == 0.01 and opts.table_lr == (0.01 if name == "dense" else 0.5), name
+        assert opts.decay(0.1, floor=0.003) == pytest.approx(0.003)
+        assert opts.table_lr == pytest.approx(0.003 if name == "dense" else 0.05), name
+        if name == "adagrad":
+            assert model.table_lr == model.embedding.optimizer.lr == pytest.approx(0.05)
+        opts.set_table_lr(0.2)
+        assert opts.table_lr == pytest.approx(0.003 if name == "dense" else 0.2) and opts.lr == pytest.approx(0.003)

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from deepfm_fast import EmbeddingFM, _packing, ops, optim, reference
-from testing import assert_close, device_params, random_csr
+from testing import assert_close, device_params, random_csr, requires_compiled
+
+pytestmark = requires_compiled
 
 OPTIMIZERS = {
     "sgd": lambda: optim.SGD(0.1, weight_decay=0.01),

@@ -206,9 +206,18 @@ def _job_train_sharded(rank, world, fields, sharding, optimizer):
     return {"logits": logits, "state": trc.gather_state_dict(dmp), "plan": plan}
 
 
+def _learns_data():
+    return make_synthetic(6000, fields=FIELDS, seed=2, model="fm", signal=3.0, max_bag=3)
+
+
+def _held_out(data):
+    """The held-out batch: the test split, an even number of rows (two equal shares)."""
+    return next(iterate_batches(data.test, 2 * (len(data.test) // 2)))
+
+
 def _job_learns(rank, world, sharding):
     """A meta-device model (each rank allocates only its shards) learns the planted FM."""
-    data = make_synthetic(6000, fields=FIELDS, seed=2, model="fm", signal=3.0, max_bag=3)
+    data = _learns_data()
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = trc.TorchRecDeepFM(FIELDS, 8, hidden_units=(16,), init_std=0.01, device=torch.device("meta"))
@@ -216,22 +225,27 @@ def _job_learns(rank, world, sharding):
     init = trc.gather_state_dict(dmp)
     dense_opt = torch.optim.Adagrad(dmp.module.dense_parameters(), lr=0.05)
     mine = data.train.subset(torch.arange(rank, len(data.train), world))
-    held = _share(next(iterate_batches(data.test, 2 * (len(data.test) // 2))), rank, world)
+    held = _share(_held_out(data), rank, world)
 
     def held_out_loss():
+        """(this rank's loss on its share, the mean over the ranks)"""
         with torch.no_grad():
             local = F.binary_cross_entropy_with_logits(dmp(trc.batch_to_kjt(held, FIELDS)), held.labels)
+        mine = local.item()
         dist.all_reduce(local)
-        return local.item() / world
+        return mine, local.item() / world
 
-    before = held_out_loss()
+    local_before, before = held_out_loss()
     for _ in range(2):
         for batch in iterate_batches(mine, 128, drop_last=True):
             loss = F.binary_cross_entropy_with_logits(dmp(trc.batch_to_kjt(batch, FIELDS)), batch.labels)
             dense_opt.zero_grad()
             loss.backward()
             dense_opt.step()
-    return {"before": before, "after": held_out_loss(), "init": init}
+    local_after, after = held_out_loss()
+    return {"before": before, "after": after, "local_before": local_before, "local_after": local_after,
+            "dense": [p.detach().clone() for p in dmp.module.dense_parameters()], "init": init,
+            "final": trc.gather_state_dict(dmp)}
 
 
 def _job_terms(rank, world, sharding):
@@ -441,8 +455,28 @@ def test_sharded_terms_match_the_paper(ranks, sharding):
 @pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
 def test_sharded_meta_model_learns(ranks, sharding):
     rank0, rank1 = ranks().run(_job_learns, sharding)
-    assert rank0["after"] == rank1["after"]                       # the all-reduced held-out loss
-    init = rank0["init"]
+    # Each rank's share of the held-out rows, and their mean: both shares learn, not only the mean.
+    for r in (rank0, rank1):
+        assert r["local_after"] < r["local_before"] - 0.1, (r["local_before"], r["local_after"])
+    assert rank0["local_after"] != rank1["local_after"]
+    assert math.isclose(rank0["after"], (rank0["local_after"] + rank1["local_after"]) / 2, rel_tol=1e-6)
+    # The replicated DNN stays equal on the ranks, bitwise, after 2 epochs of different shares.
+    assert len(rank0["dense"]) == len(rank1["dense"]) > 0
+    for a, b in zip(rank0["dense"], rank1["dense"]):
+        assert torch.equal(a, b)
+    # The gathered model, unsharded in this process, gives the sharded model's held-out loss, and every
+    # table moved from its initial rows.
+    init, final = rank0["init"], rank0["final"]
+    assert rank1["final"] is None
+    model = trc.TorchRecDeepFM(FIELDS, 8, hidden_units=(16,), init_std=0.01)
+    model.load_state_dict(final)
+    held = _held_out(_learns_data())
+    with torch.no_grad():
+        loss = F.binary_cross_entropy_with_logits(model(trc.batch_to_kjt(held, FIELDS)), held.labels).item()
+    assert math.isclose(loss, rank0["after"], rel_tol=1e-5), (loss, rank0["after"])
+    for name in ("user", "item", "tags", "x"):
+        key = f"embedding_bag_collection.embedding_bags.t_{name}.weight"
+        assert not torch.equal(final[key], init[key]), key
     for name in ("user", "item", "tags", "x"):
         w = init[f"embedding_bag_collection.embedding_bags.t_{name}.weight"]
         assert torch.all(w[:, 8:] == 0)                             # w and padding start at 0

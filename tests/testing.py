@@ -56,6 +56,26 @@ def product(*lists):
     return list(itertools.product(*lists))
 
 
+def rounded_once_tolerance(dtype, scale=1.0):
+    """The tolerance between a kernel that accumulates in float32 and rounds its result once to the
+    reduced-precision ``dtype``, and the float32 reference rounded to ``dtype``: one unit in the last
+    place (``rtol = eps``: the two float32 values may straddle a rounding boundary), plus float32's own
+    round-off, ``1e-5`` of ``scale`` (the magnitude the sums pass through). A kernel that sums in
+    ``dtype`` is off by several units in the last place and fails it."""
+    return dict(rtol=torch.finfo(dtype).eps, atol=1e-5 * scale)
+
+
+def assert_rounded_once(actual, expected_float32, scale=1.0):
+    """``actual`` (float16/bfloat16) equals the float32 oracle rounded to its dtype, within `rounded_once_tolerance`."""
+    torch.testing.assert_close(actual.double(), expected_float32.to(actual.dtype).double(),
+                               **rounded_once_tolerance(actual.dtype, scale))
+
+
+# Op tests compare the compiled kernels with the reference: without the build every op runs the
+# reference, and such a test would compare it with itself.
+requires_compiled = pytest.mark.skipif(not deepfm_fast._backend.compiled(), reason="deepfm_fast._C is not built")
+
+
 def assert_close(actual, expected, dtype=None):
     """Compares with the tolerance of `dtype` (default: actual's), casting expected to actual's dtype."""
     dtype = dtype or actual.dtype
@@ -87,12 +107,13 @@ def leaf(t):
     return t.detach().clone().requires_grad_(True)
 
 
-def outputs_and_grads(fn, weight, indices, offsets, psw, lw, fields, mode, pooling, seed=1):
-    """Forward with return_pooled, then grads of a random linear combination of all three outputs."""
+def outputs_and_grads(fn, weight, indices, offsets, psw, lw, fields, mode, pooling, seed=1, coeff_dtype=None):
+    """Forward with return_pooled, then grads of a random linear combination of all three outputs (its
+    coefficients rounded to `coeff_dtype` first, default the outputs' dtype)."""
     w, x, lin = leaf(weight), (leaf(psw) if psw is not None else None), (leaf(lw) if lw is not None else None)
     out = fn(w, indices, offsets, x, lin, num_fields=fields, mode=mode, pooling=pooling, return_pooled=True)
     g = torch.Generator().manual_seed(seed)
-    coeffs = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in out]
+    coeffs = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(coeff_dtype or o.dtype).to(o) for o in out]
     loss = sum((o * c).sum() for o, c in zip(out, coeffs))
     inputs = [t for t in (w, x, lin) if t is not None]
     grads = torch.autograd.grad(loss, inputs, allow_unused=True) if loss.requires_grad else [None] * len(inputs)
