@@ -137,6 +137,28 @@ inline int64_t* check_fused_row_update_args(at::TensorList tables, at::TensorLis
   return check_step(op, step_counter);
 }
 
+// fused_row_update's arguments as the kernels read them, once checked: the ids and row gradients
+// contiguous, and the step counter the update increments.
+struct RowUpdateArgs {
+  at::Tensor ids;
+  std::vector<at::Tensor> row_grads;
+  int64_t* counter;
+  int64_t num_ids, num_rows;
+};
+
+inline RowUpdateArgs prepare_fused_row_update_args(at::TensorList tables, at::TensorList state, const at::Tensor& ids,
+                                                   at::TensorList row_grads, const at::Tensor& step_counter,
+                                                   int64_t optimizer, const c10::optional<at::Tensor>& last_step,
+                                                   const c10::optional<at::Tensor>& catchup) {
+  RowUpdateArgs args{{}, {}, nullptr, ids.numel(), 0};
+  args.counter =
+      check_fused_row_update_args(tables, state, ids, row_grads, step_counter, optimizer, last_step, catchup);
+  args.ids = ids.contiguous();
+  args.num_rows = tables[0].size(0);
+  for (const auto& g : row_grads) args.row_grads.push_back(g.contiguous());
+  return args;
+}
+
 // One id of fused_row_update at position u (prev = ids[u - 1]): in range, and the ids strictly
 // increasing (sorted and unique, as embedding_fm_backward returns them: no two writers per row).
 inline void check_row_id(int64_t u, int64_t id, int64_t prev, int64_t num_rows) {

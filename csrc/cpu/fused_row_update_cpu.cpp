@@ -137,20 +137,17 @@ void fused_row_update_cpu(at::TensorList tables, at::TensorList state, const at:
                           double eps, double beta1, double beta2, double weight_decay,
                           const c10::optional<at::Tensor>& last_step, const c10::optional<at::Tensor>& catchup,
                           bool check_ids) {
-  int64_t* counter =
-      check_fused_row_update_args(tables, state, ids_in, row_grads, step_counter, optimizer, last_step, catchup);
-  const at::Tensor ids = ids_in.contiguous();
-  const int64_t num_ids = ids.numel(), num_rows = tables[0].size(0);
-  const int64_t* id = ids.const_data_ptr<int64_t>();
+  const RowUpdateArgs call =
+      prepare_fused_row_update_args(tables, state, ids_in, row_grads, step_counter, optimizer, last_step, catchup);
+  const int64_t num_ids = call.num_ids, num_rows = call.num_rows;
+  const int64_t* id = call.ids.const_data_ptr<int64_t>();
   // Unique and in range: one pass, before any row is written.
   if (check_ids)
     for (int64_t u = 0; u < num_ids; ++u) check_row_id(u, id[u], u > 0 ? id[u - 1] : 0, num_rows);
-  const int64_t step = ++*counter;
+  const int64_t step = ++*call.counter;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "fused_row_update_cpu", [&] {
-    std::vector<at::Tensor> grads;
     std::vector<const scalar_t*> grad_ptr;
-    for (const auto& g : row_grads) grads.push_back(g.contiguous());
-    for (const auto& g : grads) grad_ptr.push_back(g.const_data_ptr<scalar_t>());
+    for (const auto& g : call.row_grads) grad_ptr.push_back(g.const_data_ptr<scalar_t>());
     dispatch_row_optimizer(optimizer, [&](auto rule) {
       using Rule = decltype(rule);
       const auto params =

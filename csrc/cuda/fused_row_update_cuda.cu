@@ -79,7 +79,7 @@ __device__ __forceinline__ void catch_up_row(const DeviceTables<scalar_t, acc_t>
 // One step of row `row` of table t by the lanes of a group: weight decay, the row factor of a
 // row-wise state (reduced over the group), then the rule on every element (fused_row_update.h).
 template <class Rule, int kLanes, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void update_row(const DeviceTables<scalar_t, acc_t>& tables, int t, int64_t row,
+__device__ __forceinline__ void update_row_lanes(const DeviceTables<scalar_t, acc_t>& tables, int t, int64_t row,
                                            const scalar_t* grad, const RowUpdateParams<acc_t>& params, int lane) {
   const int64_t dim = tables.dim[t];
   scalar_t* value = tables.row(t, row);
@@ -123,7 +123,7 @@ __global__ void update_rows_kernel(DeviceTables<scalar_t, acc_t> tables, const i
     if constexpr (Rule::kCatchesUp) {
       if (missed > 0) catch_up_row<kLanes>(tables, t, row, adam.table + missed * kCatchUpColumns, lane);
     }
-    update_row<Rule, kLanes>(tables, t, row, tables.grads[t] + u * tables.dim[t], params, lane);
+    update_row_lanes<Rule, kLanes>(tables, t, row, tables.grads[t] + u * tables.dim[t], params, lane);
   }
   if constexpr (Rule::kCatchesUp) {
     __syncwarp(cuda::group_mask<kLanes>());  // every lane has read last_step[row]
@@ -246,16 +246,15 @@ void fused_row_update_cuda(at::TensorList tables, at::TensorList state, const at
                            double eps, double beta1, double beta2, double weight_decay,
                            const c10::optional<at::Tensor>& last_step, const c10::optional<at::Tensor>& catchup,
                            bool check_ids_arg) {
-  int64_t* counter =
-      check_fused_row_update_args(tables, state, ids_in, row_grads_in, step_counter, optimizer, last_step, catchup);
+  const RowUpdateArgs call =
+      prepare_fused_row_update_args(tables, state, ids_in, row_grads_in, step_counter, optimizer, last_step, catchup);
   const c10::cuda::CUDAGuard device_guard(tables[0].device());
-  const at::Tensor ids = ids_in.contiguous();
-  std::vector<at::Tensor> row_grads;
-  for (size_t t = 0; t < tables.size(); ++t) row_grads.push_back(row_grads_in[t].contiguous());
-  const int64_t num_ids = ids.numel(), num_rows = tables[0].size(0), max_dim = max_width(tables);
+  const at::Tensor& ids = call.ids;
+  const std::vector<at::Tensor>& row_grads = call.row_grads;
+  const int64_t num_ids = call.num_ids, num_rows = call.num_rows, max_dim = max_width(tables);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (check_ids_arg && num_ids > 0 && cuda::bounds_check_mode() == kBoundsError) check_ids(ids, num_rows, stream);
-  const int64_t step = ++*counter;
+  const int64_t step = ++*call.counter;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "fused_row_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_row_optimizer(optimizer, [&](auto rule) {
