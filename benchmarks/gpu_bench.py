@@ -62,10 +62,11 @@ def run_copy(args, log):
 def run_w1(args, log):
     if args.small:
         headline = (4096, 39, 16)
-        cases = [(torch.float32, (512, 26, 16)), (torch.float32, headline), (torch.bfloat16, (512, 26, 16))]
+        cases = [(torch.float32, headline), (torch.bfloat16, (512, 26, 16))]
     else:
-        headline = (65536, 39, 16)
-        cases = list(itertools.product([torch.float32, torch.bfloat16], [(4096, 39, 16), headline, (65536, 26, 64)]))
+        headline = (65536, 39, 16)  # first, in both dtypes: a stage cut at its limit loses the others
+        cases = [(dtype, shape) for shape in [headline, (4096, 39, 16), (65536, 26, 64)]
+                 for dtype in (torch.float32, torch.bfloat16)]
     for dtype, shape in cases:
         try:
             emb = torch.randn(shape, device=args.device, dtype=dtype, requires_grad=True)
@@ -258,7 +259,8 @@ def strict_forward(model, ids, offsets, labels, device):
 def run_syncs(args, log):
     rows, batch = (1000, 256) if args.small else (100_000, 4096)
     names = ["SGD", "Adam"] if args.small else ["SGD", "RowWiseAdagrad", "Adagrad", "LazyAdam", "Adam"]
-    for name, mode, layout in itertools.product(names, ["error", "off"], ["ids", "csr"]):
+    modes = ["error"] if args.small else ["error", "off"]  # (the CPU kernels ignore the mode)
+    for name, mode, layout in itertools.product(names, modes, ["ids", "csr"]):
         previous = ops.get_cuda_bounds_check()
         try:
             with torch.device(args.device):

@@ -4,6 +4,7 @@ Fake (meta) kernels and autograd are registered here, in Python, as PyTorch reco
 ops: that is what lets `torch.compile(fullgraph=True)` and `torch.export` trace through them.
 Without the compiled extension every wrapper runs the `deepfm_fast.reference` implementation.
 """
+import contextlib
 import warnings
 from typing import List, Optional, Sequence, Union
 
@@ -130,6 +131,8 @@ def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor] = No
     floating-point atomics: the ids are sorted stably and each row's gradient is summed by one thread
     in position order), so ``torch.use_deterministic_algorithms(True)`` changes nothing and raises
     nothing. The CUDA backward makes one device->host synchronisation (the number of unique rows).
+    (On CUDA a row with more than 64 occurrences is summed in chunks of 64 positions, then over its
+    chunks in order: deterministic, but not bit-equal to the CPU's single pass.)
 
     Example:
         >>> V, w = torch.randn(1000, 16, requires_grad=True), torch.zeros(1000, requires_grad=True)
@@ -205,6 +208,24 @@ def set_cuda_bounds_check(mode: str) -> None:
         warnings.warn("deepfm_fast: CUDA bounds check 'clamp': out-of-range ids read the nearest valid row and "
                       "malformed bags pool to zero, without an error; the results for those rows are wrong",
                       RuntimeWarning, stacklevel=2)
+
+
+@contextlib.contextmanager
+def deferred_cuda_checks(weight: Tensor):
+    """Inside the block (a fused training step's forward, on this thread), the "error" bounds check
+    of the CUDA ops waits for the step's backward: the forward ops record what they find on the GPU
+    and the backward, whose one device->host copy (the number of unique rows) happens anyway, raises
+    the same errors before any row is updated, so the step syncs once (a forward whose backward
+    never runs leaves what it found for the next op that syncs). Nothing changes on the CPU, under
+    torch.compile, or without the compiled kernels."""
+    if not (weight.is_cuda and _backend.compiled()) or torch.compiler.is_compiling():
+        yield
+        return
+    previous = _backend._C.set_cuda_checks_deferred(True)
+    try:
+        yield
+    finally:
+        _backend._C.set_cuda_checks_deferred(previous)
 
 
 def get_cuda_bounds_check() -> str:
