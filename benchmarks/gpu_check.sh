@@ -5,11 +5,12 @@
 # run cut at any point still returns what it had; every figure is a JSON line written when measured.
 #
 # Stages, in this order, each with its own limit inside BUDGET_S (default 470 s):
-#   env 10 | build 150 | W2/W3 fused steps (the headline) 75 | syncs per training step 20 |
-#   CUDA tests 110 (the riskiest cases first, then one pytest per file, newest first, --maxfail;
-#   failures rerun with CUDA_LAUNCH_BLOCKING=1) | W1 40 | compute-sanitizer memcheck 35 + synccheck
-#   20 on the risky subset with the caching allocator off  = 460 s of limits; a stage that ends early
-#   leaves its time to the next, and none starts with under 15 s left.
+#   build 140 | copy 10 + W2 40 + W3 35 (the fused steps: the headline) | host syncs per training
+#   step 20 | CUDA tests 110 (the riskiest cases first, then one pytest per file, newest first,
+#   --maxfail; failures rerun with CUDA_LAUNCH_BLOCKING=1) | W1 35 | compute-sanitizer memcheck 30 +
+#   synccheck 20 on the risky subset with the caching allocator off  = 440 s of limits, plus ~10 s
+#   of env, packing and summary: 450 s, 20 s under the budget (run it with timeout_s 490-600). A
+#   stage that ends early leaves its time to the next; none starts with under 15 s left.
 # Usage, from the repository root:
 #   OUT=/some/dir bash benchmarks/gpu_check.sh            # on the GPU machine
 #   bash benchmarks/gpu_check.sh --dry-run                # the same stages on the CPU, small sizes
@@ -91,7 +92,7 @@ cat "$WORK/env.txt" >>"$SUMMARY"
 if [ $DRY = 1 ]; then  # the CPU build the tests use (CI built it; its CUDA build check compiles for sm_90)
   step build 60 "$PY" -c "import deepfm_fast; b = deepfm_fast.backend(); print(deepfm_fast.__file__, b); assert b == 'compiled'"
 else  # in place, so that the tests and benchmarks import this build
-  step build 150 env FORCE_CUDA=1 "$PY" setup.py build_ext --inplace
+  step build 140 env FORCE_CUDA=1 "$PY" setup.py build_ext --inplace
 fi
 if [ $? -ne 0 ]; then note "build failed: nothing else can run"; pack; exit 1; fi
 "$PY" -c "import deepfm_fast; assert deepfm_fast.cuda_kernels() or '$DEVICE' == 'cpu', 'built without CUDA kernels'" \
@@ -146,7 +147,7 @@ done
 
 # ---- W1 ----------------------------------------------------------------------------------------------
 # One torch.compile per dtype (the headline shape); the dry run compiles float32 only (~25 s on a CPU).
-step w1 40 bench w1 $([ $DRY = 1 ] && echo --compile-dtypes=float32)
+step w1 35 bench w1 $([ $DRY = 1 ] && echo --compile-dtypes=float32)
 
 # ---- compute-sanitizer on the risky subset, the caching allocator off ---------------------------------
 SANITIZER=$(command -v compute-sanitizer || { [ -x "$CUDA_HOME/bin/compute-sanitizer" ] && echo "$CUDA_HOME/bin/compute-sanitizer"; })
@@ -154,7 +155,7 @@ if [ -z "$SANITIZER" ]; then
   note "sanitizer: compute-sanitizer not found on this machine$([ $DRY = 1 ] && echo ' (dry run: expected)'); moving on"
 else
   for tool in memcheck synccheck; do
-    limit=35
+    limit=30
     [ $tool = synccheck ] && limit=20
     # Adam's 1,050 steps last: the quick cases are sanitized first if the stage is cut.
     step "$tool" $limit env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool $tool --error-exitcode 1 \

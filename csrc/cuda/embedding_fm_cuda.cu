@@ -575,9 +575,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_fm_cuda(
       const auto in = make_inputs<scalar, index_t>(p, num_fields, mode, bounds);
       dispatch_group(dim, [&](auto lanes, auto per) {
         constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
-        cuda::launch(forward_kernel<scalar, index_t, kLanes, kPer>, cuda::ceil_div(batch, cuda::kThreadsPerBlock / kLanes),
-                     cuda::kThreadsPerBlock, stream, in, fm.mutable_data_ptr<scalar>(),
-                     p.lw ? linear.mutable_data_ptr<scalar>() : nullptr,
+        cuda::launch(forward_kernel<scalar, index_t, kLanes, kPer>,
+                     cuda::ceil_div(batch, cuda::kThreadsPerBlock / kLanes), cuda::kThreadsPerBlock, stream, in,
+                     fm.mutable_data_ptr<scalar>(), p.lw ? linear.mutable_data_ptr<scalar>() : nullptr,
                      return_pooled ? pooled.mutable_data_ptr<scalar>() : nullptr);
       });
     });
@@ -687,14 +687,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
       cuda::dispatch_lanes(cuda::lanes_for_dim(dim), [&](auto lanes) {
         constexpr int kLanes = decltype(lanes)::value;
         cuda::launch(chunk_reduce_kernel<scalar_t, kLanes>, cuda::ceil_div(max_chunks, cuda::kThreadsPerBlock / kLanes),
-                cuda::kThreadsPerBlock, stream, occ.const_data_ptr<acc_t>(), p.lw ? lin_occ.const_data_ptr<acc_t>() : nullptr,
+                cuda::kThreadsPerBlock, stream, occ.const_data_ptr<acc_t>(),
+                p.lw ? lin_occ.const_data_ptr<acc_t>() : nullptr,
                 order.const_data_ptr<int64_t>(), seg_start.const_data_ptr<int64_t>(),
                 chunk_end.const_data_ptr<int64_t>(), long_end.const_data_ptr<int64_t>(), num_unique, max_chunks, dim,
                 row_grads.mutable_data_ptr<scalar_t>(),
                 p.lw ? linear_row_grads.mutable_data_ptr<scalar_t>() : nullptr, partial.mutable_data_ptr<acc_t>(),
                 p.lw ? linear_partial.mutable_data_ptr<acc_t>() : nullptr);
         cuda::launch(long_segment_kernel<scalar_t, kLanes>, cuda::ceil_div(num_unique, cuda::kThreadsPerBlock / kLanes),
-                cuda::kThreadsPerBlock, stream, partial.const_data_ptr<acc_t>(), p.lw ? linear_partial.const_data_ptr<acc_t>() : nullptr,
+                cuda::kThreadsPerBlock, stream, partial.const_data_ptr<acc_t>(),
+                p.lw ? linear_partial.const_data_ptr<acc_t>() : nullptr,
                 long_end.const_data_ptr<int64_t>(), num_unique, dim, row_grads.mutable_data_ptr<scalar_t>(),
                 p.lw ? linear_row_grads.mutable_data_ptr<scalar_t>() : nullptr);
       });

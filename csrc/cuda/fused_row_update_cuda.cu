@@ -225,8 +225,9 @@ at::Tensor queue_id_check(const at::Tensor& ids, int64_t num_rows, bool increasi
   const int64_t num_ids = ids.numel();
   const at::Tensor found = at::full({1 + cuda::kDeviceErrorWords}, -1, ids.options().dtype(at::kLong));
   if (num_ids > 0)
-    cuda::launch(check_ids_kernel, cuda::grid_for(num_ids), cuda::kThreadsPerBlock, stream, ids.const_data_ptr<int64_t>(),
-                 num_ids, num_rows, increasing, reinterpret_cast<unsigned long long*>(found.mutable_data_ptr<int64_t>()));
+    cuda::launch(check_ids_kernel, cuda::grid_for(num_ids), cuda::kThreadsPerBlock, stream,
+                 ids.const_data_ptr<int64_t>(), num_ids, num_rows, increasing,
+                 reinterpret_cast<unsigned long long*>(found.mutable_data_ptr<int64_t>()));
   return found;
 }
 
@@ -258,8 +259,8 @@ void launch_catch_up_rows(const DeviceTables<scalar_t, acc_t>& args, int64_t max
   if (end <= begin) return;
   cuda::dispatch_lanes(cuda::lanes_for_dim(max_dim), [&](auto kLanes) {
     cuda::launch(catch_up_rows_kernel<kLanes.value, scalar_t, acc_t>,
-                 cuda::ceil_div(end - begin, cuda::kThreadsPerBlock / kLanes.value), cuda::kThreadsPerBlock, stream, args,
-                 adam, target, begin, end, op);
+                 cuda::ceil_div(end - begin, cuda::kThreadsPerBlock / kLanes.value), cuda::kThreadsPerBlock, stream,
+                 args, adam, target, begin, end, op);
   });
 }
 
