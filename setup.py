@@ -39,7 +39,16 @@ def want_cuda():
 
 
 def cuda_wheel_include_dirs():
-    """Headers that pip's CUDA 13 torch wheels keep in site-packages/nvidia/cu13/include (CCCL, cuBLAS...)."""
+    """Headers that pip's CUDA 13 torch wheels keep in site-packages/nvidia/cu13/include (CCCL, cuBLAS...),
+    only where the toolkit lacks them (a compiler-only toolkit): with a full toolkit they would come
+    first on the include path and shadow its own CCCL and runtime headers with another version's.
+    DEEPFM_FAST_CUDA_WHEEL_HEADERS=1 or 0 forces them in or out."""
+    forced = os.environ.get("DEEPFM_FAST_CUDA_WHEEL_HEADERS", "").strip()
+    if forced == "0":
+        return []
+    toolkit = cpp_extension.CUDA_HOME or ""
+    if forced != "1" and os.path.isfile(os.path.join(toolkit, "include", "cublas_v2.h")):
+        return []
     try:
         import nvidia
     except ImportError:

@@ -10,7 +10,16 @@
 namespace deepfm_fast {
 namespace {
 std::atomic<int> g_cuda_bounds_check{kBoundsError};
+thread_local bool t_cuda_checks_deferred = false;
 }  // namespace
+
+bool cuda_checks_deferred() { return t_cuda_checks_deferred; }
+
+bool set_cuda_checks_deferred(bool deferred) {
+  const bool previous = t_cuda_checks_deferred;
+  t_cuda_checks_deferred = deferred;
+  return previous;
+}
 
 int cuda_bounds_check() { return g_cuda_bounds_check.load(std::memory_order_relaxed); }
 
@@ -28,6 +37,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cuda_bounds_check", &deepfm_fast::set_cuda_bounds_check, pybind11::arg("mode"),
         "Bounds-check mode of the CUDA kernels: 0 error, 1 clamp, 2 off (see deepfm_fast.ops.set_cuda_bounds_check).");
   m.def("get_cuda_bounds_check", &deepfm_fast::cuda_bounds_check, "The current bounds-check mode code.");
+  m.def("set_cuda_checks_deferred", &deepfm_fast::set_cuda_checks_deferred, pybind11::arg("deferred"),
+        "This thread's CUDA checks deferred to the next backward (see deepfm_fast.ops.deferred_cuda_checks); "
+        "returns the previous setting.");
 }
 
 TORCH_LIBRARY(deepfm_fast, m) {

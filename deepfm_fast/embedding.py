@@ -227,8 +227,10 @@ class EmbeddingFM(nn.Module):
                              f"field {f}, which has field_dims[{f}] = {self.field_dims[f]} ids "
                              f"(0..{self.field_dims[f] - 1})")
 
-    def to_global(self, indices: Tensor, offsets: Optional[Tensor] = None) -> Tensor:
-        """Local per-field ids -> global rows of ``weight`` (checked in eager mode)."""
+    def to_global(self, indices: Tensor, offsets: Optional[Tensor] = None, *, _deferred: bool = False) -> Tensor:
+        """Local per-field ids -> global rows of ``weight`` (checked in eager mode). ``_deferred`` (a CUDA
+        training step): no check here, which would sync; a bad local id becomes -1, which the step's
+        backward raises on (named by its position) before any row is updated."""
         if indices.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"EmbeddingFM: indices must be an int32 or int64 tensor, got {indices.dtype}")
         if offsets is None:
@@ -236,9 +238,18 @@ class EmbeddingFM(nn.Module):
                 raise ValueError(f"EmbeddingFM: indices must be [batch, {self.num_fields}] (one id per field), "
                                  f"got shape {tuple(indices.shape)}")
             # Column f is field f: the per-field constants broadcast, no [B, F] gather of them.
+            if _deferred:
+                bad = (indices < 0) | (indices >= self._field_dims)
+                return torch.where(bad, -1, indices + self.field_offsets.to(indices.dtype))
             if not torch.compiler.is_compiling():
                 self._check_local(indices, self._field_dims)
             return indices + self.field_offsets.to(indices.dtype)
+        if _deferred:  # each id's bag by binary search: in range whatever the offsets, no sync
+            positions = torch.arange(indices.numel(), device=indices.device, dtype=offsets.dtype)
+            bags = (torch.searchsorted(offsets, positions, right=True) - 1).clamp(0, max(offsets.numel() - 2, 0))
+            field_of = bags % self.num_fields
+            bad = (indices < 0) | (indices >= self._field_dims[field_of])
+            return torch.where(bad, -1, indices + self.field_offsets[field_of].to(indices.dtype))
         counts = (offsets[1:] - offsets[:-1]).long()
         if not torch.compiler.is_compiling() and (bool((counts < 0).any()) or int(counts.sum()) != indices.numel()):
             return indices  # malformed offsets: let the op raise its precise error
@@ -262,7 +273,10 @@ class EmbeddingFM(nn.Module):
 
     def forward(self, indices: Tensor, offsets: Optional[Tensor] = None, per_sample_weights: Optional[Tensor] = None,
                 *, return_pooled: bool = False, global_ids: bool = False):
-        ids = indices if global_ids else self.to_global(indices, offsets)
+        training = self.optimizer is not None and torch.is_grad_enabled()
+        deferred = training and indices.is_cuda and _backend.compiled() and not self.use_reference and \
+            not torch.compiler.is_compiling()
+        ids = indices if global_ids else self.to_global(indices, offsets, _deferred=deferred)
         pooling = self.pooling
         if self._scaled_fields and offsets is not None:
             per_sample_weights = self._scale_mean_bags(ids, offsets, per_sample_weights)
@@ -289,12 +303,21 @@ class EmbeddingFM(nn.Module):
         if self.use_reference or not _backend.compiled():
             return reference.embedding_fm_step(self.weight, self.linear_weight, ids, offsets, per_sample_weights,
                                                **args)
+        if self.weight.is_cuda and not torch.compiler.is_compiling():
+            with ops.deferred_cuda_checks(self.weight):  # the step's one sync is its backward's
+                return self._compiled_fused_step(ids, offsets, per_sample_weights, row_state, args)
+        return self._compiled_fused_step(ids, offsets, per_sample_weights, row_state, args)
+
+    def _compiled_fused_step(self, ids, offsets, per_sample_weights, row_state, args):
         rows = row_weight = row_linear_weight = None
         if self.optimizer.catches_up:
             # Adam: the forward reads copies of the batch's rows as dense Adam has them now; the
             # backward catches the tables' rows up and steps them (no in-place change in the forward,
             # which torch.compile needs).
-            rows, ids = torch.unique(ids.long(), sorted=True, return_inverse=True)
+            if ids.is_cuda and not torch.compiler.is_compiling():
+                rows, ids = _unique_rows_padded(ids)
+            else:
+                rows, ids = torch.unique(ids.long(), sorted=True, return_inverse=True)
             with torch.no_grad():  # copies to read; the tables' gradient is the step's business
                 row_weight, row_linear_weight = ops.adam_rows(
                     [self.weight, self.linear_weight], self.optimizer_state_list(), row_state["last_step"],
@@ -374,6 +397,21 @@ class EmbeddingFM(nn.Module):
                 + (", pool_first_order=True" if self.pool_first_order else "")
                 + (f", optimizer={self.optimizer}" if self.optimizer is not None else "")
                 + (", rows_packed=True" if self.rows_packed else ""))
+
+
+def _unique_rows_padded(ids: Tensor):
+    """``torch.unique(ids, sorted=True, return_inverse=True)`` without its device->host sync (the
+    number U of unique ids): ``rows`` keeps ``ids.numel()`` entries, the U unique ids first and in
+    order, then other ids of the batch (valid rows that are read but never indexed); ``inverse``,
+    shaped like ``ids``, indexes the first U. Deterministic (sorts only)."""
+    flat = ids.reshape(-1).long()
+    sorted_ids, order = torch.sort(flat, stable=True)
+    head = torch.ones_like(sorted_ids, dtype=torch.bool)
+    head[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    slot = head.cumsum(0) - 1  # each sorted position's unique row
+    inverse = slot[torch.argsort(order)]
+    rows = sorted_ids[torch.argsort((~head).to(torch.uint8), stable=True)]  # the U heads first, in order
+    return rows, inverse.view(ids.shape)
 
 
 def _refuse_unsynchronised(module: "EmbeddingFM") -> None:

@@ -7,6 +7,7 @@ Without the compiled extension the wrappers with a `deepfm_fast.reference` count
 run it; `embedding_fm_backward` and `embedding_fm_step` call their op and need the extension
 (`EmbeddingFM` then trains through the reference instead of calling them).
 """
+import contextlib
 import warnings
 from typing import List, Optional, Sequence, Union
 
@@ -211,6 +212,24 @@ def set_cuda_bounds_check(mode: str) -> None:
         warnings.warn("deepfm_fast: CUDA bounds check 'clamp': out-of-range ids read the nearest valid row and "
                       "malformed bags pool to zero, without an error; the results for those rows are wrong",
                       RuntimeWarning, stacklevel=2)
+
+
+@contextlib.contextmanager
+def deferred_cuda_checks(weight: Tensor):
+    """Inside the block (a fused training step's forward, on this thread), the "error" bounds check
+    of the CUDA ops waits for the step's backward: the forward ops record what they find on the GPU
+    and the backward, whose one device->host copy (the number of unique rows) happens anyway, raises
+    the same errors before any row is updated, so the step syncs once (a forward whose backward
+    never runs leaves what it found for the next op that syncs). Nothing changes on the CPU, under
+    torch.compile, or without the compiled kernels."""
+    if not (weight.is_cuda and _backend.compiled()) or torch.compiler.is_compiling():
+        yield
+        return
+    previous = _backend._C.set_cuda_checks_deferred(True)
+    try:
+        yield
+    finally:
+        _backend._C.set_cuda_checks_deferred(previous)
 
 
 def get_cuda_bounds_check() -> str:

@@ -101,10 +101,12 @@ def test_one_id_per_field_input_and_modes_agree(device, index_dtype):
     assert field.pooled.numel() == 0
 
 
-def test_all_ids_equal_accumulate():
-    # Every occurrence hits row 3: the whole gradient lands in one row, summed in a fixed order.
-    weight = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
-    ids = torch.full((64, 6), 3)
+@pytest.mark.parametrize("device", device_params())
+def test_all_ids_equal_accumulate(device):
+    # Every occurrence hits row 3: the whole gradient lands in one row, summed in a fixed order
+    # (on CUDA: 384 occurrences, 6 chunks of 64 and their sum).
+    weight = torch.randn(5, 16, dtype=torch.float64, device=device, requires_grad=True)
+    ids = torch.full((64, 6), 3, device=device)
     out = ops.embedding_fm(weight, ids)
     out.fm.sum().backward()
     ref_weight = leaf(weight)
@@ -117,11 +119,12 @@ def test_all_ids_equal_accumulate():
     assert torch.equal(weight.grad, first)  # deterministic
 
 
-def test_non_contiguous_inputs():
-    weight = torch.randn(16, 20, dtype=torch.float64).T  # [20, 16], column-major
-    ids = torch.randint(0, 20, (6, 8)).T                  # [8, 6], column-major
-    psw = torch.rand(6, 8, dtype=torch.float64).T
-    lw = torch.randn(40, dtype=torch.float64)[::2]
+@pytest.mark.parametrize("device", device_params())
+def test_non_contiguous_inputs(device):
+    weight = torch.randn(16, 20, dtype=torch.float64, device=device).T  # [20, 16], column-major
+    ids = torch.randint(0, 20, (6, 8), device=device).T                  # [8, 6], column-major
+    psw = torch.rand(6, 8, dtype=torch.float64, device=device).T
+    lw = torch.randn(40, dtype=torch.float64, device=device)[::2]
     assert not weight.is_contiguous() and not ids.is_contiguous() and not lw.is_contiguous()
     out = ops.embedding_fm(weight, ids, per_sample_weights=psw, linear_weight=lw, return_pooled=True)
     expected = reference.embedding_fm(weight, ids, per_sample_weights=psw, linear_weight=lw, return_pooled=True)
@@ -129,11 +132,12 @@ def test_non_contiguous_inputs():
         assert_close(a, e)
 
 
-def test_gradcheck_float64():
-    indices, offsets = random_csr(3, 3, 7, 3, torch.int64, "cpu")
-    weight = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
-    psw = torch.randn(indices.numel(), dtype=torch.float64, requires_grad=True)
-    lw = torch.randn(7, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("device", device_params())
+def test_gradcheck_float64(device):
+    indices, offsets = random_csr(3, 3, 7, 3, torch.int64, device)
+    weight = torch.randn(7, 5, dtype=torch.float64, device=device, requires_grad=True)
+    psw = torch.randn(indices.numel(), dtype=torch.float64, device=device, requires_grad=True)
+    lw = torch.randn(7, dtype=torch.float64, device=device, requires_grad=True)
     for mode, pooling in [("field", ["mean", "sum", "mean"]), ("feature", "mean")]:
         def fn(w, x, lin, mode=mode, pooling=pooling):
             out = ops.embedding_fm(w, indices, offsets, x, lin, num_fields=3, mode=mode, pooling=pooling,

@@ -470,22 +470,6 @@ def test_adam_rows_are_the_caught_up_rows_and_change_nothing(device):
                           (tables, flat, row_state["last_step"], row_state["catchup"], step, rows))
 
 
-def test_rows_further_behind_than_the_window_raise_instead_of_reading_past_the_table():
-    opt = optim.Adam(0.05, catch_up_window=4)
-    tables = [torch.randn(10, 3), torch.randn(10)]
-    flat = [s for t in tables for s in opt.new_state(t)]
-    row_state, step = opt.new_row_state(10, "cpu", step=6), counter(6)
-    row_state["last_step"][2] = 0  # 6 steps behind a window of 4: a replaced last_step
-    match = r"row 2 was last updated at step 0, more than the catch-up window \(4\)"
-    ids = torch.tensor([2])
-    with pytest.raises(RuntimeError, match=match):
-        torch.ops.deepfm_fast.adam_rows(tables, flat, row_state["last_step"], row_state["catchup"], step, ids)
-    with pytest.raises(RuntimeError, match=match):
-        torch.ops.deepfm_fast.adam_catch_up(tables, flat, row_state["last_step"], row_state["catchup"], step)
-    with pytest.raises(RuntimeError, match=match):
-        update(opt, tables, [flat[:2], flat[2:]], ids, [torch.randn(1, 3), torch.randn(1)], step, row_state)
-
-
 @pytest.mark.parametrize("name", ["sgd", "adam"])
 def test_embedding_fm_step_opcheck(name):
     opt = OPTIMIZERS[name]()

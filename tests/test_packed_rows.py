@@ -159,16 +159,17 @@ def test_half_tables_are_not_packed():
     assert _packing.pack(columns)["v"] is columns[0][1]
 
 
-def _strided_table(rows, dim, dtype=torch.float64, width=None):
+def _strided_table(rows, dim, dtype=torch.float64, width=None, device="cpu"):
     """V [rows, dim] and w [rows] as views of wider records, like packed rows."""
-    records = torch.randn(rows, width or dim + 3, dtype=dtype)
+    records = torch.randn(rows, width or dim + 3, dtype=dtype).to(device)
     return records, records[:, :dim], records[:, dim]
 
 
-def test_ops_read_strided_records_in_values_and_gradients():
-    indices, offsets = random_csr(4, 3, 9, 3, seed=7)
-    psw = torch.rand(indices.numel(), dtype=torch.float64)
-    _, weight, lw = _strided_table(9, 5)
+@pytest.mark.parametrize("device", device_params())
+def test_ops_read_strided_records_in_values_and_gradients(device):
+    indices, offsets = random_csr(4, 3, 9, 3, seed=7, device=device)
+    psw = torch.rand(indices.numel(), dtype=torch.float64).to(device)
+    _, weight, lw = _strided_table(9, 5, device=device)
     assert weight.stride(0) == 8 and lw.stride(0) == 8
     kwargs = dict(num_fields=3, mode="field", pooling=["mean", "sum", "mean"], return_pooled=True)
     # Against the reference on contiguous copies.
@@ -188,25 +189,26 @@ def test_ops_read_strided_records_in_values_and_gradients():
     for a, e in zip(grads, expected_grads):
         assert_close(a, e)
     # Views of one record table as leaves: gradcheck perturbs them in place, through the records.
-    records = torch.randn(9, 8, dtype=torch.float64)
+    records = torch.randn(9, 8, dtype=torch.float64, device=device)
     w_view, lin_view = records[:, :5].requires_grad_(), records[:, 5].requires_grad_()
     assert torch.autograd.gradcheck(fused, (w_view, x.detach().requires_grad_(), lin_view))
     torch.library.opcheck(torch.ops.deepfm_fast.embedding_fm.default,
                           (weight, indices, offsets, psw, lw, 3, 0, [1, 0, 1], True))
 
 
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_update_ops_on_strided_records_equal_the_reference_on_contiguous_tables(name):
+def test_update_ops_on_strided_records_equal_the_reference_on_contiguous_tables(device, name):
     opt = OPTIMIZERS[name]()
-    module = EmbeddingFM([30], 4, optimizer=opt)  # packed: its tables and states are strided views
+    module = EmbeddingFM([30], 4, optimizer=opt).to(device)  # packed: its tables and states are strided views
     tables = [module.weight, module.linear_weight]
     states = module.optimizer_state_list()
     row_state = module.optimizer_row_state()
     assert all(t.stride(0) > (t.shape[1] if t.dim() == 2 else 1) for t in tables + states)
     copies = [t.detach().clone() for t in tables], [s.clone() for s in states], \
         {k: v.clone() for k, v in row_state.items()}
-    ids = torch.tensor([1, 4, 9, 29])
-    grads = [torch.randn(4, 4), torch.randn(4)]
+    ids = torch.tensor([1, 4, 9, 29], device=device)
+    grads = [torch.randn(4, 4, device=device), torch.randn(4, device=device)]
     step, step_copy = torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
     args = tuple(opt.op_args().values())
     with torch.no_grad():

@@ -15,7 +15,8 @@
 //   (a) occurrence_grads_kernel, a group per sample: the gradient of every occurrence's row
 //       x_i * D_i into a float32 (float64) [nnz, K] buffer, dL/dx_i and g_lin * x_i per occurrence,
 //       and the occurrence's row as a sort key (D_i as in the CPU kernel, mean scaling included);
-//   (b) at::sort(stable=true) of the keys: the occurrences of each row, in position order;
+//   (b) cub's radix sort of (key, position) pairs over the bits the keys use (stable, 64-bit item
+//       counts: nnz >= 2^31 is sorted too): the occurrences of each row, in position order;
 //   (c) segment heads (a flag kernel + at::cumsum over int32 flags) give each unique row its
 //       index u and its first sorted position; one device->host copy reads U (and, in "error"
 //       mode, the result of the argument checks: one sync in all);
@@ -25,7 +26,8 @@
 // The only atomics are integer atomicMin in the argument check (order-independent results).
 //
 // Bounds checks (FBGEMM-style), chosen process-wide by deepfm_fast.ops.set_cuda_bounds_check
-// (bounds_check.h):
+// (bounds_check.h); inside a fused training step the forward's "error" check is deferred to the
+// step's backward, which checks the same indices and offsets at its one sync before any update:
 //   error (default): the values of indices and offsets are checked on the device, then one
 //          device->host copy raises the CPU kernel's error (argument, value, position);
 //   clamp: no check, no sync; a bad id reads (and gets the gradient of) the nearest valid row;
@@ -36,11 +38,14 @@
 // "error" cannot sync and behaves as "off".
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
-#include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
+
+#include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
 #include <cstdint>
@@ -76,15 +81,20 @@ __device__ __forceinline__ void bag_range(const index_t* offsets, int64_t bag, i
   if (start < 0 || start > stop || stop > nnz) start = stop = 0;
 }
 
-// Per-field pooling: one flag for all fields, a bitmask (<= 64 fields), or a device array.
+// Per-field pooling, passed by value in the kernels' arguments (no copy to the device, so a call
+// can be captured in a CUDA graph): one flag for all fields, or a bitmask of up to
+// kPoolingMaskFields fields. Beyond that (mixed pooling over > 1024 fields) the flags are copied
+// to the device with a blocking copy, which a CUDA graph cannot capture.
+constexpr int64_t kPoolingMaskWords = 16;
+constexpr int64_t kPoolingMaskFields = 64 * kPoolingMaskWords;
 struct PoolingFlags {
-  int uniform;           // 0: every field sums, 1: every field averages, -1: per field (below)
-  uint64_t bits;         // bit f: field f averages (num_fields <= 64, flags == nullptr)
-  const uint8_t* flags;  // [num_fields] on the device, 1 = average (num_fields > 64)
+  int uniform;                       // 0: every field sums, 1: every field averages, -1: per field (below)
+  uint64_t bits[kPoolingMaskWords];  // bit f % 64 of word f / 64: field f averages (flags == nullptr)
+  const uint8_t* flags;              // [num_fields] on the device, 1 = average (num_fields > kPoolingMaskFields)
   __device__ __forceinline__ bool is_mean(int64_t f) const {
     if (uniform >= 0) return uniform != 0;
     if (flags != nullptr) return flags[f] != 0;
-    return ((bits >> f) & 1u) != 0;
+    return ((bits[f >> 6] >> (f & 63)) & 1u) != 0;
   }
 };
 
@@ -256,7 +266,8 @@ __global__ void occurrence_grads_kernel(const Inputs<scalar_t, index_t> in, cons
 #pragma unroll
         for (int j = 0; j < kPer; ++j) {
           const int64_t k = k0 + j * kLanes;
-          const acc_t v = in.value(row, k);
+          // The row again only where it is needed: feature mode's D, or the dot product of grad_x.
+          const acc_t v = in.feature_mode || grad_x != nullptr ? in.value(row, k) : acc_t(0);
           const acc_t d = in.feature_mode ? g * (S[j] - x * v) + s * gp[j] : D[j];
           if (k < in.dim) occ[p * in.dim + k] = x * d;
           dot += v * d;  // v is 0 for k >= dim
@@ -311,7 +322,9 @@ __global__ void segment_starts_kernel(const key_t* __restrict__ sorted, const in
 // Step (d). A segment (the occurrences of one row) is summed in chunks of kSegmentChunk sorted
 // positions, a lane group per chunk, so that one very frequent id (a "missing" value in every
 // sample) is not summed by one group serially; a row with several chunks then sums its chunk
-// partials in order. Chunking is fixed by the sorted positions: the result is deterministic.
+// partials in order. Chunking is fixed by the sorted positions: the result is deterministic, but a
+// row with more than kSegmentChunk occurrences is summed in two levels, so not bit-equal to the
+// CPU kernel's single pass in position order.
 constexpr int64_t kSegmentChunk = 64;
 
 // chunk_end[u]: inclusive cumsum of the chunk counts ceil(segment length / kSegmentChunk); chunk c
@@ -426,8 +439,8 @@ void dispatch_group(int64_t dim, Fn&& fn) {
 }
 
 struct Prepared : EmbeddingFMArgs {
-  at::Tensor mean_flags;  // device copy of the per-field pooling, only for > 64 mixed fields
-  PoolingFlags pooling{0, 0, nullptr};
+  at::Tensor mean_flags;  // device copy of the per-field pooling, only for > kPoolingMaskFields mixed fields
+  PoolingFlags pooling{0, {}, nullptr};
 };
 
 // Checks everything that needs no tensor data, then returns contiguous tensors with indices and
@@ -439,17 +452,16 @@ Prepared prepare(const char* op, const at::Tensor& weight, const at::Tensor& ind
   const bool uniform = std::all_of(pooling.begin(), pooling.end(), [&](int64_t v) { return v == pooling[0]; });
   if (uniform) {
     p.pooling.uniform = pooling[0] == kPoolMean ? 1 : 0;
-  } else if (num_fields <= 64) {
+  } else if (num_fields <= kPoolingMaskFields) {
     p.pooling.uniform = -1;
     for (int64_t f = 0; f < num_fields; ++f)
-      if (pooling[f] == kPoolMean) p.pooling.bits |= uint64_t(1) << f;
+      if (pooling[f] == kPoolMean) p.pooling.bits[f >> 6] |= uint64_t(1) << (f & 63);
   } else {
     p.pooling.uniform = -1;
     at::Tensor host = at::empty({num_fields}, at::TensorOptions().dtype(at::kByte));
     uint8_t* flags = host.mutable_data_ptr<uint8_t>();
     for (int64_t f = 0; f < num_fields; ++f) flags[f] = pooling[f] == kPoolMean ? 1 : 0;
-    // From pageable memory, so the copy is staged before this returns: no sync, no lifetime issue.
-    p.mean_flags = host.to(weight.device(), at::kByte, /*non_blocking=*/true);
+    p.mean_flags = host.to(weight.device(), at::kByte);  // blocking: not capturable (see PoolingFlags)
     p.pooling.flags = p.mean_flags.const_data_ptr<uint8_t>();
   }
   return p;
@@ -474,15 +486,43 @@ Inputs<scalar_t, index_t> make_inputs(const Prepared& p, int64_t num_fields, int
                                    p.pooling};
 }
 
-// "error" mode: fills stats[0..3] on the device (stats: int64 [5], -1 everywhere).
+// stats (int64 on the device, -1 everywhere): [0..3] the argument checks, [4] the backward's number
+// of unique rows, then the device error word (cuda_utils.cuh), read by the same one copy.
+constexpr int64_t kStatsErrorWord = 5;
+constexpr int64_t kStatsSize = kStatsErrorWord + cuda::kDeviceErrorWords;
+
+// "error" mode: fills stats[0..3] on the device.
 void launch_csr_check(const Prepared& p, const at::Tensor& stats, cudaStream_t stream) {
   const int64_t nnz = p.indices.numel(), num_offsets = p.offsets.numel();
   AT_DISPATCH_INDEX_TYPES(p.indices.scalar_type(), "embedding_fm_check_cuda", [&] {
-    check_csr_kernel<index_t><<<cuda::grid_for(std::max(nnz, num_offsets - 1)), cuda::kThreadsPerBlock, 0, stream>>>(
-        p.indices.const_data_ptr<index_t>(), nnz, p.offsets.const_data_ptr<index_t>(), num_offsets,
-        p.weight.size(0), stats.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch(check_csr_kernel<index_t>, cuda::grid_for(std::max(nnz, num_offsets - 1)), cuda::kThreadsPerBlock,
+                 stream, p.indices.const_data_ptr<index_t>(), nnz, p.offsets.const_data_ptr<index_t>(), num_offsets,
+                 p.weight.size(0), stats.mutable_data_ptr<int64_t>());
   });
+}
+
+// Step (b): the positions 0..n-1 sorted by key, stably (cub's LSD radix sort, 64-bit item count),
+// over the bits up to max_key only (a 10.4 M-row table: 24 bits, not 32 or 64).
+template <typename key_t>
+void sort_positions(const at::Tensor& keys, int64_t max_key, at::Tensor& sorted, at::Tensor& order,
+                    cudaStream_t stream) {
+  using bits_t = std::make_unsigned_t<key_t>;  // keys are >= 0: the same order, no sign handling
+  const int64_t n = keys.numel();
+  int end_bit = 1;
+  while (end_bit < static_cast<int>(8 * sizeof(key_t)) && (max_key >> end_bit) != 0) ++end_bit;
+  sorted = at::empty_like(keys);
+  const at::Tensor positions = at::arange(n, keys.options().dtype(at::kLong));
+  order = at::empty_like(positions);
+  const auto* keys_in = reinterpret_cast<const bits_t*>(keys.const_data_ptr<key_t>());
+  auto* keys_out = reinterpret_cast<bits_t*>(sorted.mutable_data_ptr<key_t>());
+  size_t temp_bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys_in, keys_out,
+                                                 positions.const_data_ptr<int64_t>(), order.mutable_data_ptr<int64_t>(),
+                                                 n, 0, end_bit, stream));
+  const at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, keys.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.mutable_data_ptr(), temp_bytes, keys_in, keys_out,
+                                                 positions.const_data_ptr<int64_t>(), order.mutable_data_ptr<int64_t>(),
+                                                 n, 0, end_bit, stream));
 }
 
 // Raises the CPU kernel's error for the first problem that stats (on the host) records. Reading
@@ -517,11 +557,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_fm_cuda(
   const c10::cuda::CUDAGuard device_guard(p.weight.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int bounds = cuda::bounds_check_mode();
-  if (bounds == kBoundsError) {  // the one device->host sync of the forward
-    const at::Tensor stats = at::full({5}, -1, p.weight.options().dtype(at::kLong));
+  if (cuda::checks_now(bounds)) {  // the one device->host sync of the forward (none in a fused step)
+    const at::Tensor stats = at::full({kStatsSize}, -1, p.weight.options().dtype(at::kLong));
     launch_csr_check(p, stats, stream);
+    cuda::copy_device_error(stats.mutable_data_ptr<int64_t>() + kStatsErrorWord, stream);
     const at::Tensor host = stats.cpu();
     raise_on_bad_csr(op, host.const_data_ptr<int64_t>(), p);
+    cuda::raise_device_error(host.const_data_ptr<int64_t>() + kStatsErrorWord, stream);
   }
   const int64_t batch = p.batch, dim = p.weight.size(1);
   at::Tensor fm, linear, pooled;  // (named, not structured bindings: the kernels' lambdas capture them)
@@ -533,11 +575,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_fm_cuda(
       const auto in = make_inputs<scalar, index_t>(p, num_fields, mode, bounds);
       dispatch_group(dim, [&](auto lanes, auto per) {
         constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
-        const auto grid = cuda::ceil_div(batch, cuda::kThreadsPerBlock / kLanes);
-        forward_kernel<scalar, index_t, kLanes, kPer><<<grid, cuda::kThreadsPerBlock, 0, stream>>>(
-            in, fm.mutable_data_ptr<scalar>(), p.lw ? linear.mutable_data_ptr<scalar>() : nullptr,
-            return_pooled ? pooled.mutable_data_ptr<scalar>() : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        cuda::launch(forward_kernel<scalar, index_t, kLanes, kPer>,
+                     cuda::ceil_div(batch, cuda::kThreadsPerBlock / kLanes), cuda::kThreadsPerBlock, stream, in,
+                     fm.mutable_data_ptr<scalar>(), p.lw ? linear.mutable_data_ptr<scalar>() : nullptr,
+                     return_pooled ? pooled.mutable_data_ptr<scalar>() : nullptr);
       });
     });
   });
@@ -567,8 +608,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
   const auto long_options = options.dtype(at::kLong);
   const auto acc_type = at::toOpMathType(p.weight.scalar_type());
 
-  // [0..3] the argument checks ("error" mode), [4] the number of unique rows U.
-  const at::Tensor stats = at::full({5}, -1, long_options);
+  // [0..3] the argument checks ("error" mode), [4] the number of unique rows U, the error word.
+  const at::Tensor stats = at::full({kStatsSize}, -1, long_options);
   if (bounds == kBoundsError) launch_csr_check(p, stats, stream);
 
   const bool want_grad_x = p.psw.has_value() && per_sample_weights_grad;
@@ -588,25 +629,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
           const auto in = make_inputs<scalar, index_t>(p, num_fields, mode, bounds);
           dispatch_group(dim, [&](auto lanes, auto per) {
             constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
-            const auto grid = cuda::ceil_div(p.batch, cuda::kThreadsPerBlock / kLanes);
-            occurrence_grads_kernel<scalar, index_t, kLanes, kPer><<<grid, cuda::kThreadsPerBlock, 0, stream>>>(
+            cuda::launch(occurrence_grads_kernel<scalar, index_t, kLanes, kPer>,
+                cuda::ceil_div(p.batch, cuda::kThreadsPerBlock / kLanes), cuda::kThreadsPerBlock, stream,
                 in, grad_fm.const_data_ptr<scalar>(), grad_linear.const_data_ptr<scalar>(),
                 has_grad_pooled ? grad_pooled.const_data_ptr<scalar>() : nullptr, occ.mutable_data_ptr<acc_t>(),
                 want_grad_x ? grad_x.mutable_data_ptr<acc_t>() : nullptr, p.lw ? lin_occ.mutable_data_ptr<acc_t>() : nullptr,
                 narrow_keys ? keys.mutable_data_ptr<int32_t>() : nullptr,
                 narrow_keys ? nullptr : keys.mutable_data_ptr<int64_t>());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
         });
       });
     }
     // Stable radix sort (deterministic): the occurrences of each row, in position order.
-    std::tie(sorted, order) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
     head = at::empty({nnz}, options.dtype(at::kInt));
-    AT_DISPATCH_INDEX_TYPES(sorted.scalar_type(), "embedding_fm_segments_cuda", [&] {
-      mark_segments_kernel<index_t><<<cuda::grid_for(nnz), cuda::kThreadsPerBlock, 0, stream>>>(
-          sorted.const_data_ptr<index_t>(), nnz, rows, head.mutable_data_ptr<int32_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "embedding_fm_segments_cuda", [&] {
+      sort_positions<index_t>(keys, rows, sorted, order, stream);
+      cuda::launch(mark_segments_kernel<index_t>, cuda::grid_for(nnz), cuda::kThreadsPerBlock, stream,
+                   sorted.const_data_ptr<index_t>(), nnz, rows, head.mutable_data_ptr<int32_t>());
     });
     seg = at::cumsum(head, 0, at::kLong);  // seg[q] = 1 + the index of q's unique row
     stats.narrow(0, 4, 1).copy_(seg.narrow(0, nnz - 1, 1));
@@ -614,9 +653,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
 
   int64_t num_unique = 0;
   if (nnz > 0 || bounds == kBoundsError) {  // the one device->host sync of the backward
+    cuda::copy_device_error(stats.mutable_data_ptr<int64_t>() + kStatsErrorWord, stream);
     const at::Tensor host = stats.cpu();
     const int64_t* s = host.const_data_ptr<int64_t>();
     if (bounds == kBoundsError) raise_on_bad_csr(op, s, p);
+    cuda::raise_device_error(s + kStatsErrorWord, stream);
     num_unique = nnz > 0 ? s[4] : 0;
   }
 
@@ -626,20 +667,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
   if (num_unique > 0) {
     at::Tensor seg_start = at::empty({num_unique + 1}, long_options);
     AT_DISPATCH_INDEX_TYPES(sorted.scalar_type(), "embedding_fm_segments_cuda", [&] {
-      segment_starts_kernel<index_t><<<cuda::grid_for(nnz), cuda::kThreadsPerBlock, 0, stream>>>(
-          sorted.const_data_ptr<index_t>(), head.const_data_ptr<int32_t>(), seg.const_data_ptr<int64_t>(), nnz, rows,
-          unique_ids.mutable_data_ptr<int64_t>(), seg_start.mutable_data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(segment_starts_kernel<index_t>, cuda::grid_for(nnz), cuda::kThreadsPerBlock, stream,
+                   sorted.const_data_ptr<index_t>(), head.const_data_ptr<int32_t>(), seg.const_data_ptr<int64_t>(), nnz,
+                   rows, unique_ids.mutable_data_ptr<int64_t>(), seg_start.mutable_data_ptr<int64_t>());
     });
     // Bounds known without another sync: at most U + nnz / kSegmentChunk chunks, and the rows with
     // n >= 2 chunks hold at most 2 * (n - 1) of them, so at most 2 * nnz / kSegmentChunk partials.
     const int64_t max_chunks = num_unique + cuda::ceil_div(nnz, kSegmentChunk);
     const int64_t max_partials = 2 * cuda::ceil_div(nnz, kSegmentChunk);
     at::Tensor chunks = at::empty({num_unique}, long_options), long_chunks = at::empty({num_unique}, long_options);
-    chunk_count_kernel<<<cuda::grid_for(num_unique), cuda::kThreadsPerBlock, 0, stream>>>(
-        seg_start.const_data_ptr<int64_t>(), num_unique, chunks.mutable_data_ptr<int64_t>(),
-        long_chunks.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch(chunk_count_kernel, cuda::grid_for(num_unique), cuda::kThreadsPerBlock, stream,
+                 seg_start.const_data_ptr<int64_t>(), num_unique, chunks.mutable_data_ptr<int64_t>(),
+                 long_chunks.mutable_data_ptr<int64_t>());
     const at::Tensor chunk_end = at::cumsum(chunks, 0), long_end = at::cumsum(long_chunks, 0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.weight.scalar_type(), "embedding_fm_reduce_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -647,21 +686,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
       const at::Tensor linear_partial = at::empty({p.lw ? max_partials : 0}, options.dtype(acc_type));
       cuda::dispatch_lanes(cuda::lanes_for_dim(dim), [&](auto lanes) {
         constexpr int kLanes = decltype(lanes)::value;
-        chunk_reduce_kernel<scalar_t, kLanes>
-            <<<cuda::ceil_div(max_chunks, cuda::kThreadsPerBlock / kLanes), cuda::kThreadsPerBlock, 0, stream>>>(
-                occ.const_data_ptr<acc_t>(), p.lw ? lin_occ.const_data_ptr<acc_t>() : nullptr,
+        cuda::launch(chunk_reduce_kernel<scalar_t, kLanes>, cuda::ceil_div(max_chunks, cuda::kThreadsPerBlock / kLanes),
+                cuda::kThreadsPerBlock, stream, occ.const_data_ptr<acc_t>(),
+                p.lw ? lin_occ.const_data_ptr<acc_t>() : nullptr,
                 order.const_data_ptr<int64_t>(), seg_start.const_data_ptr<int64_t>(),
                 chunk_end.const_data_ptr<int64_t>(), long_end.const_data_ptr<int64_t>(), num_unique, max_chunks, dim,
                 row_grads.mutable_data_ptr<scalar_t>(),
                 p.lw ? linear_row_grads.mutable_data_ptr<scalar_t>() : nullptr, partial.mutable_data_ptr<acc_t>(),
                 p.lw ? linear_partial.mutable_data_ptr<acc_t>() : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        long_segment_kernel<scalar_t, kLanes>
-            <<<cuda::ceil_div(num_unique, cuda::kThreadsPerBlock / kLanes), cuda::kThreadsPerBlock, 0, stream>>>(
-                partial.const_data_ptr<acc_t>(), p.lw ? linear_partial.const_data_ptr<acc_t>() : nullptr,
+        cuda::launch(long_segment_kernel<scalar_t, kLanes>, cuda::ceil_div(num_unique, cuda::kThreadsPerBlock / kLanes),
+                cuda::kThreadsPerBlock, stream, partial.const_data_ptr<acc_t>(),
+                p.lw ? linear_partial.const_data_ptr<acc_t>() : nullptr,
                 long_end.const_data_ptr<int64_t>(), num_unique, dim, row_grads.mutable_data_ptr<scalar_t>(),
                 p.lw ? linear_row_grads.mutable_data_ptr<scalar_t>() : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }

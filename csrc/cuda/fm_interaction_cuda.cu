@@ -80,12 +80,11 @@ at::Tensor fm_interaction_cuda(const at::Tensor& emb_in, bool reduce_sum) {
     cuda::dispatch_lanes(lanes, [&](auto kLanes) {
       const auto grid = blocks_for(batch, kLanes.value);
       if (reduce_sum)
-        fm_forward_kernel<scalar_t, kLanes.value, true><<<grid, cuda::kThreadsPerBlock, 0, stream>>>(
-            emb.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), batch, fields, dim);
+        cuda::launch(fm_forward_kernel<scalar_t, kLanes.value, true>, grid, cuda::kThreadsPerBlock, stream,
+                     emb.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), batch, fields, dim);
       else
-        fm_forward_kernel<scalar_t, kLanes.value, false><<<grid, cuda::kThreadsPerBlock, 0, stream>>>(
-            emb.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), batch, fields, dim);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+        cuda::launch(fm_forward_kernel<scalar_t, kLanes.value, false>, grid, cuda::kThreadsPerBlock, stream,
+                     emb.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), batch, fields, dim);
     });
   });
   return out;
@@ -103,10 +102,9 @@ at::Tensor fm_interaction_backward_cuda(const at::Tensor& grad_out_in, const at:
   const int lanes = cuda::lanes_for_dim(dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, emb.scalar_type(), "fm_interaction_backward_cuda", [&] {
     cuda::dispatch_lanes(lanes, [&](auto kLanes) {
-      fm_backward_kernel<scalar_t, kLanes.value><<<blocks_for(batch, kLanes.value), cuda::kThreadsPerBlock, 0, stream>>>(
-          grad_out.const_data_ptr<scalar_t>(), grad_out.dim() == 2, emb.const_data_ptr<scalar_t>(),
-          grad_emb.mutable_data_ptr<scalar_t>(), batch, fields, dim);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::launch(fm_backward_kernel<scalar_t, kLanes.value>, blocks_for(batch, kLanes.value), cuda::kThreadsPerBlock,
+                   stream, grad_out.const_data_ptr<scalar_t>(), grad_out.dim() == 2, emb.const_data_ptr<scalar_t>(),
+                   grad_emb.mutable_data_ptr<scalar_t>(), batch, fields, dim);
     });
   });
   return grad_emb;
