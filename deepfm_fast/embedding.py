@@ -4,7 +4,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from . import _backend, _packing, ops, reference
+from . import _backend, _packing, export, ops, reference
 from ._args import EmbeddingFMOutput, as_csr, field_offsets, mode_code, pooling_codes
 from .optim import Adam, FusedOptimizer
 
@@ -136,6 +136,11 @@ class EmbeddingFM(nn.Module):
             self._register_load_state_dict_pre_hook(_load_earlier_states, with_module=True)
             self.register_state_dict_pre_hook(_flush_before_saving)
             self._pack()
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError("EmbeddingFM cannot be compiled by torch.jit.script (CSR bags, optional inputs, fused "
+                           "optimizer state): use torch.jit.trace, torch.export or torch.compile on the model "
+                           "instead (see deepfm_fast.export)")
 
     def reset_parameters(self, init_std: float = 0.01) -> None:
         nn.init.normal_(self.weight, 0.0, init_std)
@@ -270,7 +275,14 @@ class EmbeddingFM(nn.Module):
             pooling = "sum"
         if self._sync == 0 and (self.optimizer is not None or self.sparse) and torch.is_grad_enabled():
             _refuse_unsynchronised(self)
-        if self.optimizer is not None and torch.is_grad_enabled():
+        if export.onnx_exporting():  # standard ops only, the inference path (deepfm_fast.export)
+            if self.optimizer is not None and self.training:
+                raise RuntimeError("EmbeddingFM: a module with a fused optimizer exports its inference path: call "
+                                   "model.eval() before torch.onnx.export (which also brings Adam's rows up to date)")
+            out = export.embedding_fm(self.weight, ids, offsets, per_sample_weights, self.linear_weight,
+                                      num_fields=self.num_fields, mode=self.mode, pooling=pooling,
+                                      return_pooled=return_pooled)
+        elif self.optimizer is not None and torch.is_grad_enabled():
             out = self._fused_step(ids, offsets, per_sample_weights, pooling, return_pooled)
         else:
             fn = reference.embedding_fm if self.use_reference else ops.embedding_fm
