@@ -269,25 +269,31 @@ class EmbeddingFM(nn.Module):
     def forward(self, indices: Tensor, offsets: Optional[Tensor] = None, per_sample_weights: Optional[Tensor] = None,
                 *, return_pooled: bool = False, global_ids: bool = False):
         ids = indices if global_ids else self.to_global(indices, offsets)
+        if export.onnx_exporting():
+            return self._export_forward(ids, offsets, per_sample_weights, return_pooled)
         pooling = self.pooling
         if self._scaled_fields and offsets is not None:
             per_sample_weights = self._scale_mean_bags(ids, offsets, per_sample_weights)
             pooling = "sum"
         if self._sync == 0 and (self.optimizer is not None or self.sparse) and torch.is_grad_enabled():
             _refuse_unsynchronised(self)
-        if export.onnx_exporting():  # standard ops only, the inference path (deepfm_fast.export)
-            if self.optimizer is not None and self.training:
-                raise RuntimeError("EmbeddingFM: a module with a fused optimizer exports its inference path: call "
-                                   "model.eval() before torch.onnx.export (which also brings Adam's rows up to date)")
-            out = export.embedding_fm(self.weight, ids, offsets, per_sample_weights, self.linear_weight,
-                                      num_fields=self.num_fields, mode=self.mode, pooling=pooling,
-                                      return_pooled=return_pooled)
-        elif self.optimizer is not None and torch.is_grad_enabled():
+        if self.optimizer is not None and torch.is_grad_enabled():
             out = self._fused_step(ids, offsets, per_sample_weights, pooling, return_pooled)
         else:
             fn = reference.embedding_fm if self.use_reference else ops.embedding_fm
             out = fn(self.weight, ids, offsets, per_sample_weights, self.linear_weight, num_fields=self.num_fields,
                      mode=self.mode, pooling=pooling, return_pooled=return_pooled, sparse=self.sparse)
+        logit = self.bias + out.linear + out.fm
+        return (logit, out.pooled) if return_pooled else logit
+
+    def _export_forward(self, ids, offsets, per_sample_weights, return_pooled):
+        """The inference forward in standard ops, while torch.onnx.export traces (deepfm_fast.export)."""
+        if self.optimizer is not None and self.training:
+            raise RuntimeError("EmbeddingFM: a module with a fused optimizer exports its inference path: call "
+                               "model.eval() before torch.onnx.export (which also brings Adam's rows up to date)")
+        out = export.embedding_fm(self.weight, ids, offsets, per_sample_weights, self.linear_weight,
+                                  num_fields=self.num_fields, mode=self.mode, pooling=self.pooling,
+                                  return_pooled=return_pooled, pool_first_order=self.pool_first_order)
         logit = self.bias + out.linear + out.fm
         return (logit, out.pooled) if return_pooled else logit
 

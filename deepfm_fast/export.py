@@ -19,13 +19,20 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
+
+try:
+    from torch.onnx._internal.exporter import _flags as _onnx_flags
+except ImportError:  # another torch: is_in_onnx_export() alone
+    _onnx_flags = None
+
 from ._args import MODES, EmbeddingFMOutput, as_csr, mode_code, pooling_codes
 
 
 def onnx_exporting() -> bool:
-    """True while ``torch.onnx.export`` traces a model, with either exporter (the dynamo one runs
-    ``torch.export`` in Python; torch.compile's tracer takes this for False)."""
-    return torch.onnx.is_in_onnx_export()
+    """True while ``torch.onnx.export`` traces a model, with either exporter. torch.compile's tracer
+    folds ``torch.onnx.is_in_onnx_export()`` to False, also in the strict ``torch.export`` that the
+    dynamo exporter falls back to; it reads the exporter's flag as it is."""
+    return torch.onnx.is_in_onnx_export() or bool(getattr(_onnx_flags, "_is_onnx_exporting", False))
 
 
 def fm_interaction(emb: Tensor, reduce_sum: bool = True) -> Tensor:
@@ -34,9 +41,10 @@ def fm_interaction(emb: Tensor, reduce_sum: bool = True) -> Tensor:
 
 
 def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor], per_sample_weights: Optional[Tensor],
-                 linear_weight: Tensor, *, num_fields: int, mode: str, pooling, return_pooled: bool
-                 ) -> EmbeddingFMOutput:
-    """`deepfm_fast.ops.embedding_fm` (inference) in standard ops, for an export.
+                 linear_weight: Tensor, *, num_fields: int, mode: str, pooling, return_pooled: bool,
+                 pool_first_order: bool = False) -> EmbeddingFMOutput:
+    """`deepfm_fast.ops.embedding_fm` (inference) in standard ops, for an export; with
+    ``pool_first_order`` the first-order term is pooled like the embeddings (`EmbeddingFM`).
 
     One id per field (``[B, F]``): plain gathers (every pooling and both modes agree on bags of
     one id). CSR bags: each bag's sum is the difference of two prefix sums at its offsets (in
@@ -61,28 +69,28 @@ def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor], per
         vectors = vectors * per_sample_weights.unsqueeze(1)
         first = first * per_sample_weights
     batch = (offsets.shape[0] - 1) // num_fields
-    sample_ends = offsets[::num_fields]                                         # [B + 1]
 
     def segment_sums(values: Tensor, bounds: Tensor) -> Tensor:
         prefix = torch.cat([values.new_zeros((1,) + values.shape[1:], dtype=torch.float64),
                             torch.cumsum(values.double(), 0)])
         return (prefix[bounds[1:]] - prefix[bounds[:-1]]).to(values.dtype)
 
-    bag_sums = segment_sums(vectors, offsets)                                   # [B*F, K]
+    pooled = segment_sums(vectors, offsets).view(batch, num_fields, -1)        # bag sums [B, F, K]
+    linear = segment_sums(first, offsets).view(batch, num_fields)
     codes = pooling_codes(pooling, num_fields)
     if any(codes):
         mean = torch.tensor(codes, dtype=torch.bool, device=weight.device).expand(num_fields)
         counts = (offsets[1:] - offsets[:-1]).clamp(min=1).to(weight.dtype).view(batch, num_fields)
         divisor = torch.where(mean, counts, torch.ones_like(counts))
-        pooled = bag_sums.view(batch, num_fields, -1) / divisor.unsqueeze(2)
-    else:
-        pooled = bag_sums.view(batch, num_fields, -1)
+        pooled = pooled / divisor.unsqueeze(2)
+        if pool_first_order:
+            linear = linear / divisor
     if mode_code(mode) == MODES["field"]:
         fm = reference.fm_interaction(pooled)
     else:
+        sample_ends = offsets[::num_fields]                                     # [B + 1]
         fm = 0.5 * (segment_sums(vectors, sample_ends).pow(2) - segment_sums(vectors.pow(2), sample_ends)).sum(1)
-    linear = segment_sums(first, sample_ends)
-    return EmbeddingFMOutput(fm, linear, pooled if return_pooled else weight.new_empty(0))
+    return EmbeddingFMOutput(fm, linear.sum(1), pooled if return_pooled else weight.new_empty(0))
 
 
 class ServingModel(nn.Module):
@@ -91,11 +99,12 @@ class ServingModel(nn.Module):
     ``forward(indices)`` takes ``[B, F]`` local ids (models of SparseFields only);
     ``forward(indices, offsets, per_sample_weights)`` global CSR bags, what
     ``deepfm_fast.data.to_csr(batch, model.fields)`` returns. It returns click probabilities ``[B]``
-    (``probabilities=False``: logits). Put the model in eval mode first.
+    (``probabilities=False``: logits). It puts the model in eval mode (a serving model stays there:
+    an exporter that restores the mode it found restores this one's).
 
     Example::
 
-        serving = ServingModel(model.eval())
+        serving = ServingModel(model)
         ep = torch.export.export(serving, (ids,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     """
 
@@ -103,6 +112,7 @@ class ServingModel(nn.Module):
         super().__init__()
         self.model = model
         self.probabilities = probabilities
+        self.eval()
 
     def forward(self, indices: Tensor, offsets: Optional[Tensor] = None,
                 per_sample_weights: Optional[Tensor] = None) -> Tensor:
