@@ -126,6 +126,9 @@ def main():
     out = served.stdout
     rows_per_s["AOTInductor (C++ aoti_serve)"] = float(out.split("bench:")[1].split(",")[1].split()[0])
     max_diff["AOTInductor (C++ aoti_serve)"] = float(out.split("max |C++ - Python| =")[1].split()[0])
+    wrong = {name: diff for name, diff in max_diff.items() if not diff <= 1e-5}
+    if wrong:
+        raise SystemExit(f"serving_cpu: these routes' predictions differ from eager's by more than 1e-5: {wrong}")
     for name in rows_per_s:
         print(f"{name:40s} {rows_per_s[name]:12.0f} rows/s   max |diff| vs eager {max_diff[name]:.2g}")
     print(f"C++ example build: {build_s:.0f} s")
