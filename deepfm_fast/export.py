@@ -5,7 +5,8 @@
   with standard PyTorch ops (`fm_interaction`, `embedding_fm` below) instead of the fused
   kernels, so the graph holds standard ONNX ops only (Gather, ReduceSum, ScatterND...) and
   any ONNX runtime runs it. An `EmbeddingFM` with a fused optimizer exports its inference path
-  and must be in eval mode (``eval()`` also brings Adam's rows up to date).
+  and must be in eval mode (``eval()`` also brings Adam's rows up to date). Pass the module: an
+  ``ExportedProgram`` made beforehand by ``torch.export`` holds the fused ops, which ONNX lacks.
 * TorchScript: ``torch.jit.script`` compiles `FMInteraction` (on the fused op); `EmbeddingFM`
   (and the models holding it) refuse with an error that names ``torch.jit.trace``,
   ``torch.export`` and ``torch.compile``, which work.
