@@ -23,17 +23,22 @@ from . import reference
 
 try:
     from torch.onnx._internal.exporter import _flags as _onnx_flags
-except ImportError:  # another torch: is_in_onnx_export() alone
-    _onnx_flags = None
+    from torch.onnx._internal.torchscript_exporter import _globals as _onnx_globals
+except ImportError:  # another torch: the public is_in_onnx_export() alone
+    _onnx_flags = _onnx_globals = None
 
 from ._args import MODES, EmbeddingFMOutput, as_csr, mode_code, pooling_codes
 
 
 def onnx_exporting() -> bool:
-    """True while ``torch.onnx.export`` traces a model, with either exporter. torch.compile's tracer
-    folds ``torch.onnx.is_in_onnx_export()`` to False, also in the strict ``torch.export`` that the
-    dynamo exporter falls back to; it reads the exporter's flag as it is."""
-    return torch.onnx.is_in_onnx_export() or bool(getattr(_onnx_flags, "_is_onnx_exporting", False))
+    """True while ``torch.onnx.export`` traces a model, with either exporter.
+
+    The two flags behind ``torch.onnx.is_in_onnx_export()``, read directly: that function imports
+    them at each call (about 30 us, on every forward), and torch.compile's tracer folds it to False,
+    also in the strict ``torch.export`` that the dynamo exporter falls back to."""
+    if _onnx_flags is None or _onnx_globals is None:
+        return torch.onnx.is_in_onnx_export()
+    return bool(_onnx_globals.GLOBALS.in_onnx_export or _onnx_flags._is_onnx_exporting)
 
 
 def fm_interaction(emb: Tensor, reduce_sum: bool = True) -> Tensor:
