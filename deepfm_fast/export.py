@@ -38,7 +38,8 @@ def onnx_exporting() -> bool:
     also in the strict ``torch.export`` that the dynamo exporter falls back to."""
     if _onnx_flags is None or _onnx_globals is None:
         return torch.onnx.is_in_onnx_export()
-    return bool(_onnx_globals.GLOBALS.in_onnx_export or _onnx_flags._is_onnx_exporting)
+    # The attribute, not the property in_onnx_export: torch.compile refuses to trace into torch.onnx.
+    return bool(getattr(_onnx_globals.GLOBALS, "_in_onnx_export", False) or _onnx_flags._is_onnx_exporting)
 
 
 def fm_interaction(emb: Tensor, reduce_sum: bool = True) -> Tensor:
