@@ -3,7 +3,7 @@
 * ONNX: ``torch.onnx.export(model, args, dynamo=False or True)`` needs nothing more. While an ONNX
   export runs (``torch.onnx.is_in_onnx_export()``), `FMInteraction` and `EmbeddingFM` compute
   with standard PyTorch ops (`fm_interaction`, `embedding_fm` below) instead of the fused
-  kernels, so the graph holds standard ONNX ops only (Gather, ReduceSum, ScatterND...) and
+  kernels, so the graph holds standard ONNX ops only (Gather, CumSum, ReduceSum...) and
   any ONNX runtime runs it. An `EmbeddingFM` with a fused optimizer exports its inference path
   and must be in eval mode (``eval()`` also brings Adam's rows up to date). Pass the module: an
   ``ExportedProgram`` made beforehand by ``torch.export`` holds the fused ops, which ONNX lacks.
@@ -20,14 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
+from ._args import MODES, EmbeddingFMOutput, as_csr, mode_code, pooling_codes
 
 try:
     from torch.onnx._internal.exporter import _flags as _onnx_flags
     from torch.onnx._internal.torchscript_exporter import _globals as _onnx_globals
 except ImportError:  # another torch: the public is_in_onnx_export() alone
     _onnx_flags = _onnx_globals = None
-
-from ._args import MODES, EmbeddingFMOutput, as_csr, mode_code, pooling_codes
 
 
 def onnx_exporting() -> bool:

@@ -145,8 +145,8 @@ def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor] = No
     indices, offsets, per_sample_weights, num_fields = as_csr(indices, offsets, per_sample_weights, num_fields)
     pooling = pooling_codes(pooling, num_fields)
     # A traced graph (torch.jit.trace) must not depend on the grad mode its checker reruns it in.
-    needs_grad = torch.jit.is_tracing() or torch.is_grad_enabled() and (
-        weight.requires_grad or (linear_weight is not None and linear_weight.requires_grad))
+    needs_grad = torch.jit.is_tracing() or (torch.is_grad_enabled() and (
+        weight.requires_grad or (linear_weight is not None and linear_weight.requires_grad)))
     want_pooled = return_pooled or (needs_grad and backward_reuses_pooled(weight, mode))
     fm, linear, pooled = torch.ops.deepfm_fast.embedding_fm.default(
         weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode, pooling, want_pooled, sparse)
