@@ -1,6 +1,8 @@
 // Every schema of the deepfm_fast library lives here; backends register kernels in their own
 // files with TORCH_LIBRARY_IMPL, and fake kernels and autograd are registered from Python.
+#ifndef DEEPFM_FAST_NO_PYTHON  // the Python-free op library of examples/aoti_serve defines it
 #include <pybind11/pybind11.h>
+#endif
 #include <torch/library.h>
 
 #include <atomic>
@@ -33,6 +35,7 @@ void set_cuda_bounds_check(int mode) {
 // Importing deepfm_fast._C loads this shared object, which runs the static registrations below;
 // the ops are reached through torch.ops.deepfm_fast. The module itself holds only process-wide
 // settings, which are not ops (no schema, no graph node).
+#ifndef DEEPFM_FAST_NO_PYTHON
 PYBIND11_MODULE(_C, m) {
   m.def("set_cuda_bounds_check", &deepfm_fast::set_cuda_bounds_check, pybind11::arg("mode"),
         "Bounds-check mode of the CUDA kernels: 0 error, 1 clamp, 2 off (see deepfm_fast.ops.set_cuda_bounds_check).");
@@ -41,6 +44,7 @@ PYBIND11_MODULE(_C, m) {
         "This thread's CUDA checks deferred to the next backward (see deepfm_fast.ops.deferred_cuda_checks); "
         "returns the previous setting.");
 }
+#endif
 
 TORCH_LIBRARY(deepfm_fast, m) {
   const std::vector<at::Tag> pt2 = {at::Tag::pt2_compliant_tag};

@@ -4,7 +4,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from . import _backend, _packing, ops, reference
+from . import _backend, _packing, export, ops, reference
 from ._args import field_offsets, mode_code, pooling_codes
 from ._row_merge import merges_across_ranks, union_rows
 from .optim import NAMES, Adam, FusedOptimizer
@@ -138,6 +138,11 @@ class EmbeddingFM(nn.Module):
             self._register_load_state_dict_pre_hook(_load_earlier_states, with_module=True)
             self.register_state_dict_pre_hook(_flush_before_saving)
             self._pack()
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError("EmbeddingFM cannot be compiled by torch.jit.script (CSR bags, optional inputs, fused "
+                           "optimizer state): use torch.jit.trace, torch.export or torch.compile on the model "
+                           "instead (see deepfm_fast.export)")
 
     def reset_parameters(self, init_std: float = 0.01) -> None:
         nn.init.normal_(self.weight, 0.0, init_std)
@@ -277,6 +282,8 @@ class EmbeddingFM(nn.Module):
         deferred = training and indices.is_cuda and _backend.compiled() and not self.use_reference and \
             not torch.compiler.is_compiling()
         ids = indices if global_ids else self.to_global(indices, offsets, _deferred=deferred)
+        if export.onnx_exporting():
+            return self._export_forward(ids, offsets, per_sample_weights, return_pooled)
         pooling = self.pooling
         if self._scaled_fields and offsets is not None:
             per_sample_weights = self._scale_mean_bags(ids, offsets, per_sample_weights)
@@ -289,6 +296,17 @@ class EmbeddingFM(nn.Module):
             fn = reference.embedding_fm if self.use_reference else ops.embedding_fm
             out = fn(self.weight, ids, offsets, per_sample_weights, self.linear_weight, num_fields=self.num_fields,
                      mode=self.mode, pooling=pooling, return_pooled=return_pooled, sparse=self.sparse)
+        logit = self.bias + out.linear + out.fm
+        return (logit, out.pooled) if return_pooled else logit
+
+    def _export_forward(self, ids, offsets, per_sample_weights, return_pooled):
+        """The inference forward in standard ops, while torch.onnx.export traces (deepfm_fast.export)."""
+        if self.optimizer is not None and self.training:
+            raise RuntimeError("EmbeddingFM: a module with a fused optimizer exports its inference path: call "
+                               "model.eval() before torch.onnx.export (which also brings Adam's rows up to date)")
+        out = export.embedding_fm(self.weight, ids, offsets, per_sample_weights, self.linear_weight,
+                                  num_fields=self.num_fields, mode=self.mode, pooling=self.pooling,
+                                  return_pooled=return_pooled, pool_first_order=self.pool_first_order)
         logit = self.bias + out.linear + out.fm
         return (logit, out.pooled) if return_pooled else logit
 

@@ -1,7 +1,20 @@
 """nn.Modules built on the fused ops."""
+import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import _backend, ops
+
+if _backend.compiled():
+    def _scripted_fm_interaction(emb: Tensor, reduce_sum: bool) -> Tensor:
+        """What torch.jit.script compiles for `ops.fm_interaction`: the op itself (autograd included)."""
+        return torch.ops.deepfm_fast.fm_interaction(emb, reduce_sum)
+else:
+    def _scripted_fm_interaction(emb: Tensor, reduce_sum: bool) -> Tensor:
+        """Without the compiled kernels: the reference math, in scriptable form."""
+        if emb.dim() != 3:
+            raise ValueError("fm_interaction: emb must be a 3-D tensor [batch, fields, embedding_dim]")
+        interaction = 0.5 * (emb.sum(dim=1).pow(2) - emb.pow(2).sum(dim=1))
+        return interaction.sum(dim=1) if reduce_sum else interaction
 
 
 class FMInteraction(nn.Module):
@@ -35,7 +48,10 @@ class FMInteraction(nn.Module):
         self.reduce_sum = reduce_sum
 
     def forward(self, emb: Tensor) -> Tensor:
-        out = ops.fm_interaction(emb, self.reduce_sum)
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            out = _scripted_fm_interaction(emb, self.reduce_sum)
+        else:
+            out = ops.fm_interaction(emb, self.reduce_sum)
         return out.unsqueeze(1) if self.reduce_sum else out
 
     def extra_repr(self) -> str:

@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import _backend, reference
+from . import _backend, export, reference
 from ._args import EmbeddingFMOutput, as_csr, mode_code, pooling_codes
 from ._row_merge import merge_rows, merges_across_ranks
 
@@ -32,7 +32,7 @@ def fm_interaction(emb: Tensor, reduce_sum: bool = True) -> Tensor:
         >>> emb = torch.randn(4096, 39, 16, requires_grad=True)
         >>> fm_interaction(emb).sum().backward()
     """
-    if not _backend.compiled():
+    if not _backend.compiled() or export.onnx_exporting():  # ONNX: standard ops (deepfm_fast.export)
         return reference.fm_interaction(emb, reduce_sum)
     return torch.ops.deepfm_fast.fm_interaction.default(emb, reduce_sum)
 
@@ -151,8 +151,9 @@ def embedding_fm(weight: Tensor, indices: Tensor, offsets: Optional[Tensor] = No
     mode = mode_code(mode)
     indices, offsets, per_sample_weights, num_fields = as_csr(indices, offsets, per_sample_weights, num_fields)
     pooling = pooling_codes(pooling, num_fields)
-    needs_grad = torch.is_grad_enabled() and (
-        weight.requires_grad or (linear_weight is not None and linear_weight.requires_grad))
+    # A traced graph (torch.jit.trace) must not depend on the grad mode its checker reruns it in.
+    needs_grad = torch.jit.is_tracing() or (torch.is_grad_enabled() and (
+        weight.requires_grad or (linear_weight is not None and linear_weight.requires_grad)))
     want_pooled = return_pooled or (needs_grad and backward_reuses_pooled(weight, mode))
     fm, linear, pooled = torch.ops.deepfm_fast.embedding_fm.default(
         weight, indices, offsets, per_sample_weights, linear_weight, num_fields, mode, pooling, want_pooled, sparse)

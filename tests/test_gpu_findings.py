@@ -12,6 +12,7 @@ import deepfm_fast
 from deepfm_fast import EmbeddingFM, ops, optim, reference
 from test_bad_input import cuda_bounds_check
 from test_embedding_fm import check_against_reference, pooling_for
+from test_optim import update
 from testing import assert_close, device_params, outputs_and_grads, random_csr
 
 pytestmark = pytest.mark.skipif(not deepfm_fast._backend.compiled(), reason="deepfm_fast._C is not built")
@@ -43,9 +44,9 @@ def test_a_row_beyond_the_catch_up_window_raises_the_cpu_error_once(device):
         "adam_rows": lambda: adam_rows(ids),
         "adam_catch_up": lambda: torch.ops.deepfm_fast.adam_catch_up(tables, flat, row_state["last_step"],
                                                                      row_state["catchup"], step),
-        "fused_row_update": lambda: opt.update(tables, [flat[:2], flat[2:]], ids,
-                                               [torch.randn(1, 3, device=device), torch.randn(1, device=device)], step,
-                                               row_state),
+        "fused_row_update": lambda: update(opt, tables, [flat[:2], flat[2:]], ids,
+                                           [torch.randn(1, 3, device=device), torch.randn(1, device=device)], step,
+                                           row_state),
     }
     probe = torch.tensor([0], device=device)  # row 0 is up to date
     for op, call in calls.items():
