@@ -42,6 +42,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pv
+
+from .columnar import ColumnChunk, iter_blocks, lines_array
 
 __all__ = [
     "DataFormatError",
@@ -207,6 +212,34 @@ def _check_labels(path: Path, labels: np.ndarray, lines: Sequence[int], allowed:
                               f"{{{', '.join(f'{a:g}' for a in allowed)}}}")
 
 
+class _Reject(Exception):
+    """Arrow's parse of a block found something the row-by-row parser must name or skip."""
+
+
+def _decoded_lines(path: Path, first: int, block: bytes, skip: bool, stats: ReadStats) -> Tuple[List[str], List[int]]:
+    """The lines of a block as text with their line numbers; invalid UTF-8 raises or is skipped."""
+    texts, lines = [], []
+    for k, raw in enumerate(block.split(b"\n")[: block.count(b"\n") + (not block.endswith(b"\n"))]):
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            if not skip:
+                raise DataFormatError(f"{path}, line {first + k}: invalid UTF-8 ({e.reason} at byte {e.start} "
+                                      "of the line; pass skip_bad_lines=True to skip such rows)") from None
+            stats.bad_lines += 1
+            continue
+        lines.append(first + k)
+    return texts, lines
+
+
+def _float_column(col) -> np.ndarray:
+    """float64 numpy of an Arrow string column (null -> NaN); _Reject when a value is not a number."""
+    try:
+        return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise _Reject from None
+
+
 class _DelimitedFormat:
     """Shared engine of Criteo and schema CSV: delimited rows, fixed columns."""
 
@@ -260,6 +293,82 @@ class _DelimitedFormat:
             if not any_rows:
                 raise DataFormatError(f"{path}: file is empty (no data rows)")
 
+    def read_columns(self, path: Union[str, Path], chunk_rows: int = 65536, skip_bad_lines: bool = False,
+                     stats: Optional[ReadStats] = None) -> Iterator[ColumnChunk]:
+        """Yield validated :class:`ColumnChunk` s of ``path`` (the columnar path); counts go to ``stats``."""
+        path = Path(path)
+        stats = stats if stats is not None else ReadStats()
+        delim, header, cols = self._layout(path)
+        dictionary = pa.dictionary(pa.int32(), pa.string())
+        types = {c.name: dictionary if c.role == "sparse" else pa.string() for c in cols}
+        include = [c.name for c in cols if c.role != "ignore"]
+        label_i = next((i for i, c in enumerate(cols) if c.role == "label"), None)
+        any_rows = False
+        for first, block in iter_blocks(path, chunk_rows, skip_lines=int(header)):
+            try:
+                table = pv.read_csv(
+                    pa.py_buffer(block),
+                    read_options=pv.ReadOptions(column_names=[c.name for c in cols],
+                                                block_size=max(1 << 20, len(block) // pa.cpu_count() + 1)),
+                    parse_options=pv.ParseOptions(delimiter=delim),
+                    convert_options=pv.ConvertOptions(column_types=types, include_columns=include,
+                                                      strings_can_be_null=True, null_values=[""]))
+                chunk = self._columns(table, cols) if table.num_rows else None
+            except (pa.ArrowInvalid, _Reject):
+                texts, lines = _decoded_lines(path, first, block, skip_bad_lines, stats)
+                rows = list(csv.reader(texts, delimiter=delim))
+                kept = [(r, ln) for r, ln in zip(rows, lines) if r]  # blank lines carry no row
+                any_rows = any_rows or bool(kept) or stats.bad_lines > 0
+                raw = self._chunk(path, [r for r, _ in kept], [ln for _, ln in kept], cols, len(cols),
+                                  label_i, skip_bad_lines, stats) if kept else None
+                chunk = None if raw is None else ColumnChunk.from_raw(raw)
+            if chunk is not None:
+                any_rows = True
+                stats.rows += len(chunk)
+                yield chunk
+        if not any_rows:
+            raise DataFormatError(f"{path}: file is empty (no data rows)")
+
+    @staticmethod
+    def _columns(table: "pa.Table", cols: List[Column]) -> ColumnChunk:
+        """The chunk of an Arrow table of string columns; _Reject when a row needs the slow path."""
+        n = table.num_rows
+        labels = np.full(n, np.nan, np.float32)
+        cats, nums, parts = {}, {}, {}
+        for c in cols:
+            if c.role == "ignore":
+                continue
+            col = table.column(c.name)
+            if c.role == "label":
+                if col.null_count:
+                    raise _Reject
+                y = _float_column(col)
+                if not np.isin(y, (0.0, 1.0)).all():
+                    raise _Reject
+                labels = y.astype(np.float32)
+            elif c.role in ("numeric", "keep"):
+                nums[c.name] = _float_column(col)
+            elif c.role == "sparse":
+                cats[c.name] = col
+            elif c.role == "multi_hot":
+                col = col.combine_chunks().fill_null("")
+                if c.sep:
+                    lists = pc.split_pattern(col, c.sep)
+                    flat = pc.list_flatten(lists)
+                    rows = pc.list_parent_indices(lists).to_numpy().astype(np.int64)
+                else:
+                    flat, rows = col, np.arange(n)
+                keep = pc.not_equal(flat, "")
+                parts.setdefault(c.field_name, []).append((flat.filter(keep),
+                                                           rows[keep.to_numpy(zero_copy_only=False)]))
+        bags = {}
+        for name, pieces in parts.items():
+            rows = np.concatenate([r for _, r in pieces])
+            order = np.argsort(rows, kind="stable")  # row-major; a row's tokens in column order
+            flat = pa.concat_arrays([f.cast(pa.string()) for f, _ in pieces]).take(pa.array(order))
+            bags[name] = (flat, np.bincount(rows, minlength=n).astype(np.int64))
+        return ColumnChunk(labels, cats, nums, {}, bags, {})
+
     def _chunk(self, path, rows, lines, cols, ncols, label_i, skip, stats) -> Optional[RawChunk]:
         bad = _Bad(path, skip, stats)
         if any(len(r) != ncols for r in rows):
@@ -312,6 +421,13 @@ class _DelimitedFormat:
 
     def options(self) -> Dict[str, Any]:
         raise NotImplementedError
+
+    def fix_layout(self, train: Union[str, Path], chunk_rows: int = 65536, stored: Any = None) -> None:
+        """Fix what reading the training file decides for every file (nothing: a header says it)."""
+
+    def layout_state(self) -> Any:
+        """What :meth:`fix_layout` fixed, JSON-ready, for the cache and checkpoints (None: nothing)."""
+        return None
 
 
 CRITEO_NUMERIC = tuple(f"I{i}" for i in range(1, 14))
@@ -550,6 +666,16 @@ class LibFMFormat:
             self._resolved[path] = (mode, max(counts))
         return self._resolved[path]
 
+    def fix_layout(self, train: Union[str, Path], chunk_rows: int = 65536, stored: Any = None) -> None:
+        """Every file is read with the layout (position/bag, pairs per row) of the training file:
+        ``stored`` (kept by the cache, so that a cache hit need not read the file), else found in
+        the first chunk of ``train``."""
+        if self._fixed is None:
+            self.set_layout(*(stored if stored is not None else self._mode(Path(train), chunk_rows)))
+
+    def layout_state(self) -> Optional[List[Any]]:
+        return None if self._fixed is None else list(self._fixed)
+
     def set_layout(self, mode: str, pairs: int) -> None:
         """Fix the layout fitted on the training file so every other file is read alike."""
         self._fixed = (mode, pairs)
@@ -592,6 +718,63 @@ class LibFMFormat:
                     yield chunk
         if not any_rows and stats.bad_lines == 0:
             raise DataFormatError(f"{path}: file is empty (no rows)")
+
+    def read_columns(self, path: Union[str, Path], chunk_rows: int = 65536, skip_bad_lines: bool = False,
+                     stats: Optional[ReadStats] = None) -> Iterator[ColumnChunk]:
+        """Yield validated :class:`ColumnChunk` s of ``path`` (the columnar path); counts go to ``stats``."""
+        path = Path(path)
+        stats = stats if stats is not None else ReadStats()
+        mode, pairs = self._mode(path, chunk_rows)
+        labelled = self._has_labels(path)
+        any_rows = False
+        for first, block in iter_blocks(path, chunk_rows):
+            try:
+                chunk = self._columns(block, mode, pairs, labelled)
+            except (pa.ArrowInvalid, _Reject):
+                texts, lines = _decoded_lines(path, first, block, skip_bad_lines, stats)
+                # _chunk numbers lines from its first one: keep the positions of undecodable lines empty.
+                raw_lines = [""] * (len(lines) and lines[-1] - first + 1)
+                for t, ln in zip(texts, lines):
+                    raw_lines[ln - first] = t
+                raw = self._chunk(path, raw_lines, first, mode, pairs, labelled, skip_bad_lines, stats)
+                chunk = None if raw is None else ColumnChunk.from_raw(raw)
+            if chunk is not None and len(chunk):
+                any_rows = True
+                stats.rows += len(chunk)
+                yield chunk
+        if not any_rows and stats.bad_lines == 0:
+            raise DataFormatError(f"{path}: file is empty (no rows)")
+
+    @staticmethod
+    def _columns(block: bytes, mode: str, pairs: int, labelled: bool) -> ColumnChunk:
+        tokens = pc.utf8_split_whitespace(lines_array(block))
+        counts = pc.list_value_length(tokens).to_numpy(zero_copy_only=False)
+        if not counts.all():  # blank lines
+            tokens = tokens.filter(pa.array(counts > 0))
+            counts = counts[counts > 0]
+        n = len(tokens)
+        labels = np.full(n, np.nan, np.float32)
+        if labelled and n:
+            y = _float_column(pc.list_element(tokens, 0))
+            if not np.isin(y, (-1.0, 0.0, 1.0)).all():
+                raise _Reject
+            labels = np.where(y < 0, 0.0, y).astype(np.float32)
+            tokens = pc.list_slice(tokens, 1)
+            counts = counts - 1
+        if mode == "position" and (counts != pairs).any():
+            raise _Reject
+        kv = pc.split_pattern(pc.list_flatten(tokens), ":", max_splits=1)
+        if len(kv) and pc.min(pc.list_value_length(kv)).as_py() != 2:
+            raise _Reject
+        ids, values = pc.list_element(kv, 0), pc.list_element(kv, 1)
+        if len(ids) and not pc.all(pc.utf8_is_digit(ids)).as_py():
+            raise _Reject
+        w = _float_column(values).astype(np.float32)
+        if mode == "position":
+            cats = {f"f{i}": ids.take(pa.array(np.arange(i, n * pairs, pairs))) for i in range(pairs)}
+            weights = {f"f{i}": w[i::pairs] for i in range(pairs)}
+            return ColumnChunk(labels, cats, {}, weights, {}, {})
+        return ColumnChunk(labels, {}, {}, {}, {"features": (ids, counts.astype(np.int64))}, {"features": w})
 
     def _chunk(self, path, raw, first, mode, pairs, labelled, skip, stats) -> Optional[RawChunk]:
         bad = _Bad(path, skip, stats)
