@@ -72,6 +72,7 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "activation": "relu", "dropout": 0.0, "batch_norm": False, "l2_embedding": 0.0, "patience": 2,
     "seed": 2021, "checkpoint_dir": None, "resume": False, "metrics_out": None, "cache_dir": None,
     "skip_bad_lines": False, "threads": None, "max_rows": None, "min_count": 1, "sparse": False,
+    "hash_buckets": None,
     "device": "cpu", "progress": True, "init_std": 1e-2, "table_optimizer": "adam", "table_lr": None,
     "monitor": "auc-logloss", "precise_bn_batches": 16, "curves_out": None, "l2_scope": "used",
     "dnn_init": "default", "sync_batch_norm": False, "dist_timeout": 1800.0,
@@ -92,7 +93,7 @@ def _choices() -> Dict[str, Sequence[str]]:
 _TYPES = {"valid_fraction": float, "test_fraction": float, "epochs": int, "batch_size": int, "lr": float,
           "table_lr": float, "precise_bn_batches": int,
           "embedding_dim": int, "hidden_units": _hidden_units, "dropout": float, "l2_embedding": float,
-          "patience": int, "seed": int, "threads": int, "max_rows": int, "min_count": int,
+          "patience": int, "seed": int, "threads": int, "max_rows": int, "min_count": int, "hash_buckets": int,
           "init_std": float, "dist_timeout": float}
 _BOOLS = ("batch_norm", "resume", "skip_bad_lines", "sparse", "progress", "sync_batch_norm")
 _PATHS = ("schema", "train", "valid", "test", "checkpoint_dir", "metrics_out", "curves_out", "cache_dir")
@@ -111,6 +112,11 @@ def _add_data_args(p: argparse.ArgumentParser, choices: Dict[str, Sequence[str]]
                    help="skip and count malformed rows instead of stopping")
     g.add_argument("--cache-dir", help="cache the encoded arrays here and reuse them on the next run")
     g.add_argument("--min-count", type=int, help="categorical values seen fewer times go to OOV (default 1)")
+    # Data section (issue 19): hashed ids; the help texts live with the prepare command.
+    from .data.prepare import HASH_BUCKETS_HELP, UNSEEN_VALUES_HELP
+
+    g.description = f"Unseen values: {UNSEEN_VALUES_HELP}; with --hash-buckets, their bucket."
+    g.add_argument("--hash-buckets", type=int, metavar="N", help=HASH_BUCKETS_HELP)
 
 
 def _add_train_parser(sub, choices: Dict[str, Sequence[str]]) -> None:
@@ -204,10 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=f"'{PROG} COMMAND --help' for the options of a command.")
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,prepare,evaluate,predict,demo}")
     sub.required = True
     choices = _choices()
     _add_train_parser(sub, choices)
+    from .data.prepare import add_prepare_parser  # data section (issue 19)
+
+    add_prepare_parser(sub)
 
     for name, helptext in (("evaluate", "AUC and logloss of a checkpoint on a labelled file"),
                            ("predict", "write the predicted click probabilities of a file, labelled or not, to CSV")):
@@ -333,7 +342,8 @@ def load_train_data(opts: Dict[str, Any]):
         raise CLIError(f"--format is required ({', '.join(FORMATS)})")
     if opts["format"] == "csv" and opts["schema"] is None:
         raise CLIError("--format csv needs --schema (a JSON/YAML file, or a built-in schema name)")
-    spec = format_spec(opts["format"], schema=opts["schema"], min_count=opts["min_count"])
+    spec = format_spec(opts["format"], schema=opts["schema"], min_count=opts["min_count"],
+                       hash_buckets=opts["hash_buckets"])
     fmt = make_format(spec)
     data = prepare_data(fmt, opts["train"], opts["valid"], opts["test"], cache_dir=opts["cache_dir"],
                         skip_bad_lines=opts["skip_bad_lines"], progress=opts["progress"])
@@ -589,7 +599,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo}
+def cmd_prepare(args: argparse.Namespace) -> int:  # data section (issue 19)
+    from .data.prepare import cmd_prepare as run
+
+    return run(args)
+
+
+COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "demo": cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
