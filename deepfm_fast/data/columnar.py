@@ -97,35 +97,39 @@ def iter_blocks(path: Path, chunk_rows: int, block_bytes: int = BLOCK_BYTES,
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     line = 1
     with open_binary(path) as fh:
-        buf, pos, eof = b"", 0, False
+        buf, pos, eof = bytearray(), 0, False
         while True:
-            nl = np.flatnonzero(np.frombuffer(buf, np.uint8, offset=pos) == 10) if len(buf) > pos else []
-            if not eof and len(nl) < chunk_rows + skip_lines:
+            # bytearray.count is a C scan; the newline positions are found once per block below.
+            have = buf.count(b"\n", pos)
+            if not eof and have < chunk_rows + skip_lines:
+                del buf[:pos]
+                pos = 0
                 piece = _read(fh, block_bytes, path)
                 eof = not piece
-                buf, pos = buf[pos:] + piece, 0
+                buf += piece
                 continue
             if skip_lines:
-                k = min(skip_lines, len(nl))
-                if k:
-                    pos += int(nl[k - 1]) + 1
-                    line += k
-                    skip_lines -= k
-                    continue
-                skip_lines = 0
-                pos = len(buf)  # a header without a line end: nothing follows it
+                k = min(skip_lines, have)
+                end = _nth_newline(buf, pos, k) if k else len(buf)  # a header without a line end
+                pos, line, skip_lines = end, line + k, 0
                 continue
             if len(buf) == pos:
                 return
-            if len(nl) >= chunk_rows:
-                end, lines = pos + int(nl[chunk_rows - 1]) + 1, chunk_rows
-            elif len(nl) and not eof:
-                end, lines = pos + int(nl[-1]) + 1, len(nl)
+            if have >= chunk_rows:
+                end, lines = _nth_newline(buf, pos, chunk_rows), chunk_rows
+            elif have and not eof:
+                end, lines = buf.rindex(b"\n") + 1, have
             else:  # end of file: the rest, with or without a final line end
-                end, lines = len(buf), len(nl) + (buf[-1:] != b"\n")
-            yield line, buf[pos:end]
+                end, lines = len(buf), have + (buf[-1:] != b"\n")
+            yield line, bytes(buf[pos:end])
             line += lines
             pos = end
+
+
+def _nth_newline(buf: bytearray, pos: int, k: int) -> int:
+    """The position just after the ``k``-th newline from ``pos`` (there are at least ``k``)."""
+    nl = np.flatnonzero(np.frombuffer(buf, np.uint8, offset=pos) == 10)
+    return pos + int(nl[k - 1]) + 1
 
 
 def lines_array(block: bytes) -> pa.LargeStringArray:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from ..features import MultiHotField, SparseField
 from .cache import PreparedData, prepare_data
 from .formats import BUILTIN_SCHEMAS, FORMATS, format_spec, make_format
 
@@ -55,7 +56,8 @@ def prepare(format: str, train: Union[str, Path], valid: Optional[Union[str, Pat
         if d is not None:
             bad = data.bad_lines.get(name, 0)
             say(f"  {name}: {len(d):,} rows" + (f", {bad:,} malformed rows skipped" if bad else ""))
-    sizes = ", ".join(f"{f.name} {f.vocab_size:,}" for f in data.fields if hasattr(f, "vocab_size"))
+    sizes = ", ".join(f"{f.name} {f.vocab_size:,}" for f in data.fields
+                      if isinstance(f, (SparseField, MultiHotField)))
     say(f"vocabulary sizes (rows per field, OOV and MISSING included): {sizes or 'none'}")
     return data
 

@@ -152,16 +152,19 @@ class ReadStats:
     bad_lines: int = 0
 
 
-def open_text(path: Union[str, Path]) -> io.TextIOBase:
-    """Open a text file for reading, transparently gunzipping (detected by magic bytes)."""
+def open_text(path: Union[str, Path], errors: str = "strict") -> io.TextIOBase:
+    """Open a text file for reading, transparently gunzipping (detected by magic bytes).
+
+    ``errors="replace"`` where only the shape of the first lines matters (the columnar path
+    reports invalid UTF-8 with its line)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     with open(path, "rb") as fh:
         magic = fh.read(2)
     if magic == b"\x1f\x8b":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, "r", encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8", newline="", errors=errors)
+    return open(path, "r", encoding="utf-8", newline="", errors=errors)
 
 
 def _check_not_empty(path: Path, first: Optional[str]) -> None:

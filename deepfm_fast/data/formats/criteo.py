@@ -48,7 +48,7 @@ class CriteoFormat(_DelimitedFormat):
 
     def _layout(self, path: Path) -> Tuple[str, bool, List[Column]]:
         layout = self.layout
-        with open_text(path) as fh:
+        with open_text(path, errors="replace") as fh:
             first = fh.readline()
         _check_not_empty(path, first)
         if layout == "auto":

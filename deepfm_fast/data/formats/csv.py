@@ -89,7 +89,7 @@ class CSVFormat(_DelimitedFormat):
         self.delimiter = delimiter
 
     def _layout(self, path: Path) -> Tuple[str, bool, List[Column]]:
-        with open_text(path) as fh:
+        with open_text(path, errors="replace") as fh:
             first = fh.readline()
         _check_not_empty(path, first)
         head = next(csv.reader([first], delimiter=self.delimiter))

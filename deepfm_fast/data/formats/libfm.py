@@ -55,7 +55,7 @@ class LibFMFormat:
     def _has_labels(self, path: Path) -> bool:
         """Whether the rows of ``path`` start with a label: decided by the first non-blank row."""
         if path not in self._labelled:
-            with open_text(path) as fh:
+            with open_text(path, errors="replace") as fh:
                 first = next((ln.split() for ln in fh if ln.strip()), None)
             if first is None:
                 raise DataFormatError(f"{path}: file is empty (no rows)")
@@ -73,7 +73,7 @@ class LibFMFormat:
         if self._fixed is not None:
             return self._fixed
         if path not in self._resolved:
-            with open_text(path) as fh:
+            with open_text(path, errors="replace") as fh:
                 head = [ln.split() for ln in islice(fh, chunk_rows)]
             head = [p for p in head if p]
             if not head:
