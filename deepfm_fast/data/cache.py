@@ -86,19 +86,29 @@ class _NpyStreamWriter:
     Rows go after a zeroed header of fixed size; :meth:`finish` writes the real header in place.
     """
 
-    def __init__(self, fh, name: str, dtype: np.dtype, tail_shape: tuple):
+    def __init__(self, fh, name: str, dtype: np.dtype, tail_shape: tuple, defer_ones: bool = False):
         self.fh, self.name, self.dtype, self.tail = fh, name, np.dtype(dtype), tuple(tail_shape)
         self.fh.write(b"\0" * _HEADER_BYTES)
         self.rows = 0
         self.all_one = True
+        # Weights: a file of ones only is dropped by the caller, so its rows need not be written.
+        self.defer_ones = defer_ones
 
     def append(self, a: np.ndarray) -> None:
-        a = np.ascontiguousarray(a, dtype=self.dtype)
         if a.shape[1:] != self.tail:
             raise ValueError(f"{self.name}: block shape {a.shape} does not end in {self.tail}")
+        was_one = self.all_one
         self.all_one = self.all_one and bool((a == 1).all())
-        self.fh.write(a.tobytes())
+        if self.all_one and self.defer_ones:  # written only if a later block holds something else
+            self.rows += a.shape[0]
+            return
+        if was_one and self.defer_ones and self.rows:
+            self._write(np.ones((self.rows,) + self.tail, self.dtype))
+        self._write(a)
         self.rows += a.shape[0]
+
+    def _write(self, a: np.ndarray) -> None:
+        self.fh.write(np.ascontiguousarray(a, dtype=self.dtype).tobytes())
 
     def finish(self) -> None:
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
@@ -168,7 +178,8 @@ def _encode_to(encoder: FeatureEncoder, chunks: Iterable, out_dir: Path, fitting
             for name, a in arrays.items():
                 if name not in writers:
                     fh = files.enter_context(atomic_write(out_dir / f"{name}.npy", "wb"))
-                    writers[name] = _NpyStreamWriter(fh, f"{name}.npy", a.dtype, a.shape[1:])
+                    writers[name] = _NpyStreamWriter(fh, f"{name}.npy", a.dtype, a.shape[1:],
+                                                     defer_ones=name.endswith("weights"))
                 writers[name].append(a)
         if not writers:
             raise DataFormatError("no rows to encode")

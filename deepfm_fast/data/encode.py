@@ -133,8 +133,10 @@ class FeatureEncoder:
             chunk = ColumnChunk.from_raw(chunk)
         n = len(chunk)
         out: Dict[str, np.ndarray] = {"labels": chunk.labels.astype(np.float32)}
-        sparse, sp_w, numeric, distinct = [], [], [], {}
-        mh_i = 0
+        n_sparse = sum(s.kind == "sparse" for s in self.slots)
+        sparse = np.empty((n, n_sparse), np.int64)  # filled column by column: no stack copy
+        sp_w, numeric, distinct = [], [], {}
+        mh_i = sp_j = 0
         for s in self.slots:
             c = s.column
             if s.kind in ("sparse", "multi_hot"):
@@ -151,9 +153,10 @@ class FeatureEncoder:
                 else:
                     ids = self.vocabs[s.name].lookup(d)[idx]
                 if s.kind == "sparse":
-                    sparse.append(ids)
+                    sparse[:, sp_j] = ids
+                    sp_j += 1
                     w = chunk.weights.get(c.name)
-                    sp_w.append(np.ones(n, np.float32) if w is None else w.astype(np.float32))
+                    sp_w.append(None if w is None else w.astype(np.float32))
                 else:
                     out[f"mh{mh_i}_ids"] = ids
                     out[f"mh{mh_i}_lengths"] = lengths
@@ -167,8 +170,11 @@ class FeatureEncoder:
                 numeric.append(x if fitting else self.numeric[s.name].apply(x))
             else:  # "<name>_missing" indicator
                 numeric.append(np.isnan(chunk.nums[c.name]).astype(np.float64 if fitting else np.float32))
-        out["sparse"] = np.stack(sparse, 1) if sparse else np.zeros((n, 0), np.int64)
-        out["sparse_weights"] = np.stack(sp_w, 1) if sp_w else np.zeros((n, 0), np.float32)
+        out["sparse"] = sparse
+        # No per-id values (Criteo, CSV): one broadcast row, not an [n, Fs] array of ones.
+        out["sparse_weights"] = (np.stack([np.ones(n, np.float32) if w is None else w for w in sp_w], 1)
+                                 if any(w is not None for w in sp_w) else
+                                 np.broadcast_to(np.ones(n_sparse, np.float32), (n, n_sparse)))
         num_name, num_type = ("numeric_raw", np.float64) if fitting else ("numeric", np.float32)
         out[num_name] = np.stack(numeric, 1) if numeric else np.zeros((n, 0), num_type)
         for name in self.extra_columns:
