@@ -198,41 +198,66 @@ def _encode_to(encoder: FeatureEncoder, chunks: Iterable, out_dir: Path, fitting
     return names
 
 
+class _Rows:
+    """Row blocks of an ``.npy`` of :class:`_NpyStreamWriter`, read and written in place by offset.
+
+    Plain reads and writes, not a memory map: the pages of a map stay resident until it is closed,
+    so mapping a 10 M-row array would hold it all in memory."""
+
+    def __init__(self, path: Path, writable: bool):
+        self.fh = open(path, "r+b" if writable else "rb")
+        np.lib.format.read_magic(self.fh)  # 1.0: the only version _NpyStreamWriter writes
+        shape, _, dtype = np.lib.format.read_array_header_1_0(self.fh)
+        self.dtype, self.tail = dtype, shape[1:]
+        self.row_bytes = dtype.itemsize * int(np.prod(self.tail, dtype=np.int64))
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        self.fh.seek(_HEADER_BYTES + lo * self.row_bytes)
+        data = bytearray(self.fh.read((hi - lo) * self.row_bytes))
+        return np.frombuffer(data, self.dtype).reshape((hi - lo,) + self.tail)
+
+    def write(self, lo: int, a: np.ndarray) -> None:
+        self.fh.seek(_HEADER_BYTES + lo * self.row_bytes)
+        self.fh.write(np.ascontiguousarray(a, self.dtype).tobytes())
+
+
 def _finish_fitted(encoder: FeatureEncoder, out_dir: Path, spill_path: Path, sizes: List[Dict[str, int]]) -> None:
     """Second pass of :func:`_encode_to` over the written arrays: positions -> ids, raw -> numeric."""
-    counted = [(k, s) for k, s in enumerate(s for s in encoder.slots if s.kind in ("sparse", "multi_hot"))
-               if encoder.counted(s)]
+    counted = [s for s in encoder.slots if encoder.counted(s)]
     mh_index = {s.name: i for i, s in enumerate(s for s in encoder.slots if s.kind == "multi_hot")}
     sp_index = {s.name: j for j, s in enumerate(s for s in encoder.slots if s.kind == "sparse")}
-    maps = {}
-    if (out_dir / "sparse.npy").exists():
-        maps["sparse"] = np.load(out_dir / "sparse.npy", mmap_mode="r+")
-    for i in mh_index.values():
-        maps[f"mh{i}_ids"] = np.load(out_dir / f"mh{i}_ids.npy", mmap_mode="r+")
-    raw = np.load(out_dir / "numeric_raw.npy", mmap_mode="r")
-    start = {name: 0 for name in ("sparse", "numeric_raw", *maps)}
-    with pa.memory_map(str(spill_path)) as src, pa.ipc.open_stream(src) as spill, \
-            atomic_write(out_dir / "numeric.npy", "wb") as fh:
-        numeric = _NpyStreamWriter(fh, "numeric.npy", np.float32, raw.shape[1:])
+    with contextlib.ExitStack() as files:
+        rows = {name: _Rows(out_dir / f"{name}.npy", True)
+                for name in ["sparse"] + [f"mh{i}_ids" for i in mh_index.values()]}
+        for r in rows.values():
+            files.callback(r.fh.close)
+        raw = _Rows(out_dir / "numeric_raw.npy", False)
+        files.callback(raw.fh.close)
+        src = files.enter_context(pa.memory_map(str(spill_path)))
+        spill = files.enter_context(pa.ipc.open_stream(src))
+        fh = files.enter_context(atomic_write(out_dir / "numeric.npy", "wb"))
+        numeric = _NpyStreamWriter(fh, "numeric.npy", np.float32, raw.tail)
+        start = dict.fromkeys(("sparse", "numeric_raw", *rows), 0)
         for chunk_sizes in sizes:
-            for _, slot in counted:
+            blocks = {}
+            for slot in counted:
                 distinct = spill.read_next_batch().column(0)
                 ids = encoder.vocabs[slot.name].lookup(distinct)
+                name = "sparse" if slot.kind == "sparse" else f"mh{mh_index[slot.name]}_ids"
+                if name not in blocks:
+                    blocks[name] = rows[name].read(start[name], start[name] + chunk_sizes[name])
                 if slot.kind == "sparse":
-                    a, lo, hi = maps["sparse"], start["sparse"], start["sparse"] + chunk_sizes["sparse"]
-                    a[lo:hi, sp_index[slot.name]] = ids[a[lo:hi, sp_index[slot.name]]]
+                    j = sp_index[slot.name]
+                    blocks[name][:, j] = ids[blocks[name][:, j]]
                 else:
-                    name = f"mh{mh_index[slot.name]}_ids"
-                    a, lo = maps[name], start[name]
-                    a[lo:lo + chunk_sizes[name]] = ids[a[lo:lo + chunk_sizes[name]]]
+                    blocks[name][:] = ids[blocks[name]]
+            for name, block in blocks.items():
+                rows[name].write(start[name], block)
             lo = start["numeric_raw"]
-            numeric.append(encoder.finish_numeric(np.asarray(raw[lo:lo + chunk_sizes["numeric_raw"]])))
+            numeric.append(encoder.finish_numeric(raw.read(lo, lo + chunk_sizes["numeric_raw"])))
             for name in start:
                 start[name] += chunk_sizes.get(name, 0)
         numeric.finish()
-    for a in maps.values():
-        a.flush()
-    del maps, raw
     (out_dir / "numeric_raw.npy").unlink()
     spill_path.unlink()
 
