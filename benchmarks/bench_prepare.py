@@ -46,11 +46,13 @@ def generate(rows: int, out: Path, sample: Path = SAMPLE, seed: int = 0, block: 
                       + [f"C{i}" for i in range(1, 27)]}, strings_can_be_null=True))
     rng = np.random.default_rng(seed)
     opts = pv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-    with pv.CSVWriter(str(out), table.schema, write_options=opts) as w:
+    tmp = out.with_name(out.name + ".part")  # an interrupted run leaves no file that looks complete
+    with pv.CSVWriter(str(tmp), table.schema, write_options=opts) as w:
         for start in range(0, rows, block):
             m = min(block, rows - start)
             w.write_table(pa.table({name: table.column(name).take(pa.array(rng.integers(0, table.num_rows, m)))
                                     for name in table.column_names}))
+    tmp.rename(out)
     return out
 
 
