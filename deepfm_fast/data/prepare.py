@@ -78,7 +78,7 @@ def add_prepare_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="training file (plain or gzip): vocabularies and statistics")
     p.add_argument("--valid", help="validation file, encoded with the training vocabularies")
     p.add_argument("--test", help="test file, encoded with the training vocabularies")
-    p.add_argument("--min-count", type=int, default=1, help=f"counted ids; {UNSEEN_VALUES_HELP}")
+    p.add_argument("--min-count", type=int, default=1, help=UNSEEN_VALUES_HELP)
     p.add_argument("--hash-buckets", type=int, metavar="N", help=HASH_BUCKETS_HELP)
     p.add_argument("--cache-dir", default=".cache", help="where the encoded arrays go")
     p.add_argument("--skip-bad-lines", action="store_true",
