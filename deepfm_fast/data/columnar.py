@@ -15,7 +15,6 @@ a vectorised CRC-32 equal to ``zlib.crc32`` of the UTF-8 bytes.
 from __future__ import annotations
 
 import gzip
-import io
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,8 +116,6 @@ def iter_blocks(path: Path, chunk_rows: int, block_bytes: int = BLOCK_BYTES,
                 return
             if have >= chunk_rows:
                 end, lines = _nth_newline(buf, pos, chunk_rows), chunk_rows
-            elif have and not eof:
-                end, lines = buf.rindex(b"\n") + 1, have
             else:  # end of file: the rest, with or without a final line end
                 end, lines = len(buf), have + (buf[-1:] != b"\n")
             yield line, bytes(buf[pos:end])
@@ -197,8 +194,3 @@ def dictionary_parts(values: pa.Array) -> Tuple[pa.Array, np.ndarray]:
     if dictionary.type != pa.string():
         dictionary = dictionary.cast(pa.string())
     return dictionary, idx
-
-
-def string_io(block: bytes) -> io.StringIO:
-    """The block decoded as UTF-8 text (raises UnicodeDecodeError)."""
-    return io.StringIO(block.decode("utf-8"), newline="")
