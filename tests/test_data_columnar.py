@@ -25,6 +25,7 @@ from deepfm_fast.data import (
     LibFMFormat,
     encode_file,
     prepare_data,
+    readers,
 )
 from deepfm_fast.data.columnar import crc32_utf8
 from deepfm_fast.data.vocab import NumericTransform, log_square_token
@@ -88,8 +89,18 @@ def reference(fmt, train, other=None, chunk_rows=65536):
             np.concatenate(numeric), np.concatenate(labels))
 
 
-def assert_matches_reference(fmt_factory, train, other=None, **kw):
+def assert_matches_reference(fmt_factory, train, other=None, monkeypatch=None, **kw):
+    """The columnar arrays equal the reference's; with ``monkeypatch``, Arrow parsed every block
+    (none fell back to the row-by-row parser, which would make the comparison circular)."""
+    fallbacks = []
+    if monkeypatch is not None:
+        for cls in (readers._DelimitedFormat, LibFMFormat):
+            real = cls._chunk
+            monkeypatch.setattr(cls, "_chunk", lambda *a, real=real: fallbacks.append(1) or real(*a))
     data = prepare_data(fmt_factory(), train, test=other, **kw)
+    if monkeypatch is not None:
+        monkeypatch.undo()
+        assert fallbacks == [], "a block of a clean file went to the row-by-row parser"
     ds = data.test if other is not None else data.train
     sparse, bags, numeric, labels = reference(fmt_factory(), train, other)
     assert np.array_equal(ds.sparse.numpy(), sparse)
@@ -134,7 +145,7 @@ def _header(path):
     (lambda: CSVFormat({"click": "label", "id": "ignore", "*": "sparse"}), "deepctr_examples/avazu_sample.txt", None),
     (lambda: CSVFormat(DEEPCTR_MOVIELENS_SCHEMA), "deepctr_examples/movielens_sample.txt", None),
 ])
-def test_columnar_arrays_equal_the_row_by_row_reference(fmt_factory, rel, other, tmp_path):
+def test_columnar_arrays_equal_the_row_by_row_reference(fmt_factory, rel, other, tmp_path, monkeypatch):
     train = shared_data_file(rel)
     if rel.endswith("movielens_sample.txt"):  # ratings 1..5: a click is a rating >= 4
         lines = train.read_text().splitlines()
@@ -145,7 +156,7 @@ def test_columnar_arrays_equal_the_row_by_row_reference(fmt_factory, rel, other,
         train = tmp_path / "movielens.csv"
         train.write_text(text + "\n")
     other_path = shared_data_file(other) if other else None
-    data = assert_matches_reference(fmt_factory, train, other_path)
+    data = assert_matches_reference(fmt_factory, train, other_path, monkeypatch=monkeypatch)
     cached = prepare_data(fmt_factory(), train, test=other_path, cache_dir=tmp_path / "cache", chunk_rows=4000)
     for name in ("train", "test"):
         a, b = getattr(data, name), getattr(cached, name)
@@ -267,7 +278,6 @@ def test_full_disk_while_writing_leaves_no_cache(tmp_path, monkeypatch):
 
 def test_prepare_command_then_train_reads_its_cache(tmp_path, capsys, monkeypatch):
     from deepfm_fast.cli import main
-    from deepfm_fast.data import readers
 
     train = _criteo_tsv(tmp_path / "train.txt", _good_rows(300))
     cache = tmp_path / "cache"
@@ -299,3 +309,10 @@ def test_cache_written_from_chunks_equals_in_memory(tmp_path):
     mem = prepare_data(CriteoFormat(min_count=2), path)
     disk = prepare_data(CriteoFormat(min_count=2), path, cache_dir=tmp_path / "cache", chunk_rows=7)
     assert torch.equal(mem.train.sparse, disk.train.sparse) and torch.equal(mem.train.numeric, disk.train.numeric)
+
+
+@pytest.mark.parametrize("fields", ["bag", "position"])
+def test_libfm_whitespace_runs_and_crlf_parse_as_str_split(tmp_path, monkeypatch, fields):
+    path = tmp_path / "ws.libfm"
+    path.write_bytes(b"1  3:1   4:2 \r\n\n  -1 3:1\t5:0.5\r\n1 6:1 3:1\n")
+    assert_matches_reference(lambda: LibFMFormat(fields=fields), path, monkeypatch=monkeypatch)

@@ -167,7 +167,17 @@ class LibFMFormat:
 
     @staticmethod
     def _columns(block: bytes, mode: str, pairs: int, labelled: bool) -> ColumnChunk:
-        tokens = pc.utf8_split_whitespace(lines_array(block))
+        lines = lines_array(block)
+        tokens = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(lines))
+        # Arrow splits at every whitespace character: runs of them leave empty tokens, which
+        # Python's str.split() (the row-by-row parser) drops; drop them too.
+        flat = pc.list_flatten(tokens)
+        keep = pc.not_equal(flat, "")
+        if not pc.all(keep).as_py():
+            parents = pc.list_parent_indices(tokens).to_numpy()[keep.to_numpy(zero_copy_only=False)]
+            offsets = np.zeros(len(lines) + 1, np.int32)
+            np.cumsum(np.bincount(parents, minlength=len(lines)), out=offsets[1:])
+            tokens = pa.ListArray.from_arrays(pa.array(offsets), flat.filter(keep))
         counts = pc.list_value_length(tokens).to_numpy(zero_copy_only=False)
         if not counts.all():  # blank lines
             tokens = tokens.filter(pa.array(counts > 0))
