@@ -48,13 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=f"'{PROG} COMMAND --help' for the options of a command.")
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,prepare,evaluate,predict,demo}")
     sub.required = True
     p = sub.add_parser("train", help="train a model, evaluate every epoch, stop early, report metrics",
                        description="Train on --train, early stopping on --valid (or a --valid-fraction hold-out), "
                                    "final metrics on --test. Options may come from --config.")
     p.add_argument("--config", help="YAML or JSON file of options (same names as the flags); flags override it")
     config.add_arguments(p)
+    from .data.prepare import add_prepare_parser
+
+    add_prepare_parser(sub)
 
     for name, helptext in (("evaluate", "AUC and logloss of a checkpoint on a labelled file"),
                            ("predict", "write the predicted click probabilities of a file, labelled or not, to CSV")):
@@ -135,7 +138,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo}
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import cmd_prepare as prepare
+
+    return prepare(args)
+
+
+COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "demo": cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -103,6 +103,18 @@ def _table_optimizer_help() -> str:
             "gradients + Adam, the slow baseline). The DNN, bias and batch norm always use torch Adam")
 
 
+def _min_count_help() -> str:
+    from .data.prepare import UNSEEN_VALUES_HELP
+
+    return f"categorical values seen fewer times go to OOV. Unseen values: {UNSEEN_VALUES_HELP}"
+
+
+def _hash_buckets_help() -> str:
+    from .data.prepare import HASH_BUCKETS_HELP
+
+    return HASH_BUCKETS_HELP
+
+
 def _opt(default: Any, text: Any, group: str, *, choices: Optional[Callable[[], Sequence[str]]] = None,
          path: bool = False) -> Any:
     """A field of :class:`RunConfig`: its default, help (a text or a function giving it), ``--help`` group
@@ -126,7 +138,8 @@ class RunConfig:
     skip_bad_lines: bool = _opt(False, "skip and count malformed rows instead of stopping", "data")
     cache_dir: Optional[str] = _opt(None, "cache the encoded arrays here and reuse them on the next run", "data",
                                     path=True)
-    min_count: int = _opt(1, "categorical values seen fewer times go to OOV", "data")
+    min_count: int = _opt(1, _min_count_help, "data")
+    hash_buckets: Optional[int] = _opt(None, _hash_buckets_help, "data")
     # splits
     train: Optional[str] = _opt(None, "training file", "splits", path=True)
     valid: Optional[str] = _opt(None, "validation file for early stopping", "splits", path=True)

@@ -58,7 +58,7 @@ def load_train_data(cfg: RunConfig):
         raise RunError(f"--format is required ({', '.join(FORMATS)})")
     if cfg.format == "csv" and cfg.schema is None:
         raise RunError("--format csv needs --schema (a JSON/YAML file, or a built-in schema name)")
-    spec = format_spec(cfg.format, schema=cfg.schema, min_count=cfg.min_count)
+    spec = format_spec(cfg.format, schema=cfg.schema, min_count=cfg.min_count, hash_buckets=cfg.hash_buckets)
     fmt = make_format(spec)
     data = prepare_data(fmt, cfg.train, cfg.valid, cfg.test, cache_dir=cfg.cache_dir,
                         skip_bad_lines=cfg.skip_bad_lines, progress=cfg.progress)

@@ -359,9 +359,9 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     assert not list(first.cache_path.rglob("*.tmp"))        # every file moved into place
 
     parses = []
-    real_chunk = readers_mod._DelimitedFormat._chunk
-    monkeypatch.setattr(readers_mod._DelimitedFormat, "_chunk",
-                        lambda self, *a: parses.append(1) or real_chunk(self, *a))
+    real_read = readers_mod._DelimitedFormat.read_columns
+    monkeypatch.setattr(readers_mod._DelimitedFormat, "read_columns",
+                        lambda self, *a, **k: parses.append(1) or real_read(self, *a, **k))
     second = prepare_data(CriteoFormat(), train, test=test, cache_dir=cache)
     assert second.from_cache and parses == []
     assert torch.equal(second.train.sparse, first.train.sparse)

@@ -12,22 +12,28 @@ Typical use::
 or, with no files at all, :func:`make_synthetic` for data with a known best AUC.
 """
 
-from .cache import PreparedData, encode_file, prepare_data
 from .dataset import Batch, EncodedDataset, field_offsets, iterate_batches, to_csr
-from .encode import FeatureEncoder
-from .formats import FORMATS, format_spec, make_format, trained_spec
-from .readers import (
-    SPARROW_MOVIELENS_SCHEMA,
-    Column,
-    CriteoFormat,
-    CSVFormat,
-    DataFormatError,
-    LibFMFormat,
-    ReadStats,
-    parse_schema,
-)
 from .synthetic import SyntheticData, make_synthetic
-from .vocab import MISSING_ID, OOV_ID, HashVocabulary, NumericTransform, Vocabulary
+
+# The readers need pyarrow; they load on first use, so that models and synthetic data do without it.
+_LAZY = {
+    "cache": ("PreparedData", "encode_file", "prepare_data"),
+    "encode": ("FeatureEncoder",),
+    "formats": ("FORMATS", "format_spec", "make_format", "trained_spec"),
+    "readers": ("SPARROW_MOVIELENS_SCHEMA", "Column", "CriteoFormat", "CSVFormat", "DataFormatError",
+                "LibFMFormat", "ReadStats", "parse_schema"),
+    "vocab": ("MISSING_ID", "OOV_ID", "HashVocabulary", "NumericTransform", "Vocabulary"),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Batch",

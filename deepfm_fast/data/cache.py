@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from .._io import atomic_write, write_json
@@ -46,7 +47,7 @@ from ..features import MultiHotField
 from .dataset import EncodedDataset
 from .encode import FeatureEncoder
 from .formats import Format
-from .readers import DataFormatError, LibFMFormat, ReadStats, file_signature
+from .readers import DataFormatError, ReadStats, file_signature
 
 __all__ = ["prepare_data", "PreparedData", "encode_file", "CACHE_VERSION"]
 
@@ -85,19 +86,29 @@ class _NpyStreamWriter:
     Rows go after a zeroed header of fixed size; :meth:`finish` writes the real header in place.
     """
 
-    def __init__(self, fh, name: str, dtype: np.dtype, tail_shape: tuple):
+    def __init__(self, fh, name: str, dtype: np.dtype, tail_shape: tuple, defer_ones: bool = False):
         self.fh, self.name, self.dtype, self.tail = fh, name, np.dtype(dtype), tuple(tail_shape)
         self.fh.write(b"\0" * _HEADER_BYTES)
         self.rows = 0
         self.all_one = True
+        # Weights: a file of ones only is dropped by the caller, so its rows need not be written.
+        self.defer_ones = defer_ones
 
     def append(self, a: np.ndarray) -> None:
-        a = np.ascontiguousarray(a, dtype=self.dtype)
         if a.shape[1:] != self.tail:
             raise ValueError(f"{self.name}: block shape {a.shape} does not end in {self.tail}")
+        was_one = self.all_one
         self.all_one = self.all_one and bool((a == 1).all())
-        self.fh.write(a.tobytes())
+        if self.all_one and self.defer_ones:  # written only if a later block holds something else
+            self.rows += a.shape[0]
+            return
+        if was_one and self.defer_ones and self.rows:
+            self._write(np.ones((self.rows,) + self.tail, self.dtype))
+        self._write(a)
         self.rows += a.shape[0]
+
+    def _write(self, a: np.ndarray) -> None:
+        self.fh.write(np.ascontiguousarray(a, dtype=self.dtype).tobytes())
 
     def finish(self) -> None:
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
@@ -118,46 +129,137 @@ def _key(obj: Any) -> str:
 
 def _stream_chunks(fmt: Format, path: Path, chunk_rows: int, skip_bad_lines: bool, stats: ReadStats,
                    progress: Optional[str]):
-    chunks = fmt.read(path, chunk_rows=chunk_rows, skip_bad_lines=skip_bad_lines, stats=stats)
+    chunks = fmt.read_columns(path, chunk_rows=chunk_rows, skip_bad_lines=skip_bad_lines, stats=stats)
     if progress:
         from tqdm import tqdm
 
-        chunks = tqdm(chunks, desc=progress, unit="chunk", leave=False)
+        size = os.path.getsize(path)
+        bar = tqdm(total=None, desc=progress, unit=" rows", unit_scale=True, leave=False, smoothing=0.1,
+                   postfix=f"{size / 1e6:,.0f} MB file")
+
+        def counted():
+            try:
+                for chunk in chunks:
+                    bar.update(len(chunk))
+                    yield chunk
+            finally:
+                bar.close()
+
+        return counted()
     return chunks
 
 
-def _encode_to(encoder: FeatureEncoder, chunks: Iterable, out_dir: Optional[Path]) -> Dict[str, np.ndarray]:
-    """Encode all chunks; stream to ``out_dir/*.npy`` when given, else keep them in memory."""
+def _encode_to(encoder: FeatureEncoder, chunks: Iterable, out_dir: Path, fitting: bool = False) -> List[str]:
+    """Encode all chunks into ``out_dir/*.npy``, chunk by chunk; returns the array names written.
+
+    ``fitting``: fit ``encoder`` on the same single pass over the chunks. The counted fields are
+    then written as positions into each chunk's distinct values (those go to a spill file of Arrow
+    record batches) and the numeric columns raw; once the vocabularies and statistics are frozen,
+    a second pass over these arrays (not over the text) turns them into ids and transformed values.
+    """
     writers: Dict[str, _NpyStreamWriter] = {}
-    blocks: Dict[str, List[np.ndarray]] = {}
-    all_one: Dict[str, bool] = {}
+    sizes: List[Dict[str, int]] = []  # per chunk: rows of each array written
+    spill_path = out_dir / ".distinct.arrow"
+    spill = None
     # Each .npy is written atomically; leaving the stack moves them all into place, or, on an
     # error, removes them all.
     with contextlib.ExitStack() as files:
+        if fitting:
+            encoder.begin_fit()
+            sink = files.enter_context(pa.OSFile(str(spill_path), "wb"))
+            spill = files.enter_context(pa.ipc.new_stream(sink, pa.schema([("v", pa.string())])))
+        n_rows = 0
         for chunk in chunks:
-            for name, a in encoder.encode(chunk).items():
-                if out_dir is not None:
-                    if name not in writers:
-                        fh = files.enter_context(atomic_write(out_dir / f"{name}.npy", "wb"))
-                        writers[name] = _NpyStreamWriter(fh, f"{name}.npy", a.dtype, a.shape[1:])
-                    writers[name].append(a)
-                else:
-                    blocks.setdefault(name, []).append(a)
-                    all_one[name] = all_one.get(name, True) and bool((a == 1).all())
+            arrays, distinct = encoder.encode_chunk(chunk, fitting=fitting)
+            n_rows += len(chunk)
+            for values in distinct.values():  # in slot order; read back in the same order
+                spill.write_batch(pa.record_batch([values], names=["v"]))
+            sizes.append({name: a.shape[0] for name, a in arrays.items()})
+            for name, a in arrays.items():
+                if name not in writers:
+                    fh = files.enter_context(atomic_write(out_dir / f"{name}.npy", "wb"))
+                    writers[name] = _NpyStreamWriter(fh, f"{name}.npy", a.dtype, a.shape[1:],
+                                                     defer_ones=name.endswith("weights"))
+                writers[name].append(a)
+        if not writers:
+            raise DataFormatError("no rows to encode")
         for w in writers.values():
             w.finish()
-    if out_dir is not None:
-        all_one = {name: w.all_one for name, w in writers.items()}
-        arrays = {name: None for name in writers}
-    else:
-        arrays = {name: np.concatenate(b) for name, b in blocks.items()}
+    names = sorted(writers)
+    if fitting:
+        encoder.finish_fit(n_rows)
+        _finish_fitted(encoder, out_dir, spill_path, sizes)
+        names = sorted(n if n != "numeric_raw" else "numeric" for n in names)
     # Weights that are all 1 carry nothing: drop them, so the model takes the unweighted path.
-    for name in list(arrays):
-        if name.endswith("weights") and all_one[name]:
-            del arrays[name]
-            if out_dir is not None:
-                (out_dir / f"{name}.npy").unlink()
-    return arrays
+    for name, w in writers.items():
+        if name.endswith("weights") and w.all_one:
+            names.remove(name)
+            (out_dir / f"{name}.npy").unlink()
+    return names
+
+
+class _Rows:
+    """Row blocks of an ``.npy`` of :class:`_NpyStreamWriter`, read and written in place by offset.
+
+    Plain reads and writes, not a memory map: the pages of a map stay resident until it is closed,
+    so mapping a 10 M-row array would hold it all in memory."""
+
+    def __init__(self, path: Path, writable: bool):
+        self.fh = open(path, "r+b" if writable else "rb")
+        np.lib.format.read_magic(self.fh)  # 1.0: the only version _NpyStreamWriter writes
+        shape, _, dtype = np.lib.format.read_array_header_1_0(self.fh)
+        self.dtype, self.tail = dtype, shape[1:]
+        self.row_bytes = dtype.itemsize * int(np.prod(self.tail, dtype=np.int64))
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        self.fh.seek(_HEADER_BYTES + lo * self.row_bytes)
+        data = bytearray(self.fh.read((hi - lo) * self.row_bytes))
+        return np.frombuffer(data, self.dtype).reshape((hi - lo,) + self.tail)
+
+    def write(self, lo: int, a: np.ndarray) -> None:
+        self.fh.seek(_HEADER_BYTES + lo * self.row_bytes)
+        self.fh.write(np.ascontiguousarray(a, self.dtype).tobytes())
+
+
+def _finish_fitted(encoder: FeatureEncoder, out_dir: Path, spill_path: Path, sizes: List[Dict[str, int]]) -> None:
+    """Second pass of :func:`_encode_to` over the written arrays: positions -> ids, raw -> numeric."""
+    counted = [s for s in encoder.slots if encoder.counted(s)]
+    mh_index = {s.name: i for i, s in enumerate(s for s in encoder.slots if s.kind == "multi_hot")}
+    sp_index = {s.name: j for j, s in enumerate(s for s in encoder.slots if s.kind == "sparse")}
+    with contextlib.ExitStack() as files:
+        rows = {name: _Rows(out_dir / f"{name}.npy", True)
+                for name in ["sparse"] + [f"mh{i}_ids" for i in mh_index.values()]}
+        for r in rows.values():
+            files.callback(r.fh.close)
+        raw = _Rows(out_dir / "numeric_raw.npy", False)
+        files.callback(raw.fh.close)
+        src = files.enter_context(pa.memory_map(str(spill_path)))
+        spill = files.enter_context(pa.ipc.open_stream(src))
+        fh = files.enter_context(atomic_write(out_dir / "numeric.npy", "wb"))
+        numeric = _NpyStreamWriter(fh, "numeric.npy", np.float32, raw.tail)
+        start = dict.fromkeys(("sparse", "numeric_raw", *rows), 0)
+        for chunk_sizes in sizes:
+            blocks = {}
+            for slot in counted:
+                distinct = spill.read_next_batch().column(0)
+                ids = encoder.vocabs[slot.name].lookup(distinct)
+                name = "sparse" if slot.kind == "sparse" else f"mh{mh_index[slot.name]}_ids"
+                if name not in blocks:
+                    blocks[name] = rows[name].read(start[name], start[name] + chunk_sizes[name])
+                if slot.kind == "sparse":
+                    j = sp_index[slot.name]
+                    blocks[name][:, j] = ids[blocks[name][:, j]]
+                else:
+                    blocks[name][:] = ids[blocks[name]]
+            for name, block in blocks.items():
+                rows[name].write(start[name], block)
+            lo = start["numeric_raw"]
+            numeric.append(encoder.finish_numeric(raw.read(lo, lo + chunk_sizes["numeric_raw"])))
+            for name in start:
+                start[name] += chunk_sizes.get(name, 0)
+        numeric.finish()
+    (out_dir / "numeric_raw.npy").unlink()
+    spill_path.unlink()
 
 
 def _assemble(encoder: FeatureEncoder, arrays: Dict[str, np.ndarray]) -> EncodedDataset:
@@ -204,24 +306,19 @@ def encode_file(fmt: Format, encoder: FeatureEncoder, path: Union[str, Path], *,
     The file may lack labels (see :mod:`deepfm_fast.data.readers`); the dataset's labels are then
     NaN and ``has_labels`` is False.
     """
-    stats = ReadStats()
-    arrays = _encode_to(encoder, fmt.read(Path(path), chunk_rows, skip_bad_lines, stats), None)
-    return _assemble(encoder, arrays)
+    with tempfile.TemporaryDirectory(prefix="deepfm-fast-") as tmp:
+        chunks = fmt.read_columns(Path(path), chunk_rows, skip_bad_lines, ReadStats())
+        names = _encode_to(encoder, chunks, Path(tmp))
+        return _assemble(encoder, _load_arrays(Path(tmp), names, mmap=False))
+
+
+def _load_arrays(d: Path, names: List[str], mmap: bool = True) -> Dict[str, np.ndarray]:
+    return {name: np.load(d / f"{name}.npy", mmap_mode="c" if mmap else None) for name in names}
 
 
 def _load_split(encoder: FeatureEncoder, d: Path) -> EncodedDataset:
     info = json.loads((d / "split.json").read_text())
-    arrays = {name: np.load(d / f"{name}.npy", mmap_mode="c") for name in info["arrays"]}
-    return _assemble(encoder, arrays)
-
-
-def _fix_libfm_layout(fmt: Format, train: Path, chunk_rows: int, meta: Optional[Dict[str, Any]]) -> None:
-    """libFM: every file is read with the layout (position/bag, pair count) of the training file,
-    which the cache's meta.json keeps, so that a cache hit need not read the file to find it."""
-    if not isinstance(fmt, LibFMFormat) or fmt.layout is not None:
-        return
-    stored = meta.get("libfm_layout") if meta is not None else None  # absent from caches made before it was kept
-    fmt.set_layout(*(stored if stored is not None else fmt._mode(train, chunk_rows)))
+    return _assemble(encoder, _load_arrays(d, info["arrays"]))
 
 
 def prepare_data(
@@ -237,15 +334,20 @@ def prepare_data(
 ) -> PreparedData:
     """Fit on ``train`` and encode train/valid/test, through an on-disk cache when given.
 
-    Two streaming passes over ``train`` (fit, then encode) and one over each other file; memory
-    holds one chunk at a time plus the vocabularies. With ``cache_dir``, a second call with the
-    same format options and unchanged files (same size and mtime) parses nothing.
+    One streaming pass over each file: the training file is counted and encoded in the same pass
+    (the counted ids are fixed from the written arrays afterwards); memory holds one chunk at a
+    time plus the vocabularies. With ``cache_dir``, a second call with the same format options and
+    unchanged files (same size and mtime) parses nothing. Without it, the arrays are written to a
+    temporary directory and loaded into memory.
 
     Args:
-        fmt: a :class:`CriteoFormat`, :class:`LibFMFormat` or :class:`CSVFormat`.
+        fmt: a format of :data:`~deepfm_fast.data.formats.FORMATS` (:class:`CriteoFormat`,
+            :class:`LibFMFormat`, :class:`CSVFormat`).
         train: training file (vocabularies and numeric statistics come from it only).
-        valid, test: optional files encoded with the training vocabularies (unseen -> OOV).
-            Every file must have labels (:class:`DataFormatError` otherwise).
+        valid, test: optional files encoded with the training vocabularies (a value the training
+            file did not hold, or held fewer than ``min_count`` times, goes to the OOV row 0 of a
+            counted field; to its bucket in a hashed one). Every file must have labels
+            (:class:`DataFormatError` otherwise).
         cache_dir: directory for the cache (created); None = encode in memory, no cache.
         chunk_rows: rows per parsed chunk.
         skip_bad_lines: drop malformed rows and count them instead of raising.
@@ -267,14 +369,14 @@ def prepare_data(
     sigs = {k: file_signature(p) for k, p in files.items()}
     opts = {"version": CACHE_VERSION, "format": fmt.options(), "skip_bad_lines": skip_bad_lines}
 
-    root, meta = None, None
+    root, meta, split_dirs = None, None, {}
     if cache_dir is not None:
         root = Path(cache_dir) / _key({"options": opts, "train": sigs["train"]})
         meta_path = root / "meta.json"
         split_dirs = {k: root / f"{k}-{_key(s)}" for k, s in sigs.items()}
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
         if meta is not None and all((d / "split.json").is_file() for d in split_dirs.values()):
-            _fix_libfm_layout(fmt, train, chunk_rows, meta)
+            fmt.fix_layout(train, chunk_rows, meta.get("libfm_layout"))
             encoder = FeatureEncoder.from_dict(meta["encoder"])
             splits = {k: _load_split(encoder, d) for k, d in split_dirs.items()}
             bad = {k: json.loads((d / "split.json").read_text())["bad_lines"] for k, d in split_dirs.items()}
@@ -282,43 +384,43 @@ def prepare_data(
                                 True, bad, root)
         root.mkdir(parents=True, exist_ok=True)
 
-    _fix_libfm_layout(fmt, train, chunk_rows, meta)
-    if meta is not None:
-        # Same options and training file: reuse the fitted encoder; only new files get encoded.
-        encoder = FeatureEncoder.from_dict(meta["encoder"])
-        fit_stats = None
-    else:
-        fit_stats = ReadStats()
-        encoder = FeatureEncoder(fmt.columns(train)).fit(
-            _stream_chunks(fmt, train, chunk_rows, skip_bad_lines, fit_stats, "fit" if progress else None))
-
-    splits, bad = {}, {}
-    for name, path in files.items():
-        stats = ReadStats()
-        chunks = _stream_chunks(fmt, path, chunk_rows, skip_bad_lines, stats, name if progress else None)
-        if root is None:
-            splits[name] = _assemble(encoder, _encode_to(encoder, chunks, None))
-        else:
-            d = split_dirs[name]
-            if (d / "split.json").is_file():
+    fmt.fix_layout(train, chunk_rows, meta.get("libfm_layout") if meta is not None else None)
+    # Same options and training file: reuse the fitted encoder; only new files get encoded.
+    encoder = FeatureEncoder.from_dict(meta["encoder"]) if meta is not None else FeatureEncoder(fmt.columns(train))
+    splits, bad, train_rows = {}, {}, None
+    with contextlib.ExitStack() as stack:
+        scratch = root if root is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(
+            prefix="deepfm-fast-")))
+        for name, path in files.items():
+            fitting = name == "train" and meta is None
+            d = split_dirs.get(name)
+            if d is not None and not fitting and (d / "split.json").is_file():
                 splits[name] = _load_split(encoder, d)
                 bad[name] = json.loads((d / "split.json").read_text())["bad_lines"]
                 continue
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+            stats = ReadStats()
+            chunks = _stream_chunks(fmt, path, chunk_rows, skip_bad_lines, stats, name if progress else None)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=scratch))
             try:
-                arrays = _encode_to(encoder, chunks, tmp)
-                write_json(tmp / "split.json", {"rows": stats.rows, "bad_lines": stats.bad_lines,
-                                                "source": sigs[name], "arrays": sorted(arrays)})
-                if d.exists():
-                    shutil.rmtree(d)
-                os.replace(tmp, d)
+                names = _encode_to(encoder, chunks, tmp, fitting)
+                if d is None:  # in memory
+                    splits[name] = _assemble(encoder, _load_arrays(tmp, names, mmap=False))
+                    shutil.rmtree(tmp)
+                else:
+                    write_json(tmp / "split.json", {"rows": stats.rows, "bad_lines": stats.bad_lines,
+                                                    "source": sigs[name], "arrays": names})
+                    if d.exists():
+                        shutil.rmtree(d)
+                    os.replace(tmp, d)
+                    splits[name] = _load_split(encoder, d)
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)  # a bad row or ^C leaves no half split behind
+                shutil.rmtree(tmp, ignore_errors=True)  # a bad row, a full disk or ^C leaves no half split
                 raise
-            splits[name] = _load_split(encoder, d)
-        bad[name] = stats.bad_lines
-    if root is not None and fit_stats is not None:
+            bad[name] = stats.bad_lines
+            if fitting:
+                train_rows = stats.rows
+    if root is not None and train_rows is not None:
         write_json(meta_path, {"version": CACHE_VERSION, "options": opts, "train_source": sigs["train"],
-                            "train_rows": fit_stats.rows, "encoder": encoder.to_dict(),
-                            "libfm_layout": fmt.layout if isinstance(fmt, LibFMFormat) else None})
+                               "train_rows": train_rows, "encoder": encoder.to_dict(),
+                               "libfm_layout": fmt.layout_state()})
     return PreparedData(splits["train"], splits.get("valid"), splits.get("test"), encoder, False, bad, root)

@@ -6,25 +6,52 @@ field specs); it is plain JSON, stored in the cache's ``meta.json``.
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 
 from ..features import FieldSpec, MultiHotField, NumericField, SparseField, fields_from_dicts, fields_to_dicts
+from .columnar import ColumnChunk, dictionary_parts
 from .readers import Column, RawChunk
-from .vocab import HashVocabulary, NumericTransform, Vocabulary, log_square_token, vocabulary_from_dict
+from .vocab import HashVocabulary, NumericTransform, ValueCounter, Vocabulary, log_square_tokens, vocabulary_from_dict
 
 __all__ = ["FeatureEncoder"]
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """One output field before fitting: its kind, name and the column it comes from (for a
+    multi_hot field, the first of its columns, which sets its pooling and hashing)."""
+
+    kind: str  # "sparse", "multi_hot", "numeric" or "missing" (a numeric column's indicator)
+    name: str
+    column: Column
+
+
+def _plan(columns: List[Column]) -> List[_Slot]:
+    slots, seen = [], set()
+    for c in columns:
+        if c.role in ("sparse", "multi_hot") or (c.role == "numeric" and c.transform == "log_square"):
+            if c.field_name not in seen:
+                seen.add(c.field_name)
+                slots.append(_Slot("multi_hot" if c.role == "multi_hot" else "sparse", c.field_name, c))
+        elif c.role == "numeric":
+            slots.append(_Slot("numeric", c.field_name, c))
+            if c.missing_indicator:
+                slots.append(_Slot("missing", f"{c.field_name}_missing", c))
+    return slots
+
+
 class FeatureEncoder:
-    """Turns :class:`RawChunk` s into encoded arrays, after fitting on the training chunks.
+    """Turns chunks of rows into encoded arrays, after fitting on the training chunks.
 
     Fields come in file column order; multi_hot columns sharing a field become one field at
     the position of their first column; a numeric column with ``missing_indicator`` is followed
     by the NumericField ``<name>_missing``.
+
+    Fitting and encoding are vectorised (Arrow and numpy): a counted field is counted from each
+    chunk's distinct values, and encoded by looking up each chunk's distinct values once.
 
     Args:
         columns: the columns of the training file (from a format's ``columns(path)``).
@@ -36,65 +63,55 @@ class FeatureEncoder:
         self.numeric: Dict[str, NumericTransform] = {}
         self.fields: List[FieldSpec] = []
         self.extra_columns = [c.name for c in self.columns if c.role == "keep"]
+        self.slots = _plan(self.columns)
+        self._counters: Dict[str, ValueCounter] = {}
 
     # -- fitting ---------------------------------------------------------------------------
-    def fit(self, chunks: Iterable[RawChunk]) -> "FeatureEncoder":
-        """One streaming pass over the training chunks: value counts and numeric statistics."""
-        counts: Dict[str, Counter] = {}
-        group: Dict[str, Column] = {}
-        for c in self.columns:
-            if c.role == "sparse" or (c.role == "numeric" and c.transform == "log_square"):
-                counts[c.field_name] = Counter()
-            elif c.role == "multi_hot":
-                counts.setdefault(c.field_name, Counter())
-                group.setdefault(c.field_name, c)
-            elif c.role == "numeric":
-                self.numeric[c.name] = NumericTransform(c.transform)
-        n_rows = 0
-        for chunk in chunks:
-            n_rows += len(chunk)
-            for c in self.columns:
-                if c.role == "sparse" and c.hash_buckets is None:
-                    counts[c.field_name].update(chunk.cats[c.name])
-                elif c.role == "numeric" and c.transform == "log_square":
-                    if c.hash_buckets is None:
-                        counts[c.field_name].update(map(log_square_token, chunk.nums[c.name].tolist()))
-                elif c.role == "numeric":
-                    self.numeric[c.name].update(chunk.nums[c.name])
-            for name, bags in chunk.bags.items():
-                if group[name].hash_buckets is None:
-                    cnt = counts[name]
-                    for bag in bags:
-                        cnt.update(bag)
+    def counted(self, slot: "_Slot") -> bool:
+        """Whether ``slot`` is a categorical field whose vocabulary comes from counting."""
+        return slot.kind in ("sparse", "multi_hot") and slot.column.hash_buckets is None
+
+    def begin_fit(self) -> None:
+        """Start fitting: empty counts and numeric statistics (see :meth:`finish_fit`)."""
+        self._counters = {s.name: ValueCounter() for s in self.slots if self.counted(s)}
+        self.numeric = {s.name: NumericTransform(s.column.transform) for s in self.slots if s.kind == "numeric"}
+        self.vocabs = {s.name: HashVocabulary(s.column.hash_buckets) for s in self.slots
+                       if s.kind in ("sparse", "multi_hot") and not self.counted(s)}
+        self.fields = []
+
+    def finish_fit(self, n_rows: int) -> "FeatureEncoder":
+        """Freeze the vocabularies and statistics seen since :meth:`begin_fit`; build the fields."""
         if n_rows == 0:
             raise ValueError("FeatureEncoder.fit: the training data has no rows")
         for t in self.numeric.values():
             t.finish()
-        seen = set()
-        for c in self.columns:
-            name = c.field_name
-            if c.role in ("sparse", "multi_hot") or (c.role == "numeric" and c.transform == "log_square"):
-                if name in seen:
-                    continue
-                seen.add(name)
-                vocab = (HashVocabulary(c.hash_buckets) if c.hash_buckets is not None
-                         else Vocabulary.fit(counts[name], c.min_count))
-                self.vocabs[name] = vocab
-                if c.role == "multi_hot":
-                    self.fields.append(MultiHotField(name, vocab.size, group[name].pooling))
-                else:
-                    self.fields.append(SparseField(name, vocab.size))
-            elif c.role == "numeric":
-                self.fields.append(NumericField(name))
-                if c.missing_indicator:
-                    self.fields.append(NumericField(f"{name}_missing"))
+        for s in self.slots:
+            if self.counted(s):
+                values, counts = self._counters[s.name].result()
+                self.vocabs[s.name] = Vocabulary.from_counts(values, counts, s.column.min_count)
+            if s.kind == "multi_hot":
+                self.fields.append(MultiHotField(s.name, self.vocabs[s.name].size, s.column.pooling))
+            elif s.kind == "sparse":
+                self.fields.append(SparseField(s.name, self.vocabs[s.name].size))
+            else:
+                self.fields.append(NumericField(s.name))
+        self._counters = {}
         if not self.fields:
             raise ValueError("FeatureEncoder.fit: no feature columns (every column is label/keep/ignore)")
         return self
 
+    def fit(self, chunks: Iterable[Any]) -> "FeatureEncoder":
+        """One streaming pass over the training chunks: value counts and numeric statistics."""
+        self.begin_fit()
+        n = 0
+        for chunk in chunks:
+            n += len(chunk)
+            self.encode_chunk(chunk, fitting=True)
+        return self.finish_fit(n)
+
     # -- encoding --------------------------------------------------------------------------
-    def encode(self, chunk: RawChunk) -> Dict[str, np.ndarray]:
-        """Encode one chunk of ``n`` rows into named arrays.
+    def encode(self, chunk: Any) -> Dict[str, np.ndarray]:
+        """Encode one chunk of ``n`` rows (fitted encoder) into named arrays.
 
         Returns:
             ``labels`` float32 [n]; ``sparse`` int64 [n, Fs]; ``sparse_weights`` float32 [n, Fs]
@@ -102,43 +119,73 @@ class FeatureEncoder:
             field i: ``mh{i}_ids`` int64 [nnz] (flat, row-major), ``mh{i}_lengths`` int64 [n],
             ``mh{i}_weights`` float32 [nnz]; per keep column: ``extra_<name>`` float64 [n].
         """
+        return self.encode_chunk(chunk)[0]
+
+    def encode_chunk(self, chunk: Any, fitting: bool = False):
+        """(arrays, distinct values per counted field).
+
+        Fitted (``fitting=False``): the arrays of :meth:`encode` and ``{}``. While fitting: the
+        counted fields hold int64 positions into their chunk's distinct values (-1 = missing)
+        instead of ids, returned beside them; and ``numeric_raw`` (float64 [n, Fn], the values
+        before the transform) replaces ``numeric``. The counts and statistics are updated.
+        """
+        if isinstance(chunk, RawChunk):
+            chunk = ColumnChunk.from_raw(chunk)
         n = len(chunk)
-        sparse, sp_w, numeric = [], [], []
         out: Dict[str, np.ndarray] = {"labels": chunk.labels.astype(np.float32)}
-        mh_i = 0
-        by_field = {}
-        for c in self.columns:
-            by_field.setdefault(c.field_name, c)
-        for f in self.fields:
-            if isinstance(f, SparseField):
-                c = by_field[f.name]
-                if c.role == "numeric":
-                    values = list(map(log_square_token, chunk.nums[c.name].tolist()))
+        n_sparse = sum(s.kind == "sparse" for s in self.slots)
+        sparse = np.empty((n, n_sparse), np.int64)  # filled column by column: no stack copy
+        sp_w, numeric, distinct = [], [], {}
+        mh_i = sp_j = 0
+        for s in self.slots:
+            c = s.column
+            if s.kind in ("sparse", "multi_hot"):
+                if s.kind == "multi_hot":
+                    values, lengths = chunk.bags[s.name]
+                elif c.role == "numeric":
+                    values = log_square_tokens(chunk.nums[c.name])
                 else:
                     values = chunk.cats[c.name]
-                sparse.append(self.vocabs[f.name].encode(values))
-                w = chunk.weights.get(c.name)
-                sp_w.append(np.ones(n, np.float32) if w is None else w.astype(np.float32))
-            elif isinstance(f, MultiHotField):
-                bags = chunk.bags[f.name]
-                lengths = np.fromiter((len(b) for b in bags), dtype=np.int64, count=n)
-                flat = [t for b in bags for t in b]
-                out[f"mh{mh_i}_ids"] = self.vocabs[f.name].encode(flat)
-                out[f"mh{mh_i}_lengths"] = lengths
-                wb = chunk.bag_weights.get(f.name)
-                out[f"mh{mh_i}_weights"] = (np.ones(len(flat), np.float32) if wb is None else
-                                            np.fromiter((v for b in wb for v in b), np.float32, len(flat)))
-                mh_i += 1
-            elif f.name in self.numeric:
-                numeric.append(self.numeric[f.name].apply(chunk.nums[f.name]))
+                d, idx = dictionary_parts(values)
+                if fitting and self.counted(s):
+                    self._counters[s.name].add(d, idx)
+                    distinct[s.name], ids = d, idx
+                else:
+                    ids = self.vocabs[s.name].lookup(d)[idx]
+                if s.kind == "sparse":
+                    sparse[:, sp_j] = ids
+                    sp_j += 1
+                    w = chunk.weights.get(c.name)
+                    sp_w.append(None if w is None else w.astype(np.float32))
+                else:
+                    out[f"mh{mh_i}_ids"] = ids
+                    out[f"mh{mh_i}_lengths"] = lengths
+                    wb = chunk.bag_weights.get(s.name)
+                    out[f"mh{mh_i}_weights"] = np.ones(len(ids), np.float32) if wb is None else wb
+                    mh_i += 1
+            elif s.kind == "numeric":
+                x = chunk.nums[c.name]
+                if fitting:
+                    self.numeric[s.name].update(x)
+                numeric.append(x if fitting else self.numeric[s.name].apply(x))
             else:  # "<name>_missing" indicator
-                numeric.append(np.isnan(chunk.nums[f.name[: -len("_missing")]]).astype(np.float32))
-        out["sparse"] = np.stack(sparse, 1) if sparse else np.zeros((n, 0), np.int64)
-        out["sparse_weights"] = np.stack(sp_w, 1) if sp_w else np.zeros((n, 0), np.float32)
-        out["numeric"] = np.stack(numeric, 1) if numeric else np.zeros((n, 0), np.float32)
+                numeric.append(np.isnan(chunk.nums[c.name]).astype(np.float64 if fitting else np.float32))
+        out["sparse"] = sparse
+        # No per-id values (Criteo, CSV): one broadcast row, not an [n, Fs] array of ones.
+        out["sparse_weights"] = (np.stack([np.ones(n, np.float32) if w is None else w for w in sp_w], 1)
+                                 if any(w is not None for w in sp_w) else
+                                 np.broadcast_to(np.ones(n_sparse, np.float32), (n, n_sparse)))
+        num_name, num_type = ("numeric_raw", np.float64) if fitting else ("numeric", np.float32)
+        out[num_name] = np.stack(numeric, 1) if numeric else np.zeros((n, 0), num_type)
         for name in self.extra_columns:
             out[f"extra_{name}"] = chunk.nums[name]
-        return out
+        return out, distinct
+
+    def finish_numeric(self, raw: np.ndarray) -> np.ndarray:
+        """float32 ``numeric`` from the ``numeric_raw`` of :meth:`encode_chunk` (after fitting)."""
+        cols = [self.numeric[s.name].apply(raw[:, j]) if s.kind == "numeric" else raw[:, j].astype(np.float32)
+                for j, s in enumerate(s for s in self.slots if s.kind in ("numeric", "missing"))]
+        return np.stack(cols, 1) if cols else np.zeros((raw.shape[0], 0), np.float32)
 
     # -- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:

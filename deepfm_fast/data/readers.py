@@ -1,7 +1,12 @@
-"""Streaming readers: Criteo TSV/CSV, libFM/libSVM and schema-driven CSV, plain or gzip.
+"""What every reader shares: columns, errors, counts, the row-by-row parser, the delimited engine.
 
-Each format object turns a file into :class:`RawChunk` s of at most ``chunk_rows`` rows, so
-files larger than memory stream through. A malformed row (wrong column count, non-numeric
+The formats themselves are in :mod:`deepfm_fast.data.formats` (one module each). Each turns a
+file into chunks of at most ``chunk_rows`` rows, so files larger than memory stream through:
+``read_columns`` gives :class:`~deepfm_fast.data.columnar.ColumnChunk` s (the columnar path, see
+:mod:`deepfm_fast.data.columnar`); ``read`` gives :class:`RawChunk` s row by row (the old path,
+kept as the columnar path's fallback on blocks Arrow rejects, and as a reference in the tests).
+
+A malformed row (wrong column count, non-numeric
 label or numeric value, bad libFM token) raises :class:`DataFormatError` naming the file and
 line, or with ``skip_bad_lines=True`` is dropped and counted in :class:`ReadStats`. An empty
 file, a schema column missing from the header, or a label outside {0, 1} ({-1, 0, 1} for libFM)
@@ -18,7 +23,7 @@ its first row or header; every later row must have the same shape, or it is a ma
 
 Their :class:`RawChunk` labels are NaN, and ``no_label_reason(path)`` says why a file has none.
 
-Formats:
+Formats (:mod:`deepfm_fast.data.formats`):
 
 * :class:`CriteoFormat`: ``label, I1..I13, C1..C26``, either the Kaggle/Terabyte TSV without a
   header or a CSV with that header; ``layout="auto"`` looks at the first line.
@@ -34,14 +39,18 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pv
+
+from .columnar import ColumnChunk, iter_blocks
 
 from .._args import Pooling
 
@@ -144,16 +153,19 @@ class ReadStats:
     bad_lines: int = 0
 
 
-def open_text(path: Union[str, Path]) -> io.TextIOBase:
-    """Open a text file for reading, transparently gunzipping (detected by magic bytes)."""
+def open_text(path: Union[str, Path], errors: str = "strict") -> io.TextIOBase:
+    """Open a text file for reading, transparently gunzipping (detected by magic bytes).
+
+    ``errors="replace"`` where only the shape of the first lines matters (the columnar path
+    reports invalid UTF-8 with its line)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     with open(path, "rb") as fh:
         magic = fh.read(2)
     if magic == b"\x1f\x8b":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, "r", encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8", newline="", errors=errors)
+    return open(path, "r", encoding="utf-8", newline="", errors=errors)
 
 
 def _check_not_empty(path: Path, first: Optional[str]) -> None:
@@ -206,6 +218,34 @@ def _check_labels(path: Path, labels: np.ndarray, lines: Sequence[int], allowed:
         i = int(np.flatnonzero(~ok)[0])
         raise DataFormatError(f"{path}, line {lines[i]}: label {labels[i]:g} is outside "
                               f"{{{', '.join(f'{a:g}' for a in allowed)}}}")
+
+
+class _Reject(Exception):
+    """Arrow's parse of a block found something the row-by-row parser must name or skip."""
+
+
+def _decoded_lines(path: Path, first: int, block: bytes, skip: bool, stats: ReadStats) -> Tuple[List[str], List[int]]:
+    """The lines of a block as text with their line numbers; invalid UTF-8 raises or is skipped."""
+    texts, lines = [], []
+    for k, raw in enumerate(block.split(b"\n")[: block.count(b"\n") + (not block.endswith(b"\n"))]):
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            if not skip:
+                raise DataFormatError(f"{path}, line {first + k}: invalid UTF-8 ({e.reason} at byte {e.start} "
+                                      "of the line; pass skip_bad_lines=True to skip such rows)") from None
+            stats.bad_lines += 1
+            continue
+        lines.append(first + k)
+    return texts, lines
+
+
+def _float_column(col) -> np.ndarray:
+    """float64 numpy of an Arrow string column (null -> NaN); _Reject when a value is not a number."""
+    try:
+        return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise _Reject from None
 
 
 class _DelimitedFormat:
@@ -261,6 +301,82 @@ class _DelimitedFormat:
             if not any_rows:
                 raise DataFormatError(f"{path}: file is empty (no data rows)")
 
+    def read_columns(self, path: Union[str, Path], chunk_rows: int = 65536, skip_bad_lines: bool = False,
+                     stats: Optional[ReadStats] = None) -> Iterator[ColumnChunk]:
+        """Yield validated :class:`ColumnChunk` s of ``path`` (the columnar path); counts go to ``stats``."""
+        path = Path(path)
+        stats = stats if stats is not None else ReadStats()
+        delim, header, cols = self._layout(path)
+        dictionary = pa.dictionary(pa.int32(), pa.string())
+        types = {c.name: dictionary if c.role == "sparse" else pa.string() for c in cols}
+        include = [c.name for c in cols if c.role != "ignore"]
+        label_i = next((i for i, c in enumerate(cols) if c.role == "label"), None)
+        any_rows = False
+        for first, block in iter_blocks(path, chunk_rows, skip_lines=int(header)):
+            try:
+                table = pv.read_csv(
+                    pa.py_buffer(block),
+                    read_options=pv.ReadOptions(column_names=[c.name for c in cols],
+                                                block_size=max(1 << 20, len(block) // pa.cpu_count() + 1)),
+                    parse_options=pv.ParseOptions(delimiter=delim),
+                    convert_options=pv.ConvertOptions(column_types=types, include_columns=include,
+                                                      strings_can_be_null=True, null_values=[""]))
+                chunk = self._columns(table, cols) if table.num_rows else None
+            except (pa.ArrowInvalid, _Reject):
+                texts, lines = _decoded_lines(path, first, block, skip_bad_lines, stats)
+                rows = list(csv.reader(texts, delimiter=delim))
+                kept = [(r, ln) for r, ln in zip(rows, lines) if r]  # blank lines carry no row
+                any_rows = any_rows or bool(kept) or stats.bad_lines > 0
+                raw = self._chunk(path, [r for r, _ in kept], [ln for _, ln in kept], cols, len(cols),
+                                  label_i, skip_bad_lines, stats) if kept else None
+                chunk = None if raw is None else ColumnChunk.from_raw(raw)
+            if chunk is not None:
+                any_rows = True
+                stats.rows += len(chunk)
+                yield chunk
+        if not any_rows:
+            raise DataFormatError(f"{path}: file is empty (no data rows)")
+
+    @staticmethod
+    def _columns(table: "pa.Table", cols: List[Column]) -> ColumnChunk:
+        """The chunk of an Arrow table of string columns; _Reject when a row needs the slow path."""
+        n = table.num_rows
+        labels = np.full(n, np.nan, np.float32)
+        cats, nums, parts = {}, {}, {}
+        for c in cols:
+            if c.role == "ignore":
+                continue
+            col = table.column(c.name)
+            if c.role == "label":
+                if col.null_count:
+                    raise _Reject
+                y = _float_column(col)
+                if not np.isin(y, (0.0, 1.0)).all():
+                    raise _Reject
+                labels = y.astype(np.float32)
+            elif c.role in ("numeric", "keep"):
+                nums[c.name] = _float_column(col)
+            elif c.role == "sparse":
+                cats[c.name] = col
+            elif c.role == "multi_hot":
+                col = col.combine_chunks().fill_null("")
+                if c.sep:
+                    lists = pc.split_pattern(col, c.sep)
+                    flat = pc.list_flatten(lists)
+                    rows = pc.list_parent_indices(lists).to_numpy().astype(np.int64)
+                else:
+                    flat, rows = col, np.arange(n)
+                keep = pc.not_equal(flat, "")
+                parts.setdefault(c.field_name, []).append((flat.filter(keep),
+                                                           rows[keep.to_numpy(zero_copy_only=False)]))
+        bags = {}
+        for name, pieces in parts.items():
+            rows = np.concatenate([r for _, r in pieces])
+            order = np.argsort(rows, kind="stable")  # row-major; a row's tokens in column order
+            flat = pa.concat_arrays([f.cast(pa.string()) for f, _ in pieces]).take(pa.array(order))
+            bags[name] = (flat, np.bincount(rows, minlength=n).astype(np.int64))
+        return ColumnChunk(labels, cats, nums, {}, bags, {})
+
     def _chunk(self, path, rows, lines, cols, ncols, label_i, skip, stats) -> Optional[RawChunk]:
         bad = _Bad(path, skip, stats)
         if any(len(r) != ncols for r in rows):
@@ -314,343 +430,21 @@ class _DelimitedFormat:
     def options(self) -> Dict[str, Any]:
         raise NotImplementedError
 
+    def fix_layout(self, train: Union[str, Path], chunk_rows: int = 65536, stored: Any = None) -> None:
+        """Fix what reading the training file decides for every file (nothing: a header says it)."""
 
-CRITEO_NUMERIC = tuple(f"I{i}" for i in range(1, 14))
-CRITEO_CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
-
-
-class CriteoFormat(_DelimitedFormat):
-    """Criteo Kaggle / Terabyte rows: ``label, I1..I13 (integers), C1..C26 (hex)``.
-
-    A file without labels (``test.txt``: ``I1..I13, C1..C26``) is read too, with NaN labels.
-
-    Args:
-        layout: ``"tsv"`` (no header, tab-separated, the original ``train.txt``), ``"csv"``
-            (comma-separated with the header ``label,I1..I13,C1..C26``) or ``"auto"``.
-        numeric: transform of I1..I13: ``"log1p"`` (NumericFields, log1p + standardised),
-            ``"log_square"`` (SparseFields of ``floor(log(x)^2)`` buckets), ``"standardize"``
-            or ``"none"``.
-        min_count: categorical values seen fewer times in training go to OOV.
-        hash_buckets: hash C1..C26 (and bucketed I's) instead of counting.
-        missing_indicator: add a 0/1 numeric field per I column.
-    """
-
-    def __init__(self, layout: str = "auto", numeric: str = "log1p", min_count: int = 1,
-                 hash_buckets: Optional[int] = None, missing_indicator: bool = False):
-        if layout not in ("auto", "tsv", "csv"):
-            raise ValueError(f"CriteoFormat: layout must be 'auto', 'tsv' or 'csv', got {layout!r}")
-        self.layout = layout
-        # log_square columns are parsed as numbers; the encoder turns them into sparse fields.
-        self._cols = (
-            [Column("label", "label")]
-            + [Column(n, "numeric", transform=numeric, min_count=min_count,
-                      hash_buckets=hash_buckets, missing_indicator=missing_indicator)
-               for n in CRITEO_NUMERIC]
-            + [Column(n, "sparse", min_count=min_count, hash_buckets=hash_buckets)
-               for n in CRITEO_CATEGORICAL]
-        )
-
-    def _layout(self, path: Path) -> Tuple[str, bool, List[Column]]:
-        layout = self.layout
-        with open_text(path) as fh:
-            first = fh.readline()
-        _check_not_empty(path, first)
-        if layout == "auto":
-            if "\t" in first:
-                layout = "tsv"
-            elif first.startswith(("label,", "I1,")):
-                layout = "csv"
-            else:
-                raise DataFormatError(f"{path}, line 1: cannot tell the Criteo layout (no tab, no "
-                                      "'label,' or 'I1,' header); pass layout='tsv' or 'csv'")
-        unlabelled = self._cols[1:]
-        if layout == "csv":
-            head = next(csv.reader([first]))
-            want = [c.name for c in self._cols]
-            if head == want[1:]:
-                return ",", True, unlabelled
-            if head != want:
-                missing = [c for c in want[1:] if c not in head]
-                raise DataFormatError(f"{path}, line 1: expected the Criteo header label,I1..I13,C1..C26 "
-                                      f"(label optional); got {len(head)} columns"
-                                      + (f", missing {missing}" if missing else ""))
-            return ",", True, self._cols
-        if first.rstrip("\r\n").count("\t") == len(unlabelled) - 1:
-            return "\t", False, unlabelled
-        return "\t", False, self._cols
-
-    _no_label = "no label column: 39 columns I1..I13, C1..C26, the layout of Criteo's test.txt"
-
-    def options(self) -> Dict[str, Any]:
-        return {"format": "criteo", "layout": self.layout, "columns": [asdict(c) for c in self._cols]}
-
-
-def parse_schema(schema: Union[Dict[str, Any], str, Path]) -> Dict[str, Column]:
-    """Read a CSV schema: column -> role string or dict of :class:`Column` options.
-
-    Args:
-        schema: a dict, or the path of a ``.json`` / ``.yaml`` / ``.yml`` file holding one.
-            Values are a role (``"sparse"``) or a dict (``{"role": "multi_hot", "sep": "|",
-            "field": "genres", "pooling": "mean"}``; ``"type"`` is accepted for ``"role"``, and
-            ``"name"`` if it is the column's, so a :class:`Column` as a dict reads back).
-            Exactly one column must be the label. Columns of the file not in the schema are
-            an error unless the schema holds ``"*": "ignore"``.
-    """
-    if isinstance(schema, (str, Path)):
-        text = Path(schema).read_text()
-        if str(schema).endswith((".yaml", ".yml")):
-            import yaml
-
-            schema = yaml.safe_load(text)
-        else:
-            schema = json.loads(text)
-    if not isinstance(schema, dict) or not schema:
-        raise ValueError(f"schema must be a non-empty mapping column -> role, got {schema!r}")
-    out = {}
-    for name, spec in schema.items():
-        if isinstance(spec, str):
-            spec = {"role": spec}
-        spec = dict(spec)
-        if "type" in spec:
-            spec["role"] = spec.pop("type")
-        if spec.pop("name", name) != name:  # a Column as a dict (asdict) names itself
-            raise ValueError(f"schema column {name!r} holds another name: {spec!r}")
-        out[name] = Column(name=name, **spec)
-    labels = [n for n, c in out.items() if c.role == "label" and n != "*"]
-    if len(labels) != 1:
-        raise ValueError(f"schema must have exactly one label column, got {labels}")
-    return out
-
-
-#: Schema for ``shared/data/sparrow_movielens/samples.csv`` (the seed's MovieLens CTR sample):
-#: ids as sparse fields, genre columns as two mean-pooled multi-hot bags, the seed's dense
-#: features as numerics, ``timestamp`` kept for the time-ordered split, ``rating`` ignored
-#: because it leaks the label.
-SPARROW_MOVIELENS_SCHEMA: Dict[str, Any] = {
-    "label": "label",
-    "movieId": "sparse",
-    "userId": "sparse",
-    "rating": "ignore",
-    "timestamp": "keep",
-    "releaseYear": {"role": "numeric", "transform": "standardize"},
-    **{f"movieGenre{i}": {"role": "multi_hot", "field": "movieGenre", "pooling": "mean"} for i in (1, 2, 3)},
-    "movieRatingCount": "numeric",
-    "movieAvgRating": {"role": "numeric", "transform": "standardize"},
-    "movieRatingStddev": {"role": "numeric", "transform": "standardize"},
-    **{f"userRatedMovie{i}": {"role": "multi_hot", "field": "userRatedMovie"} for i in range(1, 6)},
-    "userRatingCount": "numeric",
-    "userAvgReleaseYear": {"role": "numeric", "transform": "standardize"},
-    "userReleaseYearStddev": {"role": "numeric", "transform": "standardize"},
-    "userAvgRating": {"role": "numeric", "transform": "standardize"},
-    "userRatingStddev": {"role": "numeric", "transform": "standardize"},
-    **{f"userGenre{i}": {"role": "multi_hot", "field": "userGenre", "pooling": "mean"} for i in range(1, 6)},
-}
-
-
-class CSVFormat(_DelimitedFormat):
-    """A CSV with a header, described by a schema (see :func:`parse_schema`).
-
-    A file whose header lacks the schema's label column is read with NaN labels.
-
-    Args:
-        schema: dict or JSON/YAML path, e.g. :data:`SPARROW_MOVIELENS_SCHEMA`.
-        delimiter: field separator.
-    """
-
-    def __init__(self, schema: Union[Dict[str, Any], str, Path], delimiter: str = ","):
-        self.schema = parse_schema(schema)
-        self.delimiter = delimiter
-
-    def _layout(self, path: Path) -> Tuple[str, bool, List[Column]]:
-        with open_text(path) as fh:
-            first = fh.readline()
-        _check_not_empty(path, first)
-        head = next(csv.reader([first], delimiter=self.delimiter))
-        missing = [n for n, c in self.schema.items() if n != "*" and c.role != "label" and n not in head]
-        if missing:
-            raise DataFormatError(f"{path}, line 1: schema column(s) {missing} not in the header {head}")
-        default = self.schema.get("*")
-        cols = []
-        for name in head:
-            col = self.schema.get(name)
-            if col is None:
-                if default is None:
-                    raise DataFormatError(f"{path}, line 1: column {name!r} is not in the schema "
-                                          "(add it, or '*': 'ignore')")
-                col = Column(name, default.role)
-            cols.append(col)
-        return self.delimiter, True, cols
-
-    @property
-    def _no_label(self) -> str:
-        label = next(n for n, c in self.schema.items() if c.role == "label")
-        return f"the header has no label column {label!r}"
-
-    def options(self) -> Dict[str, Any]:
-        return {"format": "csv", "delimiter": self.delimiter,
-                "schema": {n: asdict(c) for n, c in self.schema.items()}}
-
-
-class LibFMFormat:
-    """libFM / libSVM rows ``label id:value id:value ...``; labels 1/-1 or 1/0 (-1 -> 0).
-
-    A file whose first row starts with ``id:value`` has no labels: its rows are all pairs, read
-    with NaN labels.
-
-    Args:
-        fields: ``"position"``: field ``f{i}`` = the i-th pair (every row must have the same
-            count); ``"bag"``: one weighted multi-hot field ``features``; ``"auto"``: position
-            when the first chunk's rows all have the same count.
-        min_count: ids seen fewer times in training go to OOV (ids are vocabulary values,
-            so each field gets compact local ids).
-        hash_buckets: hash ids instead of counting.
-        pooling: pooling of the ``bag`` field.
-    """
-
-    def __init__(self, fields: str = "auto", min_count: int = 1, hash_buckets: Optional[int] = None,
-                 pooling: str = "sum"):
-        if fields not in ("auto", "position", "bag"):
-            raise ValueError(f"LibFMFormat: fields must be 'auto', 'position' or 'bag', got {fields!r}")
-        self.fields = fields
-        self.min_count, self.hash_buckets, self.pooling = min_count, hash_buckets, pooling
-        self._resolved: Dict[Path, Tuple[str, int]] = {}
-        self._fixed: Optional[Tuple[str, int]] = None
-        self._labelled: Dict[Path, bool] = {}
-
-    def _has_labels(self, path: Path) -> bool:
-        """Whether the rows of ``path`` start with a label: decided by the first non-blank row."""
-        if path not in self._labelled:
-            with open_text(path) as fh:
-                first = next((ln.split() for ln in fh if ln.strip()), None)
-            if first is None:
-                raise DataFormatError(f"{path}: file is empty (no rows)")
-            self._labelled[path] = ":" not in first[0]
-        return self._labelled[path]
-
-    def no_label_reason(self, path: Union[str, Path]) -> Optional[str]:
-        """None when the rows of ``path`` have labels; else why it has none."""
-        if self._has_labels(Path(path)):
-            return None
-        return "no labels: the first row starts with an id:value pair"
-
-    def _mode(self, path: Path, chunk_rows: int = 65536) -> Tuple[str, int]:
-        """(mode, pairs per row) from the first chunk of ``path``."""
-        if self._fixed is not None:
-            return self._fixed
-        if path not in self._resolved:
-            with open_text(path) as fh:
-                head = [ln.split() for ln in islice(fh, chunk_rows)]
-            head = [p for p in head if p]
-            if not head:
-                raise DataFormatError(f"{path}: file is empty (no rows)")
-            label = int(self._has_labels(path))
-            counts = {len(p) - label for p in head}
-            mode = self.fields
-            if mode == "auto":
-                mode = "position" if len(counts) == 1 else "bag"
-            self._resolved[path] = (mode, max(counts))
-        return self._resolved[path]
-
-    def set_layout(self, mode: str, pairs: int) -> None:
-        """Fix the layout fitted on the training file so every other file is read alike."""
-        self._fixed = (mode, pairs)
-
-    @property
-    def layout(self) -> Optional[Tuple[str, int]]:
-        """The layout fixed by :meth:`set_layout` (``(mode, pairs per row)``), or None."""
-        return self._fixed
-
-    def columns(self, path: Union[str, Path]) -> List[Column]:
-        mode, pairs = self._mode(Path(path))
-        if mode == "position":
-            return [Column("label", "label")] + [
-                Column(f"f{i}", "sparse", min_count=self.min_count, hash_buckets=self.hash_buckets)
-                for i in range(pairs)
-            ]
-        return [Column("label", "label"),
-                Column("features", "multi_hot", pooling=self.pooling, min_count=self.min_count,
-                       hash_buckets=self.hash_buckets)]
-
-    def read(self, path: Union[str, Path], chunk_rows: int = 65536, skip_bad_lines: bool = False,
-             stats: Optional[ReadStats] = None) -> Iterator[RawChunk]:
-        path = Path(path)
-        stats = stats if stats is not None else ReadStats()
-        mode, pairs = self._mode(path, chunk_rows)
-        labelled = self._has_labels(path)
-        line = 1
-        any_rows = False
-        with open_text(path) as fh:
-            while True:
-                raw = list(islice(fh, chunk_rows))
-                if not raw:
-                    break
-                first = line
-                line += len(raw)
-                chunk = self._chunk(path, raw, first, mode, pairs, labelled, skip_bad_lines, stats)
-                if chunk is not None:
-                    any_rows = True
-                    stats.rows += len(chunk)
-                    yield chunk
-        if not any_rows and stats.bad_lines == 0:
-            raise DataFormatError(f"{path}: file is empty (no rows)")
-
-    def _chunk(self, path, raw, first, mode, pairs, labelled, skip, stats) -> Optional[RawChunk]:
-        bad = _Bad(path, skip, stats)
-        labels, ids, vals, lines = [], [], [], []
-        # In a file without labels a leading number is a bad token, not a label.
-        unlabelled = "" if labelled else "; this file has no labels, as its first row shows"
-        for k, text in enumerate(raw):
-            parts = text.split()
-            if not parts:
-                continue
-            ln = first + k
-            y = float("nan")
-            if labelled:
-                try:
-                    y = float(parts[0])
-                except ValueError:
-                    bad.add(k, ln, f"label {parts[0]!r} is not a number")
-                    continue
-                parts = parts[1:]
-            if mode == "position" and len(parts) != pairs:
-                bad.add(k, ln, f"expected {pairs} id:value pairs, got {len(parts)}")
-                continue
-            row_ids, row_vals = [], []
-            for tok in parts:
-                fid, colon, v = tok.partition(":")
-                try:
-                    if not colon or not fid.isdigit():
-                        raise ValueError
-                    row_vals.append(float(v))
-                except ValueError:
-                    bad.add(k, ln, f"bad libFM token {tok!r} (want id:value{unlabelled})")
-                    break
-                row_ids.append(fid)
-            else:
-                labels.append(y)
-                ids.append(row_ids)
-                vals.append(row_vals)
-                lines.append(ln)
-        bad.keep_index(len(raw))  # counts the skipped rows
-        if not labels:
-            return None
-        y = np.array(labels, dtype=np.float32)
-        if labelled:
-            _check_labels(path, y, lines, (-1.0, 0.0, 1.0))
-            y[y < 0] = 0.0
-        if mode == "position":
-            cols = list(zip(*ids))
-            wcols = np.array(vals, dtype=np.float32).T
-            return RawChunk(y, {f"f{i}": cols[i] for i in range(pairs)}, {}, {}, {},
-                            {f"f{i}": wcols[i] for i in range(pairs)})
-        return RawChunk(y, {}, {"features": ids}, {}, {"features": vals}, {})
-
-    def options(self) -> Dict[str, Any]:
-        return {"format": "libfm", "fields": self.fields, "min_count": self.min_count,
-                "hash_buckets": self.hash_buckets, "pooling": self.pooling}
+    def layout_state(self) -> Any:
+        """What :meth:`fix_layout` fixed, JSON-ready, for the cache and checkpoints (None: nothing)."""
+        return None
 
 
 def file_signature(path: Union[str, Path]) -> Dict[str, Any]:
     """What identifies a source file for the cache: absolute path, size, mtime."""
     st = os.stat(path)
     return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+# The formats live in deepfm_fast.data.formats (one module each); their names stay importable here.
+from .formats.criteo import CriteoFormat  # noqa: E402
+from .formats.csv import SPARROW_MOVIELENS_SCHEMA, CSVFormat, parse_schema  # noqa: E402
+from .formats.libfm import LibFMFormat  # noqa: E402

@@ -4,7 +4,13 @@ Local id layout of every categorical field, counted or hashed::
 
     0          OOV      value not in the vocabulary (rare in training, or unseen)
     1          MISSING  empty value
-    2 ..       known values (counted: most frequent first; hashed: 2 + crc32(value) % buckets)
+    2 ..       known values (counted: most frequent first, ties by value; hashed:
+               2 + crc32(value) % buckets)
+
+A value the training file never held (or held fewer than ``min_count`` times) gets the OOV row 0
+of a counted field, the same row for every such value; a hashed field has no OOV: every value
+goes to its bucket, seen or not. The hash is CRC-32 (IEEE, as ``zlib.crc32``) of the value's UTF-8
+bytes: the same on every machine, run and Python version.
 
 Numeric transforms (``NumericTransform.kind``):
 
@@ -20,11 +26,14 @@ A missing numeric value becomes 0 after the transform (the training mean, when s
 from __future__ import annotations
 
 import math
-import zlib
 from collections import Counter
 from typing import Any, Dict, Iterable, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .columnar import crc32_utf8, dictionary_parts
 
 __all__ = [
     "OOV_ID",
@@ -33,6 +42,8 @@ __all__ = [
     "HashVocabulary",
     "NumericTransform",
     "log_square_token",
+    "log_square_tokens",
+    "ValueCounter",
     "vocabulary_from_dict",
 ]
 
@@ -50,10 +61,7 @@ class Vocabulary:
 
     def __init__(self, tokens: Sequence[str]):
         self.tokens = list(tokens)
-        self._index = {t: i + _FIRST_ID for i, t in enumerate(self.tokens)}
-        # '' is never a known value: it always means missing.
-        self._index.pop("", None)
-        self._index[""] = MISSING_ID
+        self._known = pa.array(self.tokens, pa.string())
 
     @classmethod
     def fit(cls, counts: Counter, min_count: int = 1) -> "Vocabulary":
@@ -68,10 +76,28 @@ class Vocabulary:
     def size(self) -> int:
         return len(self.tokens) + _FIRST_ID
 
+    @classmethod
+    def from_counts(cls, values: pa.Array, counts: np.ndarray, min_count: int = 1) -> "Vocabulary":
+        """:meth:`fit` from distinct ``values`` and their ``counts`` (Arrow sort, no Python loop)."""
+        if min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {min_count}")
+        table = pa.table({"v": values, "c": pa.array(counts, pa.int64())})
+        table = table.filter(pc.and_(pc.greater_equal(table["c"], min_count), pc.not_equal(table["v"], "")))
+        # Byte order of UTF-8 is code point order: the ties sort as Python's str comparison.
+        table = table.sort_by([("c", "descending"), ("v", "ascending")])
+        return cls(table["v"].to_pylist())
+
     def encode(self, values: Iterable[str]) -> np.ndarray:
-        """int64 ids of ``values``; unknown -> OOV_ID, ``''`` -> MISSING_ID."""
-        get = self._index.get
-        return np.fromiter((get(v, OOV_ID) for v in values), dtype=np.int64)
+        """int64 ids of ``values`` (strings or an Arrow array); unknown -> OOV_ID, ``''``/null -> MISSING_ID."""
+        distinct, idx = dictionary_parts(_as_arrow(values))
+        return self.lookup(distinct)[idx]
+
+    def lookup(self, distinct: pa.Array) -> np.ndarray:
+        """int64 ids of ``distinct`` values, plus MISSING_ID at the end (position -1, for nulls)."""
+        pos = pc.index_in(distinct, value_set=self._known).to_numpy(zero_copy_only=False)
+        ids = np.where(np.isnan(pos), OOV_ID, np.nan_to_num(pos) + _FIRST_ID).astype(np.int64)
+        ids[(pc.equal(distinct, "").to_numpy(zero_copy_only=False))] = MISSING_ID
+        return np.append(ids, MISSING_ID)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"kind": "counted", "tokens": self.tokens}
@@ -95,13 +121,65 @@ class HashVocabulary:
         return self.buckets + _FIRST_ID
 
     def encode(self, values: Iterable[str]) -> np.ndarray:
-        b, crc = self.buckets, zlib.crc32
-        return np.fromiter(
-            (_FIRST_ID + crc(v.encode()) % b if v else MISSING_ID for v in values), dtype=np.int64
-        )
+        """int64 ids of ``values`` (strings or an Arrow array); ``''``/null -> MISSING_ID."""
+        distinct, idx = dictionary_parts(_as_arrow(values))
+        return self.lookup(distinct)[idx]
+
+    def lookup(self, distinct: pa.Array) -> np.ndarray:
+        """int64 ids of ``distinct`` values, plus MISSING_ID at the end (position -1, for nulls)."""
+        ids = _FIRST_ID + (crc32_utf8(distinct) % np.uint32(self.buckets)).astype(np.int64)
+        ids[pc.equal(distinct, "").to_numpy(zero_copy_only=False)] = MISSING_ID
+        return np.append(ids, MISSING_ID)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"kind": "hashed", "buckets": self.buckets}
+
+
+def _as_arrow(values) -> pa.Array:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values
+    return pa.array(list(values), pa.string())
+
+
+class ValueCounter:
+    """Counts of string values over many chunks, in Arrow tables (memory: the distinct values)."""
+
+    def __init__(self):
+        self._parts = []
+        self._pending = 0
+        self._merged = 0
+
+    def add(self, distinct: pa.Array, idx: np.ndarray) -> None:
+        """Count the values ``distinct[idx]`` (``idx`` -1 = null, not counted)."""
+        counts = np.bincount(idx[idx >= 0], minlength=len(distinct))
+        self._parts.append(pa.table({"v": distinct, "c": pa.array(counts, pa.int64())}))
+        self._pending += len(distinct)
+        if self._pending > 2 * self._merged + (1 << 20):
+            self._merge()
+
+    def _merge(self) -> None:
+        if len(self._parts) > 1:
+            table = pa.concat_tables(self._parts).group_by("v").aggregate([("c", "sum")])
+            self._parts = [table.rename_columns(["v", "c"])]
+        self._merged = self._pending = sum(len(t) for t in self._parts)
+
+    def result(self):
+        """(distinct values, int64 counts)."""
+        self._merge()
+        if not self._parts:
+            return pa.array([], pa.string()), np.zeros(0, np.int64)
+        t = self._parts[0]
+        return t["v"].combine_chunks(), t["c"].to_numpy()
+
+
+def log_square_tokens(x: np.ndarray) -> pa.Array:
+    """:func:`log_square_token` of every value, vectorised (NaN -> null: missing)."""
+    big = x > 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        k = np.where(big, np.floor(np.log(np.where(big, x, 1.0)) ** 2), np.trunc(np.nan_to_num(x)))
+    text = pc.cast(pa.array(k.astype(np.int64)), pa.string())
+    text = pc.if_else(pa.array(big), pc.binary_join_element_wise("b", text, ""), text)
+    return pc.if_else(pa.array(np.isnan(x)), pa.scalar(None, pa.string()), text)
 
 
 def vocabulary_from_dict(d: Dict[str, Any]):
