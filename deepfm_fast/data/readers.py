@@ -50,9 +50,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pv
 
-from .columnar import ColumnChunk, iter_blocks
-
 from .._args import Pooling
+from .columnar import ColumnChunk, iter_blocks
 
 __all__ = [
     "DataFormatError",
