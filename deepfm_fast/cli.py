@@ -75,6 +75,7 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "device": "cpu", "progress": True, "init_std": 1e-2, "table_optimizer": "adam", "table_lr": None,
     "monitor": "auc-logloss", "precise_bn_batches": 16, "curves_out": None, "l2_scope": "used",
     "dnn_init": "default", "sync_batch_norm": False, "dist_timeout": 1800.0,
+    "table_file": None,  # bigtable: a file-backed table (EmbeddingFM(table_file=...))
 }
 SPLITS = ("random", "ordered")
 
@@ -95,7 +96,7 @@ _TYPES = {"valid_fraction": float, "test_fraction": float, "epochs": int, "batch
           "patience": int, "seed": int, "threads": int, "max_rows": int, "min_count": int,
           "init_std": float, "dist_timeout": float}
 _BOOLS = ("batch_norm", "resume", "skip_bad_lines", "sparse", "progress", "sync_batch_norm")
-_PATHS = ("schema", "train", "valid", "test", "checkpoint_dir", "metrics_out", "curves_out", "cache_dir")
+_PATHS = ("schema", "train", "valid", "test", "checkpoint_dir", "metrics_out", "curves_out", "cache_dir", "table_file")
 
 
 def _add_data_args(p: argparse.ArgumentParser, choices: Dict[str, Sequence[str]]) -> None:
@@ -112,6 +113,11 @@ def _add_data_args(p: argparse.ArgumentParser, choices: Dict[str, Sequence[str]]
     g.add_argument("--cache-dir", help="cache the encoded arrays here and reuse them on the next run")
     g.add_argument("--min-count", type=int, help="categorical values seen fewer times go to OOV (default 1)")
 
+
+_TABLE_FILE_HELP = ("keep the table and its optimizer state in this memory-mapped file (tables larger than RAM; a "
+                    "fused --table-optimizer): made when missing, else resumed from its last checkpoint; each "
+                    "epoch's checkpoint makes it crash-safe, the best epoch is not restored (the file holds the "
+                    "last): evaluate last.pt")
 
 def _add_train_parser(sub, choices: Dict[str, Sequence[str]]) -> None:
     from .models import FUSED_TABLE_OPTIMIZERS
@@ -159,6 +165,7 @@ def _add_train_parser(sub, choices: Dict[str, Sequence[str]]) -> None:
                         "dense: dense gradients + Adam, the slow baseline). The DNN, bias and batch norm always "
                         "use torch Adam")
     g.add_argument("--table-lr", type=float, help="learning rate of the table optimizer (default: --lr)")
+    g.add_argument("--table-file", help=_TABLE_FILE_HELP)
     g.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=None,
                    help="deprecated: the old spelling of --table-optimizer sparse_adam")
     g.add_argument("--init-std", type=float,
@@ -214,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + "; the file is "
                            "read in the format of the training file (stored in the checkpoint).")
         p.add_argument("--checkpoint", required=True, help="best.pt, or the --checkpoint-dir of a train run")
+        p.add_argument("--table-file", help="the table file of a --table-file run, where it has moved (default: "
+                       "the path it was trained in)")
         if name == "evaluate":
             p.add_argument("--test", "--input", dest="input", required=True, help="labelled file to score")
             p.add_argument("--metrics-out", help="write the metrics as JSON here")
@@ -462,6 +471,8 @@ def _train(opts: Dict[str, Any], rank: int, world_size: int, device) -> int:
                "activation": opts["activation"], "dropout": opts["dropout"], "batch_norm": opts["batch_norm"],
                "l2_embedding": opts["l2_embedding"], "l2_scope": opts["l2_scope"], "init_std": opts["init_std"],
                "table_optimizer": table_optimizer, "table_lr": table_lr, "dnn_init": opts["dnn_init"]}
+    if opts["table_file"]:
+        hparams["table_file"] = str(opts["table_file"])
     seed_everything(opts["seed"])
     model = build_model(opts["model"], data.fields, **hparams).to(device)
     meta = {"model": model.config(), "format": spec, "encoder": data.encoder.to_dict()}
@@ -512,7 +523,7 @@ def _train(opts: Dict[str, Any], rank: int, world_size: int, device) -> int:
     return 0
 
 
-def _load_for_inference(checkpoint: str):
+def _load_for_inference(checkpoint: str, table_file: Optional[str] = None):
     from .data.encode import FeatureEncoder
     from .data.formats import make_format
     from .models import build_model
@@ -528,6 +539,8 @@ def _load_for_inference(checkpoint: str):
     if "model" not in meta or "encoder" not in meta:
         raise CLIError(f"checkpoint {path} was not written by '{PROG} train' (no model/encoder metadata)")
     cfg = dict(meta["model"])
+    if table_file:
+        cfg["table_file"] = table_file
     model = build_model(cfg.pop("name"), cfg.pop("fields"), **cfg)
     model.load_state_dict(ckpt["model"])
     model.eval()
@@ -545,7 +558,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .train import evaluate
 
     _set_threads(args.threads)
-    model, fmt, encoder = _load_for_inference(args.checkpoint)
+    model, fmt, encoder = _load_for_inference(args.checkpoint, args.table_file)
     _check_file(args.input, "input")
     why = fmt.no_label_reason(args.input)
     if why is not None:
@@ -563,7 +576,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .train import predict
 
     _set_threads(args.threads)
-    model, fmt, encoder = _load_for_inference(args.checkpoint)
+    model, fmt, encoder = _load_for_inference(args.checkpoint, args.table_file)
     ds = _encode_input(fmt, encoder, args.input, args.skip_bad_lines)
     probs = predict(model, ds, args.batch_size).numpy()
     labelled = ds.has_labels

@@ -240,7 +240,8 @@ class EmbeddingFM(nn.Module):
         self.optimizer_step.fill_(self.table_file.step)
         if self.table_file.catchup is not None:
             self.optimizer_catchup.copy_(self.table_file.catchup)
-        self._register_load_state_dict_pre_hook(_journal_whole_table, with_module=True)
+        self._register_load_state_dict_pre_hook(_load_into_table_file, with_module=True)
+        self._register_state_dict_hook(_table_file_state)
         return self.table_file.views
 
     def checkpoint(self, extra=None) -> None:
@@ -252,7 +253,7 @@ class EmbeddingFM(nn.Module):
         self.table_file.checkpoint(self.optimizer_step, self.optimizer_row_state().get("catchup"), extra)
 
     def _before_table_file_step(self, ids: Tensor) -> None:
-        """Journals (and asks the kernel to read ahead) the rows the step will change."""
+        """Journals the rows the step will change (reading those not yet journaled, in parallel: faults ahead)."""
         if self._sync != 0:
             raise NotImplementedError("EmbeddingFM: a file-backed table trains in one process (no distributed merge)")
         if "last_step" in self._row_state_names:  # Adam also catches up the step's slice of the rows
@@ -260,7 +261,6 @@ class EmbeddingFM(nn.Module):
             per_slice = -(-rows // window)
             begin = min(rows, int(self.optimizer_step) % window * per_slice)
             ids = torch.cat([ids.reshape(-1).long(), torch.arange(begin, min(rows, begin + per_slice))])
-        self.table_file.prefetch(ids)
         self.table_file.journal(ids)
 
     @property
@@ -271,7 +271,7 @@ class EmbeddingFM(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         key = prefix + "optimizer_last_step"
-        if key in destination and self.rows_packed:
+        if key in destination and self.rows_packed and self.table_file is None:
             # torch.save refuses int64 and float views of one storage: the last steps leave as a copy.
             destination[key] = destination[key].clone()
 
@@ -489,8 +489,31 @@ def _flush_before_saving(module, prefix, keep_vars):
     module.flush()  # a module-level function, not a lambda: the module stays picklable (torch.save)
 
 
-def _journal_whole_table(module, *args):
-    module.table_file.journal_all()  # loading a state_dict changes every row of the file
+TABLE_FILE_GENERATION = "table_file_generation"
+
+
+def _table_file_state(module, destination, prefix, local_metadata):
+    """A file-backed table's ``state_dict`` checkpoints the file and holds its generation instead of
+    the records (a 30 GB table is not copied into every checkpoint)."""
+    module.checkpoint()
+    for name, _ in module._packed_columns():
+        destination.pop(prefix + name, None)
+    destination[prefix + TABLE_FILE_GENERATION] = torch.tensor(module.table_file.generation)
+
+
+def _load_into_table_file(module, state_dict, prefix, *args):
+    """Loads a file-backed module's ``state_dict`` (its generation: the file must be at it), or the
+    records of any other (copied into the file, every row journaled first)."""
+    generation = state_dict.pop(prefix + TABLE_FILE_GENERATION, None)
+    if generation is None:
+        module.table_file.journal_all()  # every row of the file changes
+        return
+    if int(generation) != module.table_file.generation:
+        raise RuntimeError(f"EmbeddingFM: this checkpoint goes with generation {int(generation)} of the table file "
+                           f"{module.table_file.path}, which is at generation {module.table_file.generation}: a "
+                           f"table file keeps only its last checkpoint (load the last one)")
+    for name, tensor in module._packed_columns():  # the file's own records: copying them onto themselves is no-op
+        state_dict.setdefault(prefix + name, tensor)
 
 
 def _load_earlier_states(module, state_dict, prefix, *args):

@@ -270,3 +270,50 @@ def test_a_killed_trainer_leaves_its_last_checkpoint_and_resumes_bitwise(tmp_pat
     _train(resumed, step, step + 4)
     _train(expected, step, step + 4)
     _assert_same_tables(resumed, expected)
+
+
+def test_the_parallel_prefetch_gathers_the_same_records(tmp_path, monkeypatch):
+    from deepfm_fast import table_file
+
+    monkeypatch.setattr(table_file, "_PARALLEL_ROWS", 2)  # every journal gathers in the threads
+    in_file, in_memory = _module("adagrad", tmp_path / "table"), _module("adagrad")
+    _train(in_file, 0, 4)
+    _train(in_memory, 0, 4)
+    _assert_same_tables(in_file, in_memory)
+    assert table_file._pool is not None
+
+
+def test_a_file_tables_state_dict_checkpoints_the_file_and_holds_its_generation(tmp_path):
+    path = tmp_path / "table"
+    module, expected = _module("adam", path), _module("adam")
+    _train(module, 0, 3)
+    _train(expected, 0, 3)
+    state = {k: v.clone() for k, v in module.state_dict().items()}  # flushes Adam's rows, then checkpoints
+    expected.state_dict()
+    assert "weight" not in state and "optimizer_last_step" not in state
+    assert int(state["table_file_generation"]) == module.table_file.generation == 1
+    journal = module.table_file._journal_end
+    module.load_state_dict(state)  # the file's own records: nothing copied, nothing journaled
+    assert module.table_file._journal_end == journal
+    _train(module, 3, 5)
+    module.table_file.close()
+    reopened = _module("adam", path)
+    reopened.load_state_dict(state)
+    _assert_same_tables(reopened, expected)
+    reopened.checkpoint()  # nothing changed: still generation 1
+    assert reopened.table_file.generation == 1
+    _train(reopened, 3, 4)
+    _train(expected, 3, 4)
+    reopened.checkpoint()
+    with pytest.raises(RuntimeError, match="generation 1 of the table file .* at generation 2"):
+        reopened.load_state_dict(state)
+    _train(expected, 4, 6)
+    reopened.load_state_dict(expected.state_dict())  # records from memory: copied in, journaled first
+    _assert_same_tables(reopened, expected)
+    reopened.table_file.close()
+    again = _module("adam", path)
+    first = _module("adam")
+    _train(first, 0, 3)
+    first.state_dict()
+    _train(first, 3, 4)
+    _assert_same_tables(again, first)  # the load was not checkpointed: the file still holds generation 2
