@@ -255,6 +255,7 @@ class TableFile:
         for count, body in reversed(blocks):  # the oldest record of a row last
             ids = torch.frombuffer(bytearray(body[:8 * count]), dtype=torch.int64)
             old = torch.frombuffer(bytearray(body[8 * count:]), dtype=self.records.dtype).view(count, -1)
+            _gather(self.records, ids)  # fault the pages in from many threads, not one at a time
             self.records[ids] = old
         if blocks:
             self._map.flush()
