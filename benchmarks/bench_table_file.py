@@ -104,12 +104,25 @@ def build(args):
             "peak_rss_growth_gb": round(peak / 1e6, 3), "peak_over_table": round(peak * 1e3 / table, 3)}
 
 
+def prefault(fm, active):
+    """Reads one record of every page the ids can reach, from the prefetch threads: the steady state
+    of a table that fits in the page cache, without waiting for the steps to fault it in."""
+    from deepfm_fast.table_file import _gather
+
+    start = time.perf_counter()
+    per_page = max(1, mmap.PAGESIZE // (fm.table_file.records.stride(0) * 4))
+    for offset in fm.field_offsets.tolist():
+        _gather(fm.table_file.records, torch.arange(offset, offset + active, per_page))
+    return time.perf_counter() - start
+
+
 def step(args):
     torch.set_num_threads(args.threads)
     built = time.perf_counter()
     fm = model(args)
     built = time.perf_counter() - built
     ids = Ids(args.active, args.dist)
+    prefault_s = prefault(fm, args.active) if args.prefault and fm.table_file else None
     times, anon, major = [], [], []
     for i in range(args.warmup + args.steps):
         x, y = ids.batch()
@@ -133,6 +146,8 @@ def step(args):
            "p90_ms": round(1e3 * sorted(times)[int(0.9 * len(times))], 2),
            "major_faults_per_step": statistics.median(major), "rss_anon_max_gb": round(max(anon) / 1e6, 3),
            "peak_rss_gb": round(status_kb("VmHWM") / 1e6, 3), "swap_kb": status_kb("VmSwap")}
+    if prefault_s is not None:
+        out["prefault_s"] = round(prefault_s, 1)
     if args.checkpoint_every:
         out["last_checkpoint_s"] = round(checkpoint_s, 3)
     if fm.table_file:
@@ -184,6 +199,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--checkpoint-every", type=int, default=0)
+    parser.add_argument("--prefault", action="store_true", help="file: read the active rows' pages in first")
     parser.add_argument("--seconds", type=float, default=10.0, help="disk: seconds per queue depth")
     parser.add_argument("--out", help="append the JSON line to this file")
     args = parser.parse_args()
