@@ -317,3 +317,34 @@ def test_a_file_tables_state_dict_checkpoints_the_file_and_holds_its_generation(
     first.state_dict()
     _train(first, 3, 4)
     _assert_same_tables(again, first)  # the load was not checkpointed: the file still holds generation 2
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (root only): a disk that really fills."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (the monkeypatched full-disk tests run anyway)")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazy: a mapping may still be alive
+
+
+def test_a_really_full_disk_refuses_the_table_or_the_step_and_keeps_the_checkpoint(small_disk):
+    with pytest.raises(TableFileError, match="No space left"):
+        EmbeddingFM([20_000], DIM, optimizer=optim.SGD(0.1), table_file=small_disk / "big")
+    assert sorted(os.listdir(small_disk)) == ["big-lock"]
+    rows = (256 - 20) * 1024 // 32  # SGD, K=6: 32-byte records; the file leaves ~16 KiB of the disk
+    torch.manual_seed(0)
+    module = EmbeddingFM([rows], DIM, optimizer=optim.SGD(0.1), table_file=small_disk / "table")
+    generator = torch.Generator().manual_seed(0)
+    with pytest.raises(TableFileError, match="the step was not taken.*free disk space"):
+        for _ in range(100):  # the journal grows by the step's new rows until the disk is full
+            ids = torch.randint(0, rows, (64, 1), generator=generator)
+            module(ids).sum().backward()
+    module.table_file.close()
+    torch.manual_seed(0)
+    fresh = EmbeddingFM([rows], DIM, optimizer=optim.SGD(0.1))
+    reopened = EmbeddingFM([rows], DIM, optimizer=optim.SGD(0.1), table_file=small_disk / "table")
+    assert torch.equal(reopened.weight, fresh.weight) and int(reopened.optimizer_step) == 0
