@@ -10,7 +10,7 @@ any stride.
 """
 import ctypes
 import sys
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -111,10 +111,92 @@ def pack(columns: Columns) -> Dict[str, Tensor]:
     dtype = next(t.dtype for _, t in columns if t.dtype != torch.int64)
     records = torch.empty(first.shape[0], width, dtype=dtype, device=first.device)
     advise_huge_pages(records)  # before the first write, which allocates the pages
-    views: Dict[str, Tensor] = {}
+    views = column_views(records, columns)
     with torch.no_grad():
         records.zero_()  # the padding
         for name, t in columns:
-            views[name] = _column_view(records, offsets[name], t)
             views[name].copy_(t)
     return views
+
+
+def column_views(records: Tensor, columns: Columns) -> Dict[str, Tensor]:
+    """The views of `records` [N, width] that stand for ``columns`` (laid out by `record_layout`)."""
+    _, offsets = record_layout(columns)
+    return {name: _column_view(records, offsets[name], t) for name, t in columns}
+
+
+# Rows per chunk when a table is initialised piecewise: a multiple of 16 (see `row_chunks`).
+CHUNK_ROWS = 1 << 16
+
+
+def row_chunks(num_rows: int, dim: int, chunk_rows: Optional[int] = None):
+    """``(start, end)`` row ranges covering ``num_rows`` rows of ``dim`` values in order, such that
+    `normal_chunks_` draws the same numbers as one ``normal_`` of the whole table: CPU ``normal_``
+    turns each contiguous block of 16 uniforms into normals (Box-Muller) and redraws the last 16
+    when the size is not a multiple of 16, so every chunk but the last holds a multiple of 16 values
+    and the last holds at least 16 (or the whole table)."""
+    chunk_rows = max(16, (chunk_rows or CHUNK_ROWS) // 16 * 16)
+    start = 0
+    while start < num_rows:
+        end = min(num_rows, start + chunk_rows)
+        if 0 < (num_rows - end) * dim < 16:  # a too-short tail joins this chunk
+            end = num_rows
+        yield start, end
+        start = end
+
+
+def normal_chunk_(rows: Tensor, mean: float, std: float, scratch: Optional[Tensor] = None) -> None:
+    """Draws ``rows`` (any strides) from Normal(mean, std) as a contiguous ``normal_`` of its shape would."""
+    if rows.is_contiguous():
+        rows.normal_(mean, std)
+        return
+    fresh = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device) if scratch is None else scratch
+    rows.copy_(fresh.normal_(mean, std))
+
+
+def normal_(table: Tensor, mean: float, std: float, chunk_rows: Optional[int] = None) -> None:
+    """``table.normal_(mean, std)`` with the values of a contiguous table, in place in any strides
+    (views of records), one chunk at a time: no table-sized temporary."""
+    if table.device.type == "meta":
+        return
+    with torch.no_grad():
+        if table.dim() != 2 or table.is_contiguous() or table.device.type != "cpu":
+            normal_chunk_(table, mean, std)  # the chunks equal the whole only for CPU's normal_
+            return
+        for start, end in row_chunks(table.shape[0], table.shape[1], chunk_rows):
+            normal_chunk_(table[start:end], mean, std)
+
+
+RowInit = Callable[[Dict[str, Tensor]], None]
+
+
+def init_chunks(num_rows: int, columns: Columns, init: RowInit, chunk_of: Callable[[int, int], Tensor]):
+    """Zeroes and initialises records chunk by chunk in row order (`row_chunks` of the first column,
+    the table): ``chunk_of(start, end)`` gives the records of rows ``[start, end)`` to fill, ``init``
+    gets their column views. Yields each ``(start, end, chunk)`` once it is done (a file writer
+    streams it out)."""
+    dim = columns[0][1].shape[1] if columns[0][1].dim() == 2 else 1
+    with torch.no_grad():
+        for start, end in row_chunks(num_rows, dim):
+            chunk = chunk_of(start, end)
+            chunk.zero_()  # the padding and every zero-initialised state
+            init(column_views(chunk, columns))
+            yield start, end, chunk
+
+
+def build(columns: Columns, device, init: RowInit) -> Dict[str, Tensor]:
+    """A new record table for ``columns`` (shapes and dtypes only: meta tensors do), initialised in
+    place by ``init`` (see `init_chunks`), as views by name: its peak memory is the table plus one
+    chunk, where building the columns apart and packing them (`pack`) needs both."""
+    width, _ = record_layout(columns)
+    dtype = next(t.dtype for _, t in columns if t.dtype != torch.int64)
+    num_rows = columns[0][1].shape[0]
+    records = torch.empty(num_rows, width, dtype=dtype, device=device)
+    advise_huge_pages(records)
+    if records.device.type == "cpu":
+        for _ in init_chunks(num_rows, columns, init, lambda start, end: records[start:end]):
+            pass
+    else:  # one chunk: other devices' normal_ draws differently in pieces
+        records.zero_()
+        init(column_views(records, columns))
+    return column_views(records, columns)

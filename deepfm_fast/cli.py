@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + "; the file is "
                            "read in the format of the training file (stored in the checkpoint).")
         p.add_argument("--checkpoint", required=True, help="best.pt, or the --checkpoint-dir of a train run")
+        p.add_argument("--table-file", help="the table file of a --table-file run, where it has moved (default: "
+                       "the path it was trained in)")
         if name == "evaluate":
             p.add_argument("--test", "--input", dest="input", required=True, help="labelled file to score")
             p.add_argument("--metrics-out", help="write the metrics as JSON here")
@@ -113,7 +115,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     run.set_threads(args.threads)
     run.evaluate_file(args.checkpoint, args.input, batch_size=args.batch_size, skip_bad_lines=args.skip_bad_lines,
-                      metrics_out=args.metrics_out)
+                      metrics_out=args.metrics_out, table_file=args.table_file)
     return 0
 
 
@@ -122,7 +124,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     run.set_threads(args.threads)
     run.predict_file(args.checkpoint, args.input, args.output, batch_size=args.batch_size,
-                     skip_bad_lines=args.skip_bad_lines)
+                     skip_bad_lines=args.skip_bad_lines, table_file=args.table_file)
     return 0
 
 

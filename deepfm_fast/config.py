@@ -165,6 +165,11 @@ class RunConfig:
                          choices=_dnn_inits)
     table_optimizer: str = _opt("adam", _table_optimizer_help, "model", choices=_table_modes)
     table_lr: Optional[float] = _opt(None, "learning rate of the table optimizer (unset: --lr)", "model")
+    table_file: Optional[str] = _opt(None, "keep the table and its optimizer state in this memory-mapped file (tables "
+                                           "larger than RAM; a fused --table-optimizer): made when missing, else "
+                                           "resumed from its last checkpoint; each epoch's checkpoint makes it "
+                                           "crash-safe, the best epoch is not restored (the file holds the last): "
+                                           "evaluate last.pt", "model", path=True)
     sparse: bool = _opt(False, "deprecated: the old spelling of --table-optimizer sparse_adam", "model")
     init_std: float = _opt(1e-2, "embedding init std (FuxiCTR uses 1e-4, which leaves the FM term inactive for many "
                                  "epochs when an epoch is only a few steps)", "model")

@@ -60,6 +60,11 @@ class EmbeddingFM(nn.Module):
             table keeps its float32 state apart). ``weight``, ``linear_weight`` and the state
             buffers stay what they were, as strided views of the records (same names, shapes and
             ``state_dict`` keys; checkpoints load both ways). ``False``: separate tensors.
+        table_file: with a fused optimizer and packed rows, keep the records in this memory-mapped
+            file instead of memory (tables larger than RAM; `deepfm_fast.table_file`): made and
+            initialised (as in memory, same values) when missing, else reopened at its last
+            checkpoint, which must match this module's rows, K, dtype and optimizer. `checkpoint`
+            makes the current state the file's checkpoint; a crash leaves the last one whole.
 
     Shape:
         - ``forward(indices)``: ``indices [B, F]`` int32/int64 local ids, one per field;
@@ -90,7 +95,7 @@ class EmbeddingFM(nn.Module):
     def __init__(self, field_dims: Sequence[int], embedding_dim: int, *, mode: str = "field",
                  pooling: Union[str, Sequence[str]] = "sum", sparse: bool = False, init_std: float = 0.01,
                  use_reference: bool = False, optimizer: Optional[FusedOptimizer] = None,
-                 pool_first_order: bool = False, pack_rows: bool = True):
+                 pool_first_order: bool = False, pack_rows: bool = True, table_file=None):
         super().__init__()
         field_dims = [int(d) for d in field_dims]
         if not field_dims or any(d < 1 for d in field_dims):
@@ -109,8 +114,17 @@ class EmbeddingFM(nn.Module):
         self.sparse = sparse
         self.use_reference = use_reference
         num_rows = sum(field_dims)
-        self.weight = nn.Parameter(torch.empty(num_rows, embedding_dim))
-        self.linear_weight = nn.Parameter(torch.zeros(num_rows))
+        # Packed rows are built in their records (`_pack`): until then the columns are shapes only.
+        self._build_device = torch.empty(0).device
+        in_records = (isinstance(optimizer, FusedOptimizer) and pack_rows and not sparse
+                      and torch.get_default_dtype() in (torch.float32, torch.float64))
+        if table_file is not None and not (in_records and self._build_device.type == "cpu"):
+            raise ValueError("EmbeddingFM: table_file needs a fused optimizer, pack_rows=True, sparse=False and a "
+                             "float32/float64 table on the CPU")
+        self.table_file = None  # the open deepfm_fast.table_file.TableFile
+        build = "meta" if in_records else None
+        self.weight = nn.Parameter(torch.empty(num_rows, embedding_dim, device=build))
+        self.linear_weight = nn.Parameter(torch.zeros(num_rows, device=build))
         self.bias = nn.Parameter(torch.zeros(()))
         self.register_buffer("field_offsets", field_offsets(field_dims), persistent=False)
         self.register_buffer("_field_dims", torch.tensor(field_dims), persistent=False)
@@ -137,7 +151,7 @@ class EmbeddingFM(nn.Module):
             self.register_buffer("optimizer_step", torch.zeros((), dtype=torch.int64))
             self._register_load_state_dict_pre_hook(_load_earlier_states, with_module=True)
             self.register_state_dict_pre_hook(_flush_before_saving)
-            self._pack()
+            self._pack(table_file)
 
     def __prepare_scriptable__(self):
         raise RuntimeError("EmbeddingFM cannot be compiled by torch.jit.script (CSR bags, optional inputs, fused "
@@ -145,13 +159,19 @@ class EmbeddingFM(nn.Module):
                            "instead (see deepfm_fast.export)")
 
     def reset_parameters(self, init_std: float = 0.01) -> None:
-        nn.init.normal_(self.weight, 0.0, init_std)
+        if getattr(self, "table_file", None) is not None:
+            self.table_file.journal_all()
+        _packing.normal_(self.weight, 0.0, init_std)  # packed rows: in place, the values of a whole table
+        self._init_std = init_std
         nn.init.zeros_(self.linear_weight)
         nn.init.zeros_(self.bias)
 
     def _apply(self, fn, *args, **kwargs):
         if self.optimizer is None:
             return super()._apply(fn, *args, **kwargs)
+        if self.table_file is not None and fn(self.weight) is not self.weight:
+            raise RuntimeError(f"EmbeddingFM: a file-backed table ({self.table_file.path}) stays on the CPU in its "
+                               f"dtype; it cannot be moved or cast")
         # The optimizer's buffers follow the table to its device but keep their own dtypes: a cast
         # of the model (.half(), .float()) must not round the state or the float64 catch-up table.
         order = list(self._buffers)
@@ -183,18 +203,69 @@ class EmbeddingFM(nn.Module):
         columns += [(f"optimizer_{n}", getattr(self, f"optimizer_{n}")) for n in self.optimizer.RECORD_ROW_STATE]
         return columns
 
-    def _pack(self) -> None:
-        """Moves the fused optimizer's rows into one record per row (`pack_rows`), unless they are there."""
+    def _pack(self, table_file=None) -> None:
+        """Moves the fused optimizer's rows into one record per row (`pack_rows`), unless they are
+        there; builds them in their records (in memory or ``table_file``) when the module is new."""
         if self.optimizer is None or not self.pack_rows:
             return
         columns = self._packed_columns()
-        if _packing.is_packed(columns):
+        if self.weight.is_meta:
+            views = self._build_records(columns, table_file)
+        elif _packing.is_packed(columns):
             return
-        for name, view in _packing.pack(columns).items():
-            if name in self._parameters:
+        else:
+            views = _packing.pack(columns)
+        for name, view in views.items():
+            if name in self._parameters and self._parameters[name].is_meta:  # new: set_data cannot leave meta
+                self._parameters[name] = nn.Parameter(view)
+            elif name in self._parameters:
                 self._parameters[name].data = view
             else:
                 self._buffers[name] = view
+
+    def _build_records(self, columns, table_file):
+        """The new module's records, initialised in place: ``weight ~ Normal(0, init_std)`` drawn as
+        for a separate table (same values for a seed), the rest zero; then the row state that is not
+        in the records (Adam's catch-up table) on the device."""
+        std = self._init_std
+
+        def init(views):
+            _packing.normal_chunk_(views["weight"], 0.0, std)
+
+        fresh = self.optimizer.new_row_state(0, self._build_device)
+        for name, state in fresh.items():
+            if f"optimizer_{name}" not in dict(columns):
+                self._buffers[f"optimizer_{name}"] = state
+        if table_file is None:
+            return _packing.build(columns, self._build_device, init)
+        from .table_file import TableFile
+
+        self.table_file = TableFile(table_file, columns, self.optimizer, init, fresh.get("catchup"))
+        self.optimizer_step.fill_(self.table_file.step)
+        if self.table_file.catchup is not None:
+            self.optimizer_catchup.copy_(self.table_file.catchup)
+        self._register_load_state_dict_pre_hook(_load_into_table_file, with_module=True)
+        self._register_state_dict_hook(_table_file_state)
+        return self.table_file.views
+
+    def checkpoint(self, extra=None) -> None:
+        """Makes the table file's current state its checkpoint (``table_file`` only): reopening gives
+        it back, even after a crash; ``extra`` (e.g. the other parameters' ``state_dict``) is saved
+        with it and read back as ``table_file.extra``. Costs the rows changed since the last one."""
+        if self.table_file is None:
+            raise RuntimeError("EmbeddingFM.checkpoint: this table is in memory (no table_file); use state_dict()")
+        self.table_file.checkpoint(self.optimizer_step, self.optimizer_row_state().get("catchup"), extra)
+
+    def _before_table_file_step(self, ids: Tensor) -> None:
+        """Journals the rows the step will change (reading those not yet journaled, in parallel: faults ahead)."""
+        if self._sync != 0:
+            raise NotImplementedError("EmbeddingFM: a file-backed table trains in one process (no distributed merge)")
+        if "last_step" in self._row_state_names:  # Adam also catches up the step's slice of the rows
+            rows, window = self.weight.shape[0], self.optimizer.catch_up_window
+            per_slice = -(-rows // window)
+            begin = min(rows, int(self.optimizer_step) % window * per_slice)
+            ids = torch.cat([ids.reshape(-1).long(), torch.arange(begin, min(rows, begin + per_slice))])
+        self.table_file.journal(ids)
 
     @property
     def rows_packed(self) -> bool:
@@ -204,7 +275,7 @@ class EmbeddingFM(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         key = prefix + "optimizer_last_step"
-        if key in destination and self.rows_packed:
+        if key in destination and self.rows_packed and self.table_file is None:
             # torch.save refuses int64 and float views of one storage: the last steps leave as a copy.
             destination[key] = destination[key].clone()
 
@@ -218,6 +289,7 @@ class EmbeddingFM(nn.Module):
         super().__setstate__(state)
         if "pack_rows" not in self.__dict__:  # pickled before packed rows existed
             self.pack_rows = False
+        self.__dict__.setdefault("table_file", None)
         self._pack()  # a copy (copy.deepcopy, pickle) packs its own rows
 
     def _check_local(self, ids: Tensor, field_dims: Tensor, field_of: Optional[Tensor] = None) -> None:
@@ -313,6 +385,8 @@ class EmbeddingFM(nn.Module):
     def _fused_step(self, ids, offsets, per_sample_weights, pooling, return_pooled):
         """The training forward with a fused optimizer: its backward updates the touched rows."""
         row_state = self.optimizer_row_state()
+        if self.table_file is not None:
+            self._before_table_file_step(ids)
         weight_state, linear_state = self.optimizer_states()
         args = dict(num_fields=self.num_fields, mode=self.mode, pooling=pooling, return_pooled=return_pooled,
                     weight_state=weight_state, linear_state=linear_state, step=self.optimizer_step,
@@ -370,6 +444,9 @@ class EmbeddingFM(nn.Module):
             return
         row_state = self.optimizer_row_state()
         impl = reference if self.use_reference or not _backend.compiled() else ops
+        if self.table_file is not None:  # the rows behind change
+            last_step, step = row_state["last_step"], int(self.optimizer_step)
+            self.table_file.journal_all(lambda start, end: last_step[start:end] != step)
         impl.adam_catch_up([self.weight, self.linear_weight], self.optimizer_state_list(), row_state["last_step"],
                            row_state["catchup"], self.optimizer_step)
 
@@ -447,6 +524,33 @@ def _refuse_unsynchronised(module: "EmbeddingFM") -> None:
 
 def _flush_before_saving(module, prefix, keep_vars):
     module.flush()  # a module-level function, not a lambda: the module stays picklable (torch.save)
+
+
+TABLE_FILE_GENERATION = "table_file_generation"
+
+
+def _table_file_state(module, destination, prefix, local_metadata):
+    """A file-backed table's ``state_dict`` checkpoints the file and holds its generation instead of
+    the records (a 30 GB table is not copied into every checkpoint)."""
+    module.checkpoint()
+    for name, _ in module._packed_columns():
+        destination.pop(prefix + name, None)
+    destination[prefix + TABLE_FILE_GENERATION] = torch.tensor(module.table_file.generation)
+
+
+def _load_into_table_file(module, state_dict, prefix, *args):
+    """Loads a file-backed module's ``state_dict`` (its generation: the file must be at it), or the
+    records of any other (copied into the file, every row journaled first)."""
+    generation = state_dict.pop(prefix + TABLE_FILE_GENERATION, None)
+    if generation is None:
+        module.table_file.journal_all()  # every row of the file changes
+        return
+    if int(generation) != module.table_file.generation:
+        raise RuntimeError(f"EmbeddingFM: this checkpoint goes with generation {int(generation)} of the table file "
+                           f"{module.table_file.path}, which is at generation {module.table_file.generation}: a "
+                           f"table file keeps only its last checkpoint (load the last one)")
+    for name, tensor in module._packed_columns():  # the file's own records: copying them onto themselves is no-op
+        state_dict.setdefault(prefix + name, tensor)
 
 
 def _load_earlier_states(module, state_dict, prefix, *args):

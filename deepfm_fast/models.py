@@ -255,7 +255,7 @@ class CTRModel(nn.Module):
     def __init__(self, fields: Sequence[FieldSpec], embedding_dim: int = 10, *, l2_embedding: float = 0.0,
                  use_reference: bool = False, init_std: float = 1e-2,
                  table_optimizer: Union[str, TableMode, None] = None, table_lr: float = 1e-3, sparse: bool = False,
-                 l2_scope: str = "used"):
+                 l2_scope: str = "used", table_file=None):
         super().__init__()
         mode = table_optimizer if isinstance(table_optimizer, TableMode) else \
             TableMode.parse(table_optimizer, f"{type(self).__name__}: table_optimizer")
@@ -296,7 +296,8 @@ class CTRModel(nn.Module):
         self.embedding = EmbeddingFM([f.vocab_size for f in fields], embedding_dim, mode="field", pooling=pooling,
                                      pool_first_order=True, sparse=self.sparse, init_std=init_std,
                                      use_reference=use_reference,
-                                     optimizer=mode.fused_optimizer(table_lr, self.l2_embedding))
+                                     optimizer=mode.fused_optimizer(table_lr, self.l2_embedding), table_file=table_file)
+        self.table_file = None if table_file is None else str(table_file)
         self._plain = all(isinstance(f, SparseField) for f in fields)
 
     @property
@@ -409,7 +410,8 @@ class CTRModel(nn.Module):
         """JSON-ready constructor arguments; ``build_model(**cfg)`` rebuilds the model."""
         return {"name": self.name, "fields": fields_to_dicts(self.fields), "embedding_dim": self.embedding_dim,
                 "l2_embedding": self.l2_embedding, "l2_scope": self.l2_scope, "init_std": self.init_std,
-                "table_optimizer": self.table_optimizer, "table_lr": self.table_lr}
+                "table_optimizer": self.table_optimizer, "table_lr": self.table_lr,
+                **({"table_file": self.table_file} if self.table_file else {})}
 
     def extra_repr(self) -> str:
         return (f"fields={len(self.fields)}, rows={sum(f.vocab_size for f in self.fields)}, "
@@ -481,10 +483,10 @@ class DeepFM(CTRModel):
                  dropout: float = 0.0, batch_norm: bool = False, l2_embedding: float = 0.0,
                  use_reference: bool = False, sparse: bool = False, init_std: float = 1e-2,
                  table_optimizer: Union[str, TableMode, None] = None, table_lr: float = 1e-3, l2_scope: str = "used",
-                 dnn_init: str = "default"):
+                 dnn_init: str = "default", table_file=None):
         super().__init__(fields, embedding_dim, l2_embedding=l2_embedding, use_reference=use_reference,
                          sparse=sparse, init_std=init_std, table_optimizer=table_optimizer, table_lr=table_lr,
-                         l2_scope=l2_scope)
+                         l2_scope=l2_scope, table_file=table_file)
         self.hidden_units = tuple(int(u) for u in hidden_units)
         self.activation, self.dropout, self.batch_norm = activation, float(dropout), bool(batch_norm)
         self.dnn_init = dnn_init

@@ -179,6 +179,8 @@ def _train(cfg: RunConfig, rank: int, world_size: int, device) -> int:
     hparams = {"embedding_dim": cfg.embedding_dim, "hidden_units": cfg.hidden_units, "activation": cfg.activation,
                "dropout": cfg.dropout, "batch_norm": cfg.batch_norm, "l2_embedding": cfg.l2_embedding,
                "l2_scope": cfg.l2_scope, "init_std": cfg.init_std, "dnn_init": cfg.dnn_init}
+    if cfg.table_file:
+        hparams["table_file"] = str(cfg.table_file)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, data.fields, table_optimizer=mode, **hparams).to(device)
     config = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, table_lr=table_lr,
@@ -234,8 +236,9 @@ def _train(cfg: RunConfig, rank: int, world_size: int, device) -> int:
 # ----------------------------------------------------------------------------------------------
 # evaluate, predict
 # ----------------------------------------------------------------------------------------------
-def load_for_inference(checkpoint: str):
-    """(model in eval mode, format, encoder) of a checkpoint of ``deepfm-fast train`` (best.pt or its directory)."""
+def load_for_inference(checkpoint: str, table_file: Optional[str] = None):
+    """(model in eval mode, format, encoder) of a checkpoint of ``deepfm-fast train`` (best.pt or its
+    directory); ``table_file``: where the table file of a ``--table-file`` run is now."""
     from .data.encode import FeatureEncoder
     from .data.formats import make_format
     from .models import build_model
@@ -251,6 +254,8 @@ def load_for_inference(checkpoint: str):
     if "model" not in meta or "encoder" not in meta:
         raise RunError(f"checkpoint {path} was not written by '{PROG} train' (no model/encoder metadata)")
     cfg = dict(meta["model"])
+    if table_file:
+        cfg["table_file"] = table_file
     model = build_model(cfg.pop("name"), cfg.pop("fields"), **cfg)
     model.load_state_dict(ckpt["model"])
     model.eval()
@@ -265,11 +270,11 @@ def _encode_input(fmt, encoder, path: str, skip: bool):
 
 
 def evaluate_file(checkpoint: str, path: str, *, batch_size: int = 16384, skip_bad_lines: bool = False,
-                  metrics_out: Optional[str] = None) -> Dict[str, Any]:
+                  metrics_out: Optional[str] = None, table_file: Optional[str] = None) -> Dict[str, Any]:
     """AUC and logloss of a checkpoint on a labelled file; printed, and written to ``metrics_out``."""
     from .train import evaluate
 
-    model, fmt, encoder = load_for_inference(checkpoint)
+    model, fmt, encoder = load_for_inference(checkpoint, table_file)
     _check_file(path, "input")
     why = fmt.no_label_reason(path)
     if why is not None:
@@ -284,11 +289,11 @@ def evaluate_file(checkpoint: str, path: str, *, batch_size: int = 16384, skip_b
 
 
 def predict_file(checkpoint: str, path: str, output: str, *, batch_size: int = 16384,
-                 skip_bad_lines: bool = False) -> int:
+                 skip_bad_lines: bool = False, table_file: Optional[str] = None) -> int:
     """Writes ``row,probability[,label]`` of every row of ``path`` to the CSV ``output``; returns the rows."""
     from .train import predict
 
-    model, fmt, encoder = load_for_inference(checkpoint)
+    model, fmt, encoder = load_for_inference(checkpoint, table_file)
     ds = _encode_input(fmt, encoder, path, skip_bad_lines)
     probs = predict(model, ds, batch_size).numpy()
     labelled = ds.has_labels

@@ -324,6 +324,8 @@ class Trainer:
                          "valid": metrics, "meta": self.meta}, self.ckpt_dir / "best.pt")
 
     def _restore_best(self) -> None:
+        if any(getattr(m, "table_file", None) is not None for m in self.module.modules() if hasattr(m, "checkpoint")):
+            return  # bigtable: a table file holds its last checkpoint only; the best epoch cannot come back
         if self.world_size > 1:
             torch.distributed.barrier()  # rank 0 has written best.pt
         if self.ckpt_dir is not None and (self.ckpt_dir / "best.pt").is_file():

@@ -303,3 +303,27 @@ def test_run_config_names_the_bad_option(tmp_path, capsys, options, message):
     (tmp_path / "bad.json").write_text(json.dumps(options))
     assert main(["train", "--config", str(tmp_path / "bad.json")]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_train_evaluate_and_resume_with_a_table_file(files, tmp_path):
+    import gc
+
+    train, test = files
+    table = tmp_path / "t" / "table"
+    table.parent.mkdir()
+    assert main(train_args(train, test, tmp_path / "a", "--table-file", str(table), "--epochs", "2")) == 0
+    gc.collect()  # the trainer's model releases the table file's lock
+    m = json.loads((tmp_path / "a" / "m.json").read_text())
+    assert m["hparams"]["table_file"] == str(table) and table.is_file()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "a" / "ckpt" / "last.pt"), "--test", str(test),
+                 "--metrics-out", str(tmp_path / "e.json")]) == 0
+    gc.collect()
+    assert json.loads((tmp_path / "e.json").read_text())["auc"] == m["test_auc"]  # the table file's last epoch
+    # 1 epoch, then --resume to 2 == 2 straight (another table file)
+    moved = tmp_path / "t" / "resumed"
+    main(train_args(train, test, tmp_path / "b", "--table-file", str(moved), "--epochs", "1"))
+    gc.collect()
+    main(train_args(train, test, tmp_path / "b", "--table-file", str(moved), "--epochs", "2", "--resume"))
+    gc.collect()
+    b = json.loads((tmp_path / "b" / "m.json").read_text())
+    assert b["test_auc"] == m["test_auc"] and b["test_logloss"] == m["test_logloss"]
