@@ -59,7 +59,7 @@ def build(variants, names, dim, rows=ROWS):
     deepfm = isinstance(fused.model, torch.nn.ModuleList)  # W3: [table, DNN]
     table = fused.model[0] if deepfm else fused.model
     for variant in built.values():
-        if variant is not fused:
+        if variant is not fused and not variant.limit:
             W.copy_tables(table.weight, table.linear_weight, variant)
             if deepfm:
                 variant.model[1].load_state_dict(fused.model[1].state_dict())
@@ -161,3 +161,29 @@ def test_w3_deepfm_step(benchmark, dim, batch, dist):
     run_case(benchmark, "W3 DeepFM step", variants, batch, dim, dist, rounds=rounds)
     del variants
     gc.collect()
+
+
+@pytest.mark.parametrize("name", ["fused_SGD", "fused_RowWiseAdagrad"])
+@pytest.mark.parametrize("dist", ["uniform", "zipf"])
+def test_w2_threads(benchmark, name, dist):
+    """W2 (K=16, B=4096) on 1 and on 2 intra-op threads, alternating in one process."""
+    variant = W.W2_VARIANTS[name](ROWS, 16)
+    batches = W.make_batches(ROWS, dist, 4096)
+    cycle = itertools.cycle(batches)
+    threads = torch.get_num_threads()
+
+    def on(n):
+        def step():
+            torch.set_num_threads(n)
+            variant.step(*next(cycle))
+        return step
+
+    try:
+        medians = alternating_medians({"2_threads": on(2), "1_thread": on(1)}, rounds=15, warmup=2)
+    finally:
+        torch.set_num_threads(threads)
+    benchmark.group = f"W2 threads K=16 B=4096 {dist} cpu"
+    benchmark.extra_info.update(workload="W2 FM-only step", variant=name, rows=ROWS * W.FIELDS, dim=16, batch=4096,
+                                dist=dist, **alternating_info(medians, "2_threads"))
+    benchmark.pedantic(on(2), rounds=3, warmup_rounds=1)
+    torch.set_num_threads(threads)

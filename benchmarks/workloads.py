@@ -270,6 +270,24 @@ def fused_deepfm(rows, dim, optimizer, hidden=(400, 400, 400), pack_rows=True):
                    step, [opt])
 
 
+def dnn_alone(rows, dim, hidden=(400, 400, 400)):
+    """The W3 DNN's step by itself (Adam, on a fixed [B, F*K] input per batch): what a DeepFM step
+    costs beyond its tables. A reference time (`limit`: no tables, no logits to compare)."""
+    net = dnn(FIELDS * dim, hidden)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    inputs = {}
+
+    def step(ids, labels):
+        x = inputs.setdefault(ids.data_ptr(), torch.randn(ids.shape[0], FIELDS * dim, device=ids.device) * 0.01)
+        logit = net(x).squeeze(1)
+        F.binary_cross_entropy_with_logits(logit, labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return logit
+
+    return Variant("dnn_alone", net, step, [opt], limit=True)
+
+
 def plain_deepfm(rows, dim, sparse, hidden=(400, 400, 400)):
     """Minimal plain-PyTorch DeepFM: dense gradients + Adam, or sparse gradients + SparseAdam."""
     fm = PlainFM(rows, dim, sparse=sparse)
@@ -351,6 +369,8 @@ W3_VARIANTS = {
     "fused_Adam": lambda rows, dim: fused_deepfm(rows, dim, optim.Adam(1e-3)),
     "fused_Adam" + SEPARATE: lambda rows, dim: fused_deepfm(rows, dim, optim.Adam(1e-3), pack_rows=False),
     "fused_LazyAdam": lambda rows, dim: fused_deepfm(rows, dim, optim.LazyAdam(1e-3)),
+    "fused_RowWiseAdagrad_deepfm": lambda rows, dim: fused_deepfm(rows, dim, optim.RowWiseAdagrad(LR)),
+    "dnn_alone": dnn_alone,
     "plain_sparse_SparseAdam": lambda rows, dim: plain_deepfm(rows, dim, sparse=True),
     "plain_dense_Adam": lambda rows, dim: plain_deepfm(rows, dim, sparse=False),
 }
