@@ -10,17 +10,17 @@
 // read-modify-write of each touched record, the optimizer's single definition), so Adam's
 // catch-up and every optimizer behave exactly as on the general path.
 //
-// Deduplication: the ids are split between P partitions by a hash (P = the intra-op threads);
-// each partition owns an open-addressing table id -> slot, numbers its rows in order of first
-// occurrence and accumulates its own rows' occurrences in position order. The result does not
-// depend on P or on scheduling (each row's sum has one order), and no two threads write one row.
-// The rows are updated in slot order: each row's update is independent of the others'.
+// Deduplication: a stable radix sort of (id, position) keys (cpu/coalesce.h) into workspaces, so
+// that the rows are updated in id order (sorted rows are read-modify-written up to 2.5x faster
+// than the same rows in a random order on a large table) and each row's occurrences are summed in
+// position order. The sums run in parallel over the distinct rows: no two threads write one row,
+// and the result does not depend on the number of threads.
 //
-// Workspaces: the hash tables and the accumulators live in a thread_local Workspace of the
+// Workspaces: the sort's arrays and the accumulators live in a thread_local Workspace of the
 // calling thread that only grows (no allocation, hence no page faults, once warm). Safe for
 // threads (each caller has its own), for autograd (nothing it holds outlives a call) and for
 // re-entrancy (the only op called while it is in use is fused_row_update, which never calls back).
-// The memory (about nnz * (K + 6) floats) stays with the thread until it exits.
+// The memory (about nnz * (K + 5) floats) stays with the thread until it exits.
 //
 // Anything else (multi-id or empty bags, no pooled) takes the general path: embedding_fm_backward,
 // then fused_row_update.
@@ -35,6 +35,8 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/coalesce.h"
+#include "cpu/parallel.h"
 #include "dispatch.h"
 
 namespace deepfm_fast {
@@ -42,23 +44,13 @@ namespace {
 
 constexpr const char* kOp = "embedding_fm_step_update";
 
-// One partition's id -> slot table (linear probing; keys -1 when free, restored after each call).
-struct Partition {
-  std::vector<int64_t> keys;
-  std::vector<int32_t> slots;
-  std::vector<int64_t> filled;  // the buckets used in this call, to free them again
-  std::vector<int64_t> ids;     // this call's distinct ids, in slot order
-  int64_t base = 0;             // first slot of the partition in the concatenated rows
-};
-
 struct Workspace {
-  std::vector<Partition> parts;
-  std::vector<int32_t> slot_of;  // [nnz] the occurrence's slot in its partition
-  std::vector<uint8_t> part_of;  // [nnz] the occurrence's partition
-  std::vector<double> sums;      // [B, K] the samples' S (as float or double)
-  std::vector<double> grads;     // [U, K] the rows' summed gradients
-  std::vector<double> linear;    // [U]
-  std::vector<int64_t> ids;      // [U]
+  std::vector<uint64_t> keys, scratch;  // (id << 32 | position), sorted by id
+  std::vector<int64_t> segment;         // [U + 1] the occurrences of distinct row u: keys[segment[u]..segment[u+1])
+  std::vector<int64_t> ids;             // [U] the distinct rows (of the tables)
+  std::vector<double> sums;             // [B, K] the samples' S (as float or double)
+  std::vector<double> grads;            // [U, K] the rows' summed gradients
+  std::vector<double> linear;           // [U]
 };
 
 template <typename T>
@@ -72,8 +64,6 @@ template <typename T>
 void grow(std::vector<T>& buffer, int64_t count) {
   if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(count);
 }
-
-inline uint64_t mix(int64_t id) { return static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ull; }
 
 // Every bag holds exactly one id: offsets == arange(B * F + 1).
 template <typename index_t>
@@ -92,66 +82,64 @@ void check_ids(const index_t* ids, int64_t nnz, int64_t rows) {
   }
 }
 
-// Numbers the distinct ids of partition t in order of first occurrence (slot_of, part.ids).
-template <typename index_t>
-void number_rows(Workspace& ws, int t, const index_t* ids, int64_t nnz) {
-  Partition& part = ws.parts[t];
-  int64_t owned = 0;
-  for (int64_t p = 0; p < nnz; ++p) owned += ws.part_of[p] == t;
-  int bits = 4;
-  while ((int64_t(1) << bits) < 2 * owned) ++bits;  // load factor <= 1/2
-  const int64_t capacity = int64_t(1) << bits, mask = capacity - 1;
-  if (static_cast<int64_t>(part.keys.size()) < capacity) {
-    part.keys.assign(capacity, -1);
-    part.slots.resize(capacity);
-  }
-  part.ids.clear();
-  part.filled.clear();
-  int64_t* keys = part.keys.data();
-  int32_t* slots = part.slots.data();
-  for (int64_t p = 0; p < nnz; ++p) {
-    if (ws.part_of[p] != t) continue;
-    const int64_t id = static_cast<int64_t>(ids[p]);
-    int64_t b = static_cast<int64_t>(mix(id) >> (64 - bits));
-    while (keys[b] != id && keys[b] >= 0) b = (b + 1) & mask;
-    if (keys[b] < 0) {
-      keys[b] = id;
-      slots[b] = static_cast<int32_t>(part.ids.size());
-      part.ids.push_back(id);
-      part.filled.push_back(b);
+// Row u's gradient: the gradients of its occurrences summed in position order, exactly as
+// embedding_fm_backward sums them; the first-order gradient likewise.
+template <typename scalar_t, int64_t kStaticDim>
+void accumulate_rows(const Workspace& ws, int64_t unique, uint32_t fields, int64_t dynamic_dim,
+                     const scalar_t* pooled, const scalar_t* sums, const scalar_t* g_fm, const scalar_t* g_lin,
+                     const scalar_t* g_pooled, scalar_t* grads, scalar_t* linear) {
+  constexpr int64_t kAhead = 24;  // the occurrences' pooled rows are scattered: fetch them early
+  const int64_t dim = kStaticDim > 0 ? kStaticDim : dynamic_dim;
+  const uint64_t* keys = ws.keys.data();
+  const int64_t* segment = ws.segment.data();
+  const int64_t nnz = segment[unique];
+  at::parallel_for(0, unique, grain_size(4 * dim), [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      scalar_t* acc = grads + u * dim;
+      for (int64_t k = 0; k < dim; ++k) acc[k] = scalar_t(0);
+      scalar_t lin = 0;
+      for (int64_t q = segment[u]; q < segment[u + 1]; ++q) {
+        if (q + kAhead < nnz) {
+          const uint32_t ahead = static_cast<uint32_t>(keys[q + kAhead]);
+          __builtin_prefetch(pooled + ahead * dim);
+          if (g_pooled != nullptr) __builtin_prefetch(g_pooled + ahead * dim);
+        }
+        const uint32_t p = static_cast<uint32_t>(keys[q]);
+        const uint32_t b = p / fields;
+        const scalar_t g = g_fm[b];
+        const scalar_t* s = sums + b * dim;
+        const scalar_t* e = pooled + int64_t(p) * dim;
+        if (g_pooled != nullptr) {
+          const scalar_t* gp = g_pooled + int64_t(p) * dim;
+          for (int64_t k = 0; k < dim; ++k) acc[k] += g * (s[k] - e[k]) + gp[k];
+        } else {
+          for (int64_t k = 0; k < dim; ++k) acc[k] += g * (s[k] - e[k]) + scalar_t(0);
+        }
+        lin += g_lin[b];
+      }
+      linear[u] = lin;
     }
-    ws.slot_of[p] = slots[b];
-  }
+  });
 }
 
-// Partition t's rows: ids (mapped through `rows` when the forward read a subset) and gradients,
-// summed over the occurrences in position order exactly as embedding_fm_backward sums them.
-template <typename scalar_t, int64_t kStaticDim>
-void accumulate_rows(Workspace& ws, int t, int64_t nnz, int64_t fields, int64_t dynamic_dim, const scalar_t* pooled,
-                     const scalar_t* sums, const scalar_t* g_fm, const scalar_t* g_lin, const scalar_t* g_pooled,
-                     const int64_t* rows, scalar_t* grads, scalar_t* linear, int64_t* out_ids) {
-  const int64_t dim = kStaticDim > 0 ? kStaticDim : dynamic_dim;
-  Partition& part = ws.parts[t];
-  const int64_t count = static_cast<int64_t>(part.ids.size());
-  std::fill(grads + part.base * dim, grads + (part.base + count) * dim, scalar_t(0));
-  std::fill(linear + part.base, linear + part.base + count, scalar_t(0));
-  for (int64_t u = 0; u < count; ++u) out_ids[part.base + u] = rows ? rows[part.ids[u]] : part.ids[u];
-  for (int64_t p = 0; p < nnz; ++p) {
-    if (ws.part_of[p] != t) continue;
-    const int64_t b = p / fields, slot = part.base + ws.slot_of[p];
-    const scalar_t g = g_fm[b];
-    const scalar_t* s = sums + b * dim;
-    const scalar_t* e = pooled + p * dim;
-    scalar_t* acc = grads + slot * dim;
-    if (g_pooled != nullptr) {
-      const scalar_t* gp = g_pooled + p * dim;
-      for (int64_t k = 0; k < dim; ++k) acc[k] += g * (s[k] - e[k]) + gp[k];
-    } else {
-      for (int64_t k = 0; k < dim; ++k) acc[k] += g * (s[k] - e[k]) + scalar_t(0);
+// The distinct ids in order (ws.ids, mapped through `rows` when the forward read a subset) and
+// the occurrences of each (ws.segment over ws.keys).
+template <typename index_t>
+void coalesce_into(Workspace& ws, const index_t* ids, int64_t nnz, int64_t num_rows, const int64_t* rows) {
+  ws.keys.resize(nnz);
+  ws.scratch.resize(nnz);
+  for (int64_t p = 0; p < nnz; ++p) ws.keys[p] = (static_cast<uint64_t>(ids[p]) << 32) | static_cast<uint64_t>(p);
+  detail::radix_sort(ws.keys, ws.scratch, detail::id_bits(num_rows), [](uint64_t x) { return x >> 32; });
+  ws.segment.clear();
+  ws.ids.clear();
+  for (int64_t q = 0; q < nnz; ++q) {
+    const int64_t id = static_cast<int64_t>(ws.keys[q] >> 32);
+    if (q == 0 || id != static_cast<int64_t>(ws.keys[q - 1] >> 32)) {
+      ws.segment.push_back(q);
+      ws.ids.push_back(rows ? rows[id] : id);
     }
-    linear[slot] += g_lin[b];
   }
-  for (const int64_t b : part.filled) part.keys[b] = -1;
+  ws.segment.push_back(nnz);
 }
 
 using FusedRowUpdate = void(at::TensorList, at::TensorList, const at::Tensor&, at::TensorList, const at::Tensor&,
@@ -191,7 +179,8 @@ void embedding_fm_step_update_cpu(const at::Tensor& grad_fm_in, const at::Tensor
   const int64_t nnz = p.indices.numel(), dim = p.weight.size(1);
   const bool has_pooled = pooled_in.has_value() && pooled_in->numel() > 0;
   const bool float_table = p.weight.scalar_type() == at::kFloat || p.weight.scalar_type() == at::kDouble;
-  bool one_pass = has_pooled && float_table;
+  // (id << 32 | position) keys: up to 2^32 rows and ids.
+  bool one_pass = has_pooled && float_table && p.weight.size(0) <= (int64_t(1) << 32) && nnz < (int64_t(1) << 32);
   AT_DISPATCH_INDEX_TYPES(p.indices.scalar_type(), kOp, [&] {
     check_ids(p.indices.const_data_ptr<index_t>(), nnz, p.weight.size(0));
     one_pass = one_pass && one_id_per_bag(p.offsets.const_data_ptr<index_t>(), p.offsets.numel());
@@ -212,14 +201,9 @@ void embedding_fm_step_update_cpu(const at::Tensor& grad_fm_in, const at::Tensor
                 weight_decay, last_step, catchup, false);
     return;
   }
-  TORCH_CHECK(nnz < (int64_t(1) << 31), kOp, ": more than 2^31 ids in one batch");
   // A reference: inside the parallel regions the name of a thread_local would be the worker's own.
   thread_local Workspace workspace;
   Workspace& ws = workspace;
-  const int parts = static_cast<int>(std::clamp<int64_t>(at::get_num_threads(), 1, 64));
-  if (static_cast<int>(ws.parts.size()) < parts) ws.parts.resize(parts);
-  grow(ws.slot_of, nnz);
-  grow(ws.part_of, nnz);
   const at::Tensor pooled = pooled_in->contiguous();
   const at::Tensor grad_fm = grad_fm_in.contiguous(), grad_linear = grad_linear_in.contiguous();
   const bool has_grad_pooled = grad_pooled_in.has_value() && grad_pooled_in->numel() > 0;
@@ -227,7 +211,6 @@ void embedding_fm_step_update_cpu(const at::Tensor& grad_fm_in, const at::Tensor
   at::Tensor ids, row_grads, linear_row_grads;
   AT_DISPATCH_FLOATING_TYPES(p.weight.scalar_type(), kOp, [&] {
     AT_DISPATCH_INDEX_TYPES(p.indices.scalar_type(), kOp, [&] {
-      const index_t* id = p.indices.const_data_ptr<index_t>();
       const scalar_t* e = pooled.const_data_ptr<scalar_t>();
       scalar_t* sums = grown<scalar_t>(ws.sums, p.batch * dim);
       // S of each sample, summed over its fields in order as the general backward does.
@@ -241,30 +224,16 @@ void embedding_fm_step_update_cpu(const at::Tensor& grad_fm_in, const at::Tensor
           }
         }
       });
-      at::parallel_for(0, nnz, 16384, [&](int64_t begin, int64_t end) {
-        for (int64_t q = begin; q < end; ++q)
-          ws.part_of[q] = static_cast<uint8_t>(parts == 1 ? 0 : (mix(static_cast<int64_t>(id[q])) >> 32) % parts);
-      });
-      at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) number_rows(ws, static_cast<int>(t), id, nnz);
-      });
-      int64_t unique = 0;
-      for (int t = 0; t < parts; ++t) {
-        ws.parts[t].base = unique;
-        unique += static_cast<int64_t>(ws.parts[t].ids.size());
-      }
-      grow(ws.ids, unique);
+      coalesce_into(ws, p.indices.const_data_ptr<index_t>(), nnz, p.weight.size(0),
+                    rows_in ? rows.const_data_ptr<int64_t>() : nullptr);
+      const int64_t unique = static_cast<int64_t>(ws.ids.size());
       scalar_t* grads = grown<scalar_t>(ws.grads, unique * dim);
       scalar_t* linear = grown<scalar_t>(ws.linear, unique);
       dispatch_embedding_dim(dim, [&](auto static_dim) {
-        at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t t = begin; t < end; ++t)
-            accumulate_rows<scalar_t, static_dim.value>(
-                ws, static_cast<int>(t), nnz, num_fields, dim, e, sums, grad_fm.const_data_ptr<scalar_t>(),
-                grad_linear.const_data_ptr<scalar_t>(),
-                has_grad_pooled ? grad_pooled.const_data_ptr<scalar_t>() : nullptr,
-                rows_in ? rows.const_data_ptr<int64_t>() : nullptr, grads, linear, ws.ids.data());
-        });
+        accumulate_rows<scalar_t, static_dim.value>(
+            ws, unique, static_cast<uint32_t>(num_fields), dim, e, sums, grad_fm.const_data_ptr<scalar_t>(),
+            grad_linear.const_data_ptr<scalar_t>(), has_grad_pooled ? grad_pooled.const_data_ptr<scalar_t>() : nullptr,
+            grads, linear);
       });
       const auto options = p.weight.options();
       ids = at::from_blob(ws.ids.data(), {unique}, options.dtype(at::kLong));
