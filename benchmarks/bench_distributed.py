@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads as W  # noqa: E402
-from deepfm_fast import distributed, optim  # noqa: E402
+from deepfm_fast import _row_merge, distributed, optim  # noqa: E402
 from deepfm_fast.embedding import EmbeddingFM  # noqa: E402
 from recording import machine  # noqa: E402
 
@@ -53,13 +53,13 @@ def run(rank, world, args, out_dir):
     batches = W.make_batches(args.rows, "uniform", args.batch)
     unique = []
     if world > 1:  # the rows this rank contributes to the merge
-        original = distributed._gather_rows
+        original = _row_merge._gather_rows
 
         def counting(handle, ids, values, batch):
             unique.append(ids.numel())
             return original(handle, ids, values, batch)
 
-        distributed._gather_rows = counting
+        _row_merge._gather_rows = counting
     times = []
     for i in range(args.warmup + args.steps):
         ids, labels = batches[i % len(batches)]

@@ -77,6 +77,12 @@ inline void check_fm_interaction_backward_args(const at::Tensor& grad_out, const
 
 // ---- embedding_fm -------------------------------------------------------------------------------
 
+// The `pooling` codes of embedding_fm, one per field (deepfm_fast._args.Pooling mirrors them).
+enum Pooling : int64_t {
+  kPoolSum = 0,
+  kPoolMean = 1,
+};
+
 inline void check_index_dtype(const char* op, const char* arg, const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", arg,
               " must be an int32 or int64 tensor, got ", t.scalar_type());
@@ -107,8 +113,8 @@ inline void check_embedding_fm_args(const char* op, const at::Tensor& weight, co
   TORCH_CHECK(pooling.size() == 1 || static_cast<int64_t>(pooling.size()) == num_fields, op,
               ": pooling must have 1 or num_fields = ", num_fields, " entries, got ", pooling.size());
   for (size_t f = 0; f < pooling.size(); ++f)
-    TORCH_CHECK(pooling[f] == 0 || pooling[f] == 1, op, ": pooling[", f, "] must be 0 (sum) or 1 (mean), got ",
-                pooling[f]);
+    TORCH_CHECK(pooling[f] == kPoolSum || pooling[f] == kPoolMean, op, ": pooling[", f, "] must be ", int(kPoolSum),
+                " (sum) or ", int(kPoolMean), " (mean), got ", pooling[f]);
   if (per_sample_weights.has_value()) {
     const at::Tensor& psw = *per_sample_weights;
     check_dim(op, "per_sample_weights", psw, 1, "[nnz]");

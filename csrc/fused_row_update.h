@@ -1,10 +1,17 @@
-// The fused optimizers' update of one embedding row: one source of truth for the CPU and CUDA
-// kernels. Every function works on one element (or, for the row-wise state, one row) in the
+// The fused optimizers' update of one embedding row: one definition per optimizer (a struct in
+// namespace optim), and the one dispatch over them (dispatch_row_optimizer) that the CPU and CUDA
+// kernels both use. A rule works on one element (or, for its row-wise state, one row) in the
 // accumulation type; the kernels decide how a row's elements are spread over threads or lanes.
+// deepfm_fast/optim.py holds each optimizer's Python class (the same code, state layout and
+// arguments), deepfm_fast/reference.py its reference.
 #pragma once
+
+#include <c10/util/Exception.h>
 
 #include <cmath>
 #include <cstdint>
+#include <string>
+#include <utility>
 
 #if defined(__CUDACC__)
 #define DEEPFM_HOST_DEVICE __host__ __device__ __forceinline__
@@ -14,31 +21,19 @@
 
 namespace deepfm_fast {
 
-// Values of the `optimizer` argument of fused_row_update (deepfm_fast/_args.py mirrors them).
-enum RowOptimizer : int64_t {
-  kSGD = 0,             // v -= lr * g
-  kRowWiseAdagrad = 1,  // G_r += mean_k g^2; v -= lr * g / (sqrt(G_r) + eps)   (FBGEMM EXACT_ROWWISE_ADAGRAD)
-  kAdagrad = 2,         // G += g^2; v -= lr * g / (sqrt(G) + eps)            (torch.optim.Adagrad)
-  kLazyAdam = 3,        // torch.optim.SparseAdam: the moments of the touched rows only
-  kAdam = 4,            // torch.optim.Adam: untouched rows caught up when next touched (below)
-};
-
-// Number of state tensors per table (row-wise Adagrad keeps one value per row, the others one per
-// element of the table).
-DEEPFM_HOST_DEVICE int row_optimizer_states(int64_t optimizer) {
-  return optimizer == kSGD ? 0 : (optimizer == kLazyAdam || optimizer == kAdam) ? 2 : 1;
-}
-
+// The scalar arguments of fused_row_update for step t, computed in double on the host and rounded
+// once, as PyTorch does.
 template <typename acc_t>
 struct RowUpdateParams {
   acc_t lr;
   acc_t eps;
-  acc_t beta2;            // torch.optim.Adam's exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
-  acc_t one_minus_beta1;  // computed in double on the host and rounded once, as PyTorch does
+  acc_t beta1;
+  acc_t beta2;  // torch.optim.Adam's exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
+  acc_t one_minus_beta1;
   acc_t one_minus_beta2;
   acc_t weight_decay;
-  acc_t adam_step_size;  // lazy Adam: lr * sqrt(1 - beta2^t) / (1 - beta1^t); Adam: lr / (1 - beta1^t)
-  acc_t bias_correction2_sqrt;  // Adam: sqrt(1 - beta2^t)
+  acc_t step_size;              // the rule's step_size(lr, 1 - beta1^t, sqrt(1 - beta2^t))
+  acc_t bias_correction2_sqrt;  // sqrt(1 - beta2^t)
 };
 
 // L2 weight decay, on the touched rows only: the gradient the optimizer sees.
@@ -47,37 +42,205 @@ DEEPFM_HOST_DEVICE acc_t decayed_grad(acc_t grad, acc_t value, const RowUpdatePa
   return grad + p.weight_decay * value;
 }
 
-// SGD, Adagrad and both Adams: the new value of one element, updating its state in place.
-template <int64_t kOptimizer, typename acc_t>
-DEEPFM_HOST_DEVICE acc_t update_element(acc_t value, acc_t grad, acc_t* state0, acc_t* state1,
-                                        const RowUpdateParams<acc_t>& p) {
-  if (kOptimizer == kSGD) {
-    return value - p.lr * grad;
-  } else if (kOptimizer == kAdagrad) {
-    *state0 += grad * grad;
-    return value - p.lr * (grad / (std::sqrt(*state0) + p.eps));
-  } else if (kOptimizer == kLazyAdam) {  // in the order of torch.optim.SparseAdam
-    const acc_t exp_avg = *state0 + (grad - *state0) * p.one_minus_beta1;
-    const acc_t exp_avg_sq = *state1 + (grad * grad - *state1) * p.one_minus_beta2;
-    *state0 = exp_avg;
-    *state1 = exp_avg_sq;
-    return value - p.adam_step_size * (exp_avg / (std::sqrt(exp_avg_sq) + p.eps));
-  } else {  // kAdam, in the order of torch.optim.Adam (eps added after the bias correction)
-    const acc_t exp_avg = *state0 + (grad - *state0) * p.one_minus_beta1;
-    const acc_t exp_avg_sq = *state1 * p.beta2 + p.one_minus_beta2 * grad * grad;
-    *state0 = exp_avg;
-    *state1 = exp_avg_sq;
-    return value - p.adam_step_size * (exp_avg / (std::sqrt(exp_avg_sq) / p.bias_correction2_sqrt + p.eps));
+namespace optim {
+
+// What a rule leaves as it is: no state, no row-wise state, no catch-up, no step size.
+struct RowRule {
+  static constexpr int kStates = 0;     // state tensors per table
+  static constexpr int kRowState = -1;  // the state kept as one value per row (its row_factor's), or -1
+  static constexpr bool kCatchesUp = false;  // untouched rows caught up (Adam's last_step and catchup)
+  static double step_size(double, double, double) { return 0.0; }
+  // The row-wise state's update from the row's sum of squared (decayed) gradients; returns the
+  // factor that `update` receives for every element of the row.
+  template <typename acc_t>
+  static DEEPFM_HOST_DEVICE acc_t row_factor(acc_t*, acc_t, int64_t, const RowUpdateParams<acc_t>&) {
+    return acc_t(0);
   }
+};
+
+// v -= lr * g
+struct SGD : RowRule {
+  static constexpr int64_t kCode = 0;
+  static constexpr const char* kName = "SGD";
+  // The new value of one element; s0, s1: its per-element states (null where the rule has none).
+  template <typename acc_t>
+  static DEEPFM_HOST_DEVICE acc_t update(acc_t value, acc_t grad, acc_t*, acc_t*, acc_t,
+                                         const RowUpdateParams<acc_t>& p) {
+    return value - p.lr * grad;
+  }
+};
+
+// G_r += mean_k g^2; v -= lr * g / (sqrt(G_r) + eps)   (FBGEMM EXACT_ROWWISE_ADAGRAD)
+struct RowWiseAdagrad : RowRule {
+  static constexpr int64_t kCode = 1;
+  static constexpr const char* kName = "row-wise Adagrad";
+  static constexpr int kStates = 1;
+  static constexpr int kRowState = 0;
+  template <typename acc_t>
+  static DEEPFM_HOST_DEVICE acc_t row_factor(acc_t* sum, acc_t sum_sq, int64_t dim, const RowUpdateParams<acc_t>& p) {
+    *sum += sum_sq / static_cast<acc_t>(dim);
+    return p.lr / (std::sqrt(*sum) + p.eps);
+  }
+  template <typename acc_t>
+  static DEEPFM_HOST_DEVICE acc_t update(acc_t value, acc_t grad, acc_t*, acc_t*, acc_t multiplier,
+                                         const RowUpdateParams<acc_t>&) {
+    return value - multiplier * grad;
+  }
+};
+
+// G += g^2; v -= lr * g / (sqrt(G) + eps)   (torch.optim.Adagrad)
+struct Adagrad : RowRule {
+  static constexpr int64_t kCode = 2;
+  static constexpr const char* kName = "Adagrad";
+  static constexpr int kStates = 1;
+  template <typename acc_t>
+  static DEEPFM_HOST_DEVICE acc_t update(acc_t value, acc_t grad, acc_t* sum, acc_t*, acc_t,
+                                         const RowUpdateParams<acc_t>& p) {
+    *sum += grad * grad;
+    return value - p.lr * (grad / (std::sqrt(*sum) + p.eps));
+  }
+};
+
+// torch.optim.SparseAdam, in its order: the moments of the touched rows only.
+struct LazyAdam : RowRule {
+  static constexpr int64_t kCode = 3;
+  static constexpr const char* kName = "lazy Adam";
+  static constexpr int kStates = 2;
+  static double step_size(double lr, double bias_correction1, double bias_correction2_sqrt) {
+    return lr * bias_correction2_sqrt / bias_correction1;
+  }
+  template <typename acc_t>
+  static DEEPFM_HOST_DEVICE acc_t update(acc_t value, acc_t grad, acc_t* exp_avg, acc_t* exp_avg_sq, acc_t,
+                                         const RowUpdateParams<acc_t>& p) {
+    const acc_t m = *exp_avg + (grad - *exp_avg) * p.one_minus_beta1;
+    const acc_t v = *exp_avg_sq + (grad * grad - *exp_avg_sq) * p.one_minus_beta2;
+    *exp_avg = m;
+    *exp_avg_sq = v;
+    return value - p.step_size * (m / (std::sqrt(v) + p.eps));
+  }
+};
+
+// torch.optim.Adam, in its order (eps added after the bias correction); the rows no batch touched
+// are caught up when next touched (below).
+struct Adam : RowRule {
+  static constexpr int64_t kCode = 4;
+  static constexpr const char* kName = "Adam";
+  static constexpr int kStates = 2;
+  static constexpr bool kCatchesUp = true;
+  static double step_size(double lr, double bias_correction1, double) { return lr / bias_correction1; }
+  template <typename acc_t>
+  static DEEPFM_HOST_DEVICE acc_t update(acc_t value, acc_t grad, acc_t* exp_avg, acc_t* exp_avg_sq, acc_t,
+                                         const RowUpdateParams<acc_t>& p) {
+    const acc_t m = *exp_avg + (grad - *exp_avg) * p.one_minus_beta1;
+    const acc_t v = *exp_avg_sq * p.beta2 + p.one_minus_beta2 * grad * grad;
+    *exp_avg = m;
+    *exp_avg_sq = v;
+    return value - p.step_size * (m / (std::sqrt(v) / p.bias_correction2_sqrt + p.eps));
+  }
+};
+
+// FBGEMM's PARTIAL_ROWWISE_ADAM: a first moment per element, ONE second moment per row from the
+// mean of g^2 over the row, bias corrections by the global step, on the touched rows only.
+struct RowWiseAdam : RowRule {
+  static constexpr int64_t kCode = 5;
+  static constexpr const char* kName = "row-wise Adam";
+  static constexpr int kStates = 2;
+  static constexpr int kRowState = 1;
+  static double step_size(double lr, double bias_correction1, double) { return lr / bias_correction1; }
+  // v_r = beta2 v_r + (1 - beta2) mean_k g^2; returns the row's denominator sqrt(v_r / (1 - beta2^t)) + eps.
+  template <typename acc_t>
+  static DEEPFM_HOST_DEVICE acc_t row_factor(acc_t* exp_avg_sq, acc_t sum_sq, int64_t dim,
+                                             const RowUpdateParams<acc_t>& p) {
+    *exp_avg_sq = *exp_avg_sq * p.beta2 + p.one_minus_beta2 * (sum_sq / static_cast<acc_t>(dim));
+    return std::sqrt(*exp_avg_sq) / p.bias_correction2_sqrt + p.eps;
+  }
+  template <typename acc_t>
+  static DEEPFM_HOST_DEVICE acc_t update(acc_t value, acc_t grad, acc_t* exp_avg, acc_t*, acc_t denom,
+                                         const RowUpdateParams<acc_t>& p) {
+    const acc_t m = *exp_avg * p.beta1 + p.one_minus_beta1 * grad;
+    *exp_avg = m;
+    return value - p.step_size * (m / denom);
+  }
+};
+
+}  // namespace optim
+
+// The optimizers of fused_row_update; dispatch_row_optimizer picks among them by code.
+template <typename... Rules>
+struct RowRules {};
+using AllRowRules = RowRules<optim::SGD, optim::RowWiseAdagrad, optim::Adagrad, optim::LazyAdam, optim::Adam,
+                             optim::RowWiseAdam>;
+
+// "0 (SGD), 1 (row-wise Adagrad), ... or 5 (row-wise Adam)"
+template <typename... Rules>
+std::string row_optimizer_names(RowRules<Rules...>) {
+  std::string names;
+  size_t i = 0;
+  ((names += (i == 0 ? "" : i + 1 == sizeof...(Rules) ? " or " : ", ") + std::to_string(Rules::kCode) + " (" +
+             Rules::kName + ")",
+    ++i),
+   ...);
+  return names;
 }
 
-// Row-wise Adagrad: the row's new accumulator from the sum of its squared gradients, then the
-// common multiplier of every element of the row.
-template <typename acc_t>
-DEEPFM_HOST_DEVICE acc_t rowwise_adagrad_multiplier(acc_t* row_state, acc_t sum_sq, int64_t dim,
-                                                    const RowUpdateParams<acc_t>& p) {
-  *row_state += sum_sq / static_cast<acc_t>(dim);
-  return p.lr / (std::sqrt(*row_state) + p.eps);
+template <typename F, typename... Rules>
+void dispatch_row_optimizer(int64_t code, F&& f, RowRules<Rules...> rules) {
+  const bool found = ((code == Rules::kCode ? (f(Rules{}), true) : false) || ...);
+  TORCH_CHECK(found, "fused_row_update: optimizer must be ", row_optimizer_names(rules), ", got ", code);
+}
+
+// Calls f(Rule{}) with the rule of optimizer `code` (an error for an unknown code): the one switch
+// over the optimizers, for every kernel and check.
+template <typename F>
+void dispatch_row_optimizer(int64_t code, F&& f) {
+  dispatch_row_optimizer(code, std::forward<F>(f), AllRowRules{});
+}
+
+// Whether state i of Rule is kept per element (else per row, or absent).
+template <class Rule>
+constexpr bool per_element_state(int i) {
+  return i < Rule::kStates && i != Rule::kRowState;
+}
+
+// What the checks and kernels read of optimizer `code` without its rule's type.
+struct RowOptimizerLayout {
+  int states;     // per table
+  int row_state;  // the state kept per row, or -1
+  bool catches_up;
+};
+
+inline RowOptimizerLayout row_optimizer_layout(int64_t code) {
+  RowOptimizerLayout layout{};
+  dispatch_row_optimizer(code, [&](auto rule) {
+    using Rule = decltype(rule);
+    layout = {Rule::kStates, Rule::kRowState, Rule::kCatchesUp};
+  });
+  return layout;
+}
+
+// One step of one row of `dim` elements on one thread (the CPU kernels): weight decay, the row
+// factor of a row-wise state, then the rule on every element. state0/state1: the row's states
+// (their first element, or their one value for the row-wise state).
+template <class Rule, typename scalar_t, typename acc_t>
+inline void update_row(scalar_t* value, const scalar_t* grad, acc_t* state0, acc_t* state1, int64_t dim,
+                       const RowUpdateParams<acc_t>& p) {
+  acc_t factor = acc_t(0);
+  if constexpr (Rule::kRowState >= 0) {
+    acc_t sum_sq = acc_t(0);
+    for (int64_t k = 0; k < dim; ++k) {
+      const acc_t g = decayed_grad<acc_t>(grad[k], value[k], p);
+      sum_sq += g * g;
+    }
+    factor = Rule::row_factor(Rule::kRowState == 0 ? state0 : state1, sum_sq, dim, p);
+  }
+  for (int64_t k = 0; k < dim; ++k) {
+    const acc_t v = value[k];
+    acc_t* s0 = nullptr;
+    acc_t* s1 = nullptr;
+    if constexpr (per_element_state<Rule>(0)) s0 = state0 + k;
+    if constexpr (per_element_state<Rule>(1)) s1 = state1 + k;
+    value[k] = static_cast<scalar_t>(Rule::update(v, decayed_grad<acc_t>(grad[k], v, p), s0, s1, factor, p));
+  }
 }
 
 // ---- Adam's catch-up of untouched rows -----------------------------------------------------------

@@ -37,10 +37,10 @@ inline int64_t* check_step(const char* op, const at::Tensor& step) {
 }
 
 // tables: 1 to kMaxRowUpdateTables [N] or [N, D_t] tables (strided records, see checks.h) of one dtype and device;
-// state: `states_per_table` tensors per table, in turn, shaped like the table ([N] for a row-wise
-// state) in the state dtype.
+// state: `states_per_table` tensors per table, in turn, shaped like the table (state `row_state`:
+// [N], one value per row) in the state dtype.
 inline void check_tables_and_state(const char* op, at::TensorList tables, at::TensorList state,
-                                   int64_t states_per_table, bool row_wise_state) {
+                                   int64_t states_per_table, int64_t row_state) {
   TORCH_CHECK(!tables.empty() && static_cast<int64_t>(tables.size()) <= kMaxRowUpdateTables, op,
               ": tables must hold 1 to ", kMaxRowUpdateTables, " tensors, got ", tables.size());
   const at::Tensor& first = tables[0];
@@ -71,7 +71,7 @@ inline void check_tables_and_state(const char* op, at::TensorList tables, at::Te
       TORCH_CHECK(s.scalar_type() == state_dtype, op, ": state[", index, "] must have dtype ", state_dtype,
                   " for a ", first.scalar_type(), " table, got ", s.scalar_type());
       check_strided_records(op, ("state[" + std::to_string(index) + "]").c_str(), s);
-      const at::IntArrayRef expected = row_wise_state ? table.sizes().slice(0, 1) : table.sizes();
+      const at::IntArrayRef expected = i == row_state ? table.sizes().slice(0, 1) : table.sizes();
       TORCH_CHECK(s.sizes() == expected, op, ": state[", index, "] (of ", name, ") must have shape ", expected,
                   ", got ", s.sizes());
     }
@@ -82,7 +82,8 @@ inline void check_tables_and_state(const char* op, at::TensorList tables, at::Te
 // catch-up table [P + 1, kCatchUpColumns] float64, both on the tables' device.
 inline void check_catch_up_state(const char* op, const at::Tensor& table, const c10::optional<at::Tensor>& last_step,
                                  const c10::optional<at::Tensor>& catchup) {
-  TORCH_CHECK(last_step.has_value() && catchup.has_value(), op, ": Adam (optimizer 4) needs last_step and catchup ",
+  TORCH_CHECK(last_step.has_value() && catchup.has_value(), op, ": Adam (optimizer ", optim::Adam::kCode,
+              ") needs last_step and catchup ",
               "(deepfm_fast.optim.Adam.new_row_state creates them)");
   const at::Tensor& last = *last_step;
   const at::Tensor& table_coefficients = *catchup;
@@ -103,7 +104,7 @@ inline void check_catch_up_state(const char* op, const at::Tensor& table, const 
 inline int64_t check_catch_up_args(const char* op, at::TensorList tables, at::TensorList state,
                                    const at::Tensor& last_step, const at::Tensor& catchup,
                                    const at::Tensor& step_counter) {
-  check_tables_and_state(op, tables, state, 2, false);
+  check_tables_and_state(op, tables, state, optim::Adam::kStates, optim::Adam::kRowState);
   check_catch_up_state(op, tables[0], last_step, catchup);
   return *check_step(op, step_counter);
 }
@@ -114,9 +115,8 @@ inline int64_t* check_fused_row_update_args(at::TensorList tables, at::TensorLis
                                             int64_t optimizer, const c10::optional<at::Tensor>& last_step,
                                             const c10::optional<at::Tensor>& catchup) {
   constexpr const char* op = "fused_row_update";
-  TORCH_CHECK(optimizer >= kSGD && optimizer <= kAdam, op, ": optimizer must be 0 (SGD), 1 (row-wise Adagrad), ",
-              "2 (Adagrad), 3 (lazy Adam) or 4 (Adam), got ", optimizer);
-  check_tables_and_state(op, tables, state, row_optimizer_states(optimizer), optimizer == kRowWiseAdagrad);
+  const RowOptimizerLayout layout = row_optimizer_layout(optimizer);  // an error for an unknown code
+  check_tables_and_state(op, tables, state, layout.states, layout.row_state);
   TORCH_CHECK(ids.scalar_type() == at::kLong, op, ": ids must be an int64 tensor, got ", ids.scalar_type());
   check_dim(op, "ids", ids, 1, "[num_unique]");
   check_same_device(op, "ids", ids, "tables[0]", tables[0]);
@@ -133,8 +133,30 @@ inline int64_t* check_fused_row_update_args(at::TensorList tables, at::TensorLis
                 ids.size(0), tables[t].dim() == 2 ? ", " + std::to_string(tables[t].size(1)) : std::string(),
                 "]), got ", grads.sizes());
   }
-  if (optimizer == kAdam) check_catch_up_state(op, tables[0], last_step, catchup);
+  if (layout.catches_up) check_catch_up_state(op, tables[0], last_step, catchup);
   return check_step(op, step_counter);
+}
+
+// fused_row_update's arguments as the kernels read them, once checked: the ids and row gradients
+// contiguous, and the step counter the update increments.
+struct RowUpdateArgs {
+  at::Tensor ids;
+  std::vector<at::Tensor> row_grads;
+  int64_t* counter;
+  int64_t num_ids, num_rows;
+};
+
+inline RowUpdateArgs prepare_fused_row_update_args(at::TensorList tables, at::TensorList state, const at::Tensor& ids,
+                                                   at::TensorList row_grads, const at::Tensor& step_counter,
+                                                   int64_t optimizer, const c10::optional<at::Tensor>& last_step,
+                                                   const c10::optional<at::Tensor>& catchup) {
+  RowUpdateArgs args{{}, {}, nullptr, ids.numel(), 0};
+  args.counter =
+      check_fused_row_update_args(tables, state, ids, row_grads, step_counter, optimizer, last_step, catchup);
+  args.ids = ids.contiguous();
+  args.num_rows = tables[0].size(0);
+  for (const auto& g : row_grads) args.row_grads.push_back(g.contiguous());
+  return args;
 }
 
 // One id of fused_row_update at position u (prev = ids[u - 1]): in range, and the ids strictly
@@ -146,22 +168,20 @@ inline void check_row_id(int64_t u, int64_t id, int64_t prev, int64_t num_rows) 
               "returns them), but ids[", u, "] = ", id, " follows ", prev);
 }
 
-// The hyper-parameters of step `step` (>= 1), with the bias corrections computed in double once.
-template <typename acc_t>
+// The hyper-parameters of step `step` (>= 1) for Rule, with the bias corrections computed in double once.
+template <class Rule, typename acc_t>
 RowUpdateParams<acc_t> make_row_update_params(double lr, double eps, double beta1, double beta2,
-                                              double weight_decay, int64_t optimizer, int64_t step) {
+                                              double weight_decay, int64_t step) {
   const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bias_correction2_sqrt = std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)));
-  double step_size = 0.0;
-  if (optimizer == kLazyAdam) step_size = lr * bias_correction2_sqrt / bias_correction1;
-  if (optimizer == kAdam) step_size = lr / bias_correction1;
   return RowUpdateParams<acc_t>{static_cast<acc_t>(lr),
                                 static_cast<acc_t>(eps),
+                                static_cast<acc_t>(beta1),
                                 static_cast<acc_t>(beta2),
                                 static_cast<acc_t>(1.0 - beta1),
                                 static_cast<acc_t>(1.0 - beta2),
                                 static_cast<acc_t>(weight_decay),
-                                static_cast<acc_t>(step_size),
+                                static_cast<acc_t>(Rule::step_size(lr, bias_correction1, bias_correction2_sqrt)),
                                 static_cast<acc_t>(bias_correction2_sqrt)};
 }
 
@@ -179,9 +199,9 @@ inline CatchUpState catch_up_state(const at::Tensor& last_step, const at::Tensor
           catchup.size(0) - 1};
 }
 
-inline CatchUpState catch_up_state(int64_t optimizer, const c10::optional<at::Tensor>& last_step,
-                                   const c10::optional<at::Tensor>& catchup) {
-  if (optimizer != kAdam) return {nullptr, 0, nullptr, 0};
+template <class Rule>
+CatchUpState catch_up_state(const c10::optional<at::Tensor>& last_step, const c10::optional<at::Tensor>& catchup) {
+  if constexpr (!Rule::kCatchesUp) return {nullptr, 0, nullptr, 0};
   return catch_up_state(*last_step, *catchup);
 }
 

@@ -64,19 +64,19 @@ TORCH_LIBRARY(deepfm_fast, m) {
   // weights: one call updates both), with the summed row gradients row_grads[t] ([U] or [U, D_t]):
   // what the fused-optimizer backward of EmbeddingFM calls after embedding_fm_backward. `step` is
   // the step counter, a CPU int64 scalar the op increments first (its new value t is the step for
-  // the bias corrections). optimizer: 0 SGD, 1 row-wise Adagrad (one state [N] per table), 2 Adagrad
-  // (one state shaped like the table), 3 lazy Adam (torch.optim.SparseAdam: exp_avg, exp_avg_sq),
-  // 4 Adam (torch.optim.Adam: the same two states, and the rows that no step touched are caught up
-  // in closed form when next touched, with last_step [N] int64, the step each row is up to date
+  // the bias corrections). optimizer: the kCode of a rule of fused_row_update.h (deepfm_fast.optim
+  // has its class), which says its states per table (kStates, shaped like the table but for the
+  // kRowState one, [N]); Adam (torch.optim.Adam, kCatchesUp) catches the rows that no step touched
+  // up in closed form when next touched, with last_step [N] int64, the step each row is up to date
   // with, and catchup [P + 1, 11] float64, the coefficients of gaps 0..P; each step also catches up
-  // a 1/P slice of the rows). `state` lists the states table by table; they are float32 (float64 for
+  // a 1/P slice of the rows. `state` lists the states table by table; they are float32 (float64 for
   // float64 tables). weight_decay is L2 added to the gradient of the touched rows only.
   // check_ids=False skips the check of the ids (and, on CUDA, its sync) for callers that guarantee
   // them, like EmbeddingFM with the output of embedding_fm_backward.
   m.def("fused_row_update(Tensor(a!)[] tables, Tensor(b!)[] state, Tensor ids, Tensor[] row_grads, Tensor(c!) step, "
         "int optimizer, float lr, float eps, float beta1, float beta2, float weight_decay, Tensor(d!)? last_step=None, "
         "Tensor(e!)? catchup=None, bool check_ids=True) -> ()", pt2);
-  // Adam (optimizer 4 above): brings the rows [row_begin, row_end) (row_end -1: to the last row) up
+  // Adam (optimizer 4, above): brings the rows [row_begin, row_end) (row_end -1: to the last row) up
   // to step `step` (CPU int64 scalar, not changed), as dense Adam would have moved them over the steps
   // since last_step[row]: every row before evaluation or export (a flush).
   m.def("adam_catch_up(Tensor(a!)[] tables, Tensor(b!)[] state, Tensor(c!) last_step, Tensor catchup, Tensor step, "

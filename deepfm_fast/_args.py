@@ -1,19 +1,39 @@
 """Argument normalisation shared by the fused ops, their reference and the modules.
 
-Kept apart from `deepfm_fast.reference` so that the fast path never imports the oracle.
+A ground-floor module: it imports no other part of deepfm_fast, so every floor may import it.
 """
+import enum
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 MODES = {"field": 0, "feature": 1}
-POOLINGS = {"sum": 0, "mean": 1}
-# The `optimizer` codes of fused_row_update (enum RowOptimizer in csrc/fused_row_update.h).
-SGD, ROWWISE_ADAGRAD, ADAGRAD, LAZY_ADAM, ADAM = 0, 1, 2, 3, 4
-STATES_PER_TABLE = {SGD: 0, ROWWISE_ADAGRAD: 1, ADAGRAD: 1, LAZY_ADAM: 2, ADAM: 2}
-# Columns of Adam's catch-up table (enum CatchUpColumn in csrc/fused_row_update.h).
-CATCH_UP_COLUMNS = 11
+
+
+class Pooling(enum.IntEnum):
+    """How a bag of embeddings is pooled; the value is the kernels' code (enum Pooling in
+    csrc/checks.h). Everything that takes a pooling takes one of these or its name."""
+
+    SUM = 0
+    MEAN = 1
+
+    @classmethod
+    def parse(cls, pooling: Union["Pooling", str], owner: str = "embedding_fm") -> "Pooling":
+        """``Pooling.MEAN`` or ``"mean"`` -> ``Pooling.MEAN``; a clear error naming ``owner`` otherwise."""
+        if isinstance(pooling, cls):
+            return pooling
+        if isinstance(pooling, str) and pooling.upper() in cls.__members__ and pooling == pooling.lower():
+            return cls[pooling.upper()]
+        raise ValueError(f"{owner}: pooling must be one of {cls.names()}, got {pooling!r}")
+
+    @classmethod
+    def names(cls) -> tuple:
+        """``("sum", "mean")``: the names the command line, configs and field specs use."""
+        return tuple(p.name.lower() for p in cls)
+
+    def __str__(self) -> str:
+        return self.name.lower()
 
 
 class EmbeddingFMOutput(NamedTuple):
@@ -32,19 +52,16 @@ def mode_code(mode: str) -> int:
     return MODES[mode]
 
 
-def pooling_codes(pooling: Union[str, Sequence[str]], num_fields: int) -> list:
-    """'sum' / 'mean' for every field, or one of them per field -> list of ints (0 sum, 1 mean)."""
-    if isinstance(pooling, str):
+def pooling_codes(pooling: Union[str, Pooling, Sequence[Union[str, Pooling]]], num_fields: int) -> list:
+    """A `Pooling` (or its name) for every field, or one per field -> list of ints (0 sum, 1 mean)."""
+    if isinstance(pooling, (str, Pooling)):
         names = [pooling]
     else:
         names = list(pooling)
         if len(names) != num_fields:
             raise ValueError(f"embedding_fm: pooling must be a str or have one entry per field "
                              f"(num_fields = {num_fields}), got {len(names)} entries")
-    for name in names:
-        if name not in POOLINGS:
-            raise ValueError(f"embedding_fm: pooling must be one of {tuple(POOLINGS)}, got {name!r}")
-    return [POOLINGS[name] for name in names]
+    return [int(Pooling.parse(name)) for name in names]
 
 
 def as_csr(indices: Tensor, offsets: Optional[Tensor], per_sample_weights: Optional[Tensor],

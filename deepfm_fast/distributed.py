@@ -34,29 +34,26 @@ rank unless `wrap` synchronised it (or `independent` said the replicas are meant
 ``deepfm-fast train`` under ``torchrun`` does all of this (see its help).
 """
 import datetime
-import math
 import os
-from typing import Dict, List, Optional, Set, Tuple
+from typing import List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._row_merge import (
+    INDEPENDENT,
+    _collective_device,
+    merge_rows,
+    merge_sparse_grad,
+    merges_across_ranks,
+    register_group,
+    union_rows,
+)
 from .embedding import EmbeddingFM
 
 __all__ = ["wrap", "init_from_environment", "independent", "merges_across_ranks", "merge_rows", "union_rows",
            "is_distributed", "rank", "world_size", "convert_sync_batch_norm", "CpuSyncBatchNorm"]
-
-# Process groups by the handle `EmbeddingFM._sync` holds (0: not synchronised, -1: independent).
-_GROUPS: Dict[int, Optional[dist.ProcessGroup]] = {}
-INDEPENDENT = -1
-
-
-def merges_across_ranks(handle: int) -> bool:
-    """``handle`` (an `EmbeddingFM._sync`) names a process group of `wrap` whose ranks merge their
-    rows: not 0 (not synchronised) nor `INDEPENDENT`."""
-    return handle > 0
-
 
 def is_distributed() -> bool:
     """A process group of more than one rank is initialised."""
@@ -91,13 +88,6 @@ def init_from_environment(device: str = "cpu", timeout_s: float = 1800.0) -> Tup
 
 def _tables(model: nn.Module) -> List[Tuple[str, EmbeddingFM]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, EmbeddingFM)]
-
-
-def _collective_device(group: Optional[dist.ProcessGroup]) -> torch.device:
-    """Where the tensors of a collective must be: this rank's GPU for NCCL, else the CPU (gloo)."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _check_same_model(model: nn.Module, group: Optional[dist.ProcessGroup]) -> None:
@@ -211,8 +201,7 @@ def wrap(model: nn.Module, *, process_group: Optional[dist.ProcessGroup] = None,
     if sync_batch_norm:
         model = convert_sync_batch_norm(model, process_group)
     _check_same_model(model, process_group)
-    handle = max(_GROUPS, default=0) + 1
-    _GROUPS[handle] = process_group
+    handle = register_group(process_group)
     synchronised: Set[int] = set()  # ids of the tensors kept equal here, not by DDP
     for _, module in tables:
         _broadcast_tables(module, process_group)
@@ -220,7 +209,7 @@ def wrap(model: nn.Module, *, process_group: Optional[dist.ProcessGroup] = None,
             synchronised |= {id(t) for t in [module.weight, module.linear_weight] + _fused_state(module)}
         for param in module.sparse_parameters():
             if param.requires_grad:  # a frozen table has no gradient to merge (and refuses hooks)
-                param.register_hook(lambda grad, h=handle: _merge_sparse_grad(h, grad))
+                param.register_hook(lambda grad, h=handle: merge_sparse_grad(h, grad))
                 synchronised.add(id(param))
         module._sync = handle
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -245,72 +234,3 @@ def independent(model: nn.Module) -> nn.Module:
     for _, module in _tables(model):
         module._sync = INDEPENDENT
     return model
-
-
-def _gather_rows(handle: int, ids: Tensor, values: Tensor, batch: Optional[int]) -> Tuple[Tensor, Tensor]:
-    """Every rank's (ids [U_r], values [U_r, D]), concatenated in rank order on every rank."""
-    group = _GROUPS[handle]
-    world = dist.get_world_size(group)
-    device = _collective_device(group)
-    counts = torch.tensor([ids.numel(), -1 if batch is None else batch], dtype=torch.int64, device=device)
-    all_counts = [torch.empty_like(counts) for _ in range(world)]
-    dist.all_gather(all_counts, counts, group=group)
-    sizes = [int(c[0]) for c in all_counts]
-    empty = [r for r, c in enumerate(all_counts) if int(c[1]) == 0]
-    if empty:  # raised on every rank alike: none waits for the others
-        raise RuntimeError(f"deepfm_fast.distributed: rank(s) {empty} had an empty batch; every rank must train on "
-                           f"at least one row per step (shard the data so that no rank runs dry)")
-    longest = max(sizes)
-    padded_ids = torch.zeros(longest, dtype=torch.int64, device=device)
-    padded_ids[:ids.numel()] = ids.to(device)
-    padded_values = values.new_zeros((longest, values.shape[1]), device=device)
-    padded_values[:values.shape[0]] = values.to(device)
-    all_ids = [torch.empty_like(padded_ids) for _ in range(world)]
-    all_values = [torch.empty_like(padded_values) for _ in range(world)]
-    dist.all_gather(all_ids, padded_ids, group=group)
-    dist.all_gather(all_values, padded_values, group=group)
-    ids = torch.cat([i[:n] for i, n in zip(all_ids, sizes)]).to(values.device)
-    values = torch.cat([v[:n] for v, n in zip(all_values, sizes)]).to(values.device)
-    return ids, values / world
-
-
-def _sum_rows(ids: Tensor, values: Tensor) -> Tuple[Tensor, Tensor]:
-    """(sorted unique ids, the sum of their values), summed in a fixed order on every rank: a stable
-    sort and a segment sum, no atomics, so the ranks' results are bitwise equal."""
-    if ids.numel() == 0:
-        return ids, values
-    ids, order = torch.sort(ids, stable=True)
-    unique, counts = torch.unique_consecutive(ids, return_counts=True)
-    return unique, torch.segment_reduce(values[order], "sum", lengths=counts, axis=0)
-
-
-def merge_rows(handle: int, ids: Tensor, grads: List[Tensor], batch: int) -> Tuple[Tensor, List[Tensor]]:
-    """The fused backward's merge: every rank's coalesced rows (sorted unique ``ids``; ``grads``, one
-    ``[U]`` or ``[U, D]`` tensor per table) -> the union of the rows and their gradients summed over
-    the ranks and divided by the world size (DDP's average). ``batch``: this rank's batch size."""
-    widths = [1 if g.dim() == 1 else g.shape[1] for g in grads]
-    values = torch.cat([g.reshape(g.shape[0], width) for g, width in zip(grads, widths)], dim=1)
-    ids, values = _sum_rows(*_gather_rows(handle, ids, values, batch))
-    merged, start = [], 0
-    for g, width in zip(grads, widths):
-        part = values[:, start:start + width]
-        merged.append(part.reshape(-1) if g.dim() == 1 else part.contiguous())
-        start += width
-    return ids, merged
-
-
-def union_rows(handle: int, rows: Tensor) -> Tensor:
-    """The sorted union of every rank's ``rows``: the rows an L2 penalty on the used rows covers, so
-    that N ranks apply it once per row of the global batch, as one process would."""
-    ids, _ = _gather_rows(handle, rows, rows.new_zeros((rows.numel(), 0), dtype=torch.float32), None)
-    return torch.unique(ids)
-
-
-def _merge_sparse_grad(handle: int, grad: Tensor) -> Tensor:
-    """The gradient hook of a sparse table: the merged, averaged sparse gradient of every rank."""
-    grad = grad.coalesce()
-    shape = grad.shape
-    values = grad.values().reshape(grad.values().shape[0], math.prod(shape[1:]))
-    ids, values = _sum_rows(*_gather_rows(handle, grad.indices()[0], values, None))
-    return torch.sparse_coo_tensor(ids.unsqueeze(0), values.reshape((-1,) + tuple(shape[1:])), shape,
-                                   is_coalesced=True)

@@ -5,8 +5,12 @@ import torch
 from torch import Tensor, nn
 
 from . import _backend, _packing, ops, reference
-from ._args import EmbeddingFMOutput, as_csr, field_offsets, mode_code, pooling_codes
-from .optim import Adam, FusedOptimizer
+from ._args import field_offsets, mode_code, pooling_codes
+from ._row_merge import merges_across_ranks, union_rows
+from .optim import NAMES, Adam, FusedOptimizer
+
+# The tables of the fused optimizer: (the name of its states, the parameter).
+_TABLES = (("weight", "weight"), ("linear", "linear_weight"))
 
 
 class EmbeddingFM(nn.Module):
@@ -41,14 +45,15 @@ class EmbeddingFM(nn.Module):
         init_std: ``weight ~ Normal(0, init_std)``; ``linear_weight`` and ``bias`` start at 0.
         use_reference: run on the pure-PyTorch reference ops (same parameters, same results; the
             table gradient of the reference is sparse for ``sparse=True``, the first-order one dense).
-        optimizer: a fused optimizer from ``deepfm_fast.optim`` (``Adam``, ``LazyAdam``, ``SGD``,
-            ``RowWiseAdagrad``, ``Adagrad``). The backward then updates the touched rows of
+        optimizer: a fused optimizer from ``deepfm_fast.optim`` (e.g. ``Adam``, ``SGD``,
+            ``RowWiseAdagrad``; ``optim.NAMES`` lists them). The backward then updates the touched rows of
             ``weight`` and ``linear_weight`` in place, with no dense gradient and no ``O(N)`` work
             per step; those two tensors never get a ``.grad`` (a torch optimizer given them skips
             them), ``bias`` still does. The optimizer state and the step count are in the module's
             buffers (and ``state_dict``; the step count stays on the CPU so that reading it never
             waits for a GPU). Each backward is one step of the tables. With ``Adam``, ``eval()``
-            and ``state_dict()`` first bring every row up to date (`flush`).
+            and ``state_dict()`` first bring every row up to date (`flush`). The optimizer object
+            says what its state is (``optim.FusedOptimizer``); the module only holds it.
         pack_rows: with a fused optimizer, store each row's ``weight``, ``linear_weight`` and
             optimizer state side by side in one record, so that the forward and the update visit
             one place per id instead of one per tensor (float32/float64 tables; a float16/bfloat16
@@ -119,19 +124,16 @@ class EmbeddingFM(nn.Module):
         self._sync = 0  # a process group of deepfm_fast.distributed that merges the fused updates
         if optimizer is not None:
             if not isinstance(optimizer, FusedOptimizer):
-                raise TypeError(f"EmbeddingFM: optimizer must be one of deepfm_fast.optim.Adam, LazyAdam, SGD, "
-                                f"RowWiseAdagrad, Adagrad, got {type(optimizer).__name__}")
+                raise TypeError(f"EmbeddingFM: optimizer must be one of deepfm_fast.optim's fused optimizers ("
+                                f"{', '.join(cls.__name__ for cls in NAMES.values())}), got {type(optimizer).__name__}")
             if sparse:
                 raise ValueError("EmbeddingFM: sparse=True and a fused optimizer exclude each other: the fused "
                                  "optimizer updates the tables itself, with no gradient")
-            for i, state in enumerate(optimizer.new_state(self.weight)):
-                self.register_buffer(f"weight_optimizer_state{i}", state)
-            for i, state in enumerate(optimizer.new_state(self.linear_weight)):
-                self.register_buffer(f"linear_optimizer_state{i}", state)
-            row_state = optimizer.new_row_state(num_rows, self.weight.device)
-            for name, state in row_state.items():
+            for table, param in _TABLES:
+                for name, state in zip(optimizer.state_names(table), optimizer.new_state(getattr(self, param))):
+                    self.register_buffer(name, state)
+            for name, state in optimizer.new_row_state(num_rows, self.weight.device).items():
                 self.register_buffer(f"optimizer_{name}", state)
-            self._row_state_names = list(row_state)
             self.register_buffer("optimizer_step", torch.zeros((), dtype=torch.int64))
             self._register_load_state_dict_pre_hook(_load_earlier_states, with_module=True)
             self.register_state_dict_pre_hook(_flush_before_saving)
@@ -154,7 +156,7 @@ class EmbeddingFM(nn.Module):
         for name, t in own.items():
             if name == "optimizer_step":  # on the host: reading it never syncs
                 own[name] = t.cpu()
-            elif name.startswith(("weight_optimizer_state", "linear_optimizer_state")):
+            elif name in self.optimizer_state_names():
                 own[name] = t.to(device, state_dtype)
             else:
                 own[name] = t.to(device)
@@ -164,19 +166,16 @@ class EmbeddingFM(nn.Module):
         return self
 
     def _optimizer_buffer_names(self) -> List[str]:
-        n = self.optimizer.num_states
-        return ([f"weight_optimizer_state{i}" for i in range(n)] + [f"linear_optimizer_state{i}" for i in range(n)]
-                + [f"optimizer_{name}" for name in self._row_state_names] + ["optimizer_step"])
+        return (self.optimizer_state_names() + [f"optimizer_{name}" for name in self.optimizer.ROW_STATE]
+                + ["optimizer_step"])
 
     def _packed_columns(self):
         """The tensors with one row per table row, in record order (see `deepfm_fast._packing`)."""
-        table_states, linear_states = self.optimizer_states()
-        columns = [("weight", self.weight)]
-        columns += [(f"weight_optimizer_state{i}", s) for i, s in enumerate(table_states)]
-        columns += [("linear_weight", self.linear_weight)]
-        columns += [(f"linear_optimizer_state{i}", s) for i, s in enumerate(linear_states)]
-        if "last_step" in self._row_state_names:
-            columns.append(("optimizer_last_step", self.optimizer_last_step))
+        columns = []
+        for table, param in _TABLES:
+            columns.append((param, getattr(self, param)))
+            columns += [(name, getattr(self, name)) for name in self.optimizer.state_names(table)]
+        columns += [(f"optimizer_{n}", getattr(self, f"optimizer_{n}")) for n in self.optimizer.RECORD_ROW_STATE]
         return columns
 
     def _pack(self) -> None:
@@ -282,16 +281,16 @@ class EmbeddingFM(nn.Module):
     def _fused_step(self, ids, offsets, per_sample_weights, pooling, return_pooled):
         """The training forward with a fused optimizer: its backward updates the touched rows."""
         row_state = self.optimizer_row_state()
+        weight_state, linear_state = self.optimizer_states()
+        args = dict(num_fields=self.num_fields, mode=self.mode, pooling=pooling, return_pooled=return_pooled,
+                    weight_state=weight_state, linear_state=linear_state, step=self.optimizer_step,
+                    last_step=row_state.get("last_step"), catchup=row_state.get("catchup"), sync=self._sync,
+                    **self.optimizer.op_args())
         if self.use_reference or not _backend.compiled():
-            ids, offsets, per_sample_weights, _ = as_csr(ids, offsets, per_sample_weights, self.num_fields)
-            if "last_step" in row_state:  # Adam: the forward reads the rows as dense Adam has them now
-                reference.catch_up_rows([self.weight, self.linear_weight], self.optimizer_state_list(),
-                                        row_state["last_step"], row_state["catchup"], self.optimizer_step,
-                                        torch.unique(ids.long()))
-            return EmbeddingFMOutput(*_FusedStepReference.apply(self.weight, self.linear_weight, self, ids, offsets,
-                                                                per_sample_weights, pooling, return_pooled))
+            return reference.embedding_fm_step(self.weight, self.linear_weight, ids, offsets, per_sample_weights,
+                                               **args)
         rows = row_weight = row_linear_weight = None
-        if "last_step" in row_state:
+        if self.optimizer.catches_up:
             # Adam: the forward reads copies of the batch's rows as dense Adam has them now; the
             # backward catches the tables' rows up and steps them (no in-place change in the forward,
             # which torch.compile needs).
@@ -300,41 +299,25 @@ class EmbeddingFM(nn.Module):
                 row_weight, row_linear_weight = ops.adam_rows(
                     [self.weight, self.linear_weight], self.optimizer_state_list(), row_state["last_step"],
                     row_state["catchup"], self.optimizer_step, rows)
-        opt = self.optimizer
-        weight_state, linear_state = self.optimizer_states()
-        return ops.embedding_fm_step(
-            self.weight, self.linear_weight, ids, offsets, per_sample_weights, num_fields=self.num_fields,
-            mode=self.mode, pooling=pooling, return_pooled=return_pooled, weight_state=weight_state,
-            linear_state=linear_state, step=self.optimizer_step, last_step=row_state.get("last_step"),
-            catchup=row_state.get("catchup"), optimizer=opt.code, lr=opt.lr, eps=opt.eps, beta1=opt.betas[0],
-            beta2=opt.betas[1], weight_decay=opt.weight_decay, sync=self._sync, rows=rows, row_weight=row_weight,
-            row_linear_weight=row_linear_weight)
+        return ops.embedding_fm_step(self.weight, self.linear_weight, ids, offsets, per_sample_weights, **args,
+                                     rows=rows, row_weight=row_weight, row_linear_weight=row_linear_weight)
 
     # -- the fused optimizer's state ------------------------------------------------------------
+    def optimizer_state_names(self) -> List[str]:
+        """The buffer names of the states of ``weight`` then of ``linear_weight``."""
+        return [name for table, _ in _TABLES for name in self.optimizer.state_names(table)]
+
     def optimizer_states(self):
         """(table states, first-order states) of the fused optimizer, as registered buffers."""
-        n = self.optimizer.num_states
-        return ([getattr(self, f"weight_optimizer_state{i}") for i in range(n)],
-                [getattr(self, f"linear_optimizer_state{i}") for i in range(n)])
+        return tuple([getattr(self, name) for name in self.optimizer.state_names(table)] for table, _ in _TABLES)
 
     def optimizer_state_list(self) -> List[Tensor]:
         """The states of ``weight`` then of ``linear_weight``, in the order of `ops.fused_row_update`."""
-        table_states, linear_states = self.optimizer_states()
-        return table_states + linear_states
+        return [getattr(self, name) for name in self.optimizer_state_names()]
 
     def optimizer_row_state(self) -> Dict[str, Tensor]:
         """The state shared by both tables' rows (Adam's last step per row and catch-up table)."""
-        return {name: getattr(self, f"optimizer_{name}") for name in self._row_state_names}
-
-    @torch.no_grad()
-    def apply_fused_step(self, unique_ids: Tensor, row_grads: Tensor, linear_row_grads: Tensor) -> None:
-        """One fused-optimizer step on the rows `unique_ids` (sorted, unique) with their summed grads."""
-        impl = reference if self.use_reference or not _backend.compiled() else ops
-        opt, row_state = self.optimizer, self.optimizer_row_state()
-        impl.fused_row_update([self.weight, self.linear_weight], self.optimizer_state_list(), unique_ids,
-                              [row_grads, linear_row_grads], self.optimizer_step, opt.code, opt.lr, opt.eps,
-                              opt.betas[0], opt.betas[1], opt.weight_decay, row_state.get("last_step"),
-                              row_state.get("catchup"), False)
+        return {name: getattr(self, f"optimizer_{name}") for name in self.optimizer.ROW_STATE}
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -342,9 +325,9 @@ class EmbeddingFM(nn.Module):
         batch touched only when they are next touched, or in this flush). ``eval()`` and
         ``state_dict()`` call it; call it yourself before reading ``weight`` directly. Under
         ``torch.distributed``, flush on every rank (``eval()`` does) so that the replicas stay equal."""
-        row_state = self.optimizer_row_state() if self.optimizer is not None else {}
-        if "last_step" not in row_state:
+        if self.optimizer is None or not self.optimizer.catches_up:
             return
+        row_state = self.optimizer_row_state()
         impl = reference if self.use_reference or not _backend.compiled() else ops
         impl.adam_catch_up([self.weight, self.linear_weight], self.optimizer_state_list(), row_state["last_step"],
                            row_state["catchup"], self.optimizer_step)
@@ -371,10 +354,8 @@ class EmbeddingFM(nn.Module):
         ``sparse=True`` the gradients are sparse like those of the op. Under `deepfm_fast.distributed`
         the rows are those of every rank's batch, each once."""
         rows = self.used_rows(indices, offsets, global_ids=global_ids)
-        from . import distributed
-
-        if distributed.merges_across_ranks(self._sync):  # the rows of every rank's batch
-            rows = distributed.union_rows(self._sync, rows)
+        if merges_across_ranks(self._sync):  # the rows of every rank's batch
+            rows = union_rows(self._sync, rows)
         gather = reference.gather_rows if self.use_reference else ops.gather_rows
         v = gather(self.weight, rows, self.sparse)
         w = gather(self.linear_weight, rows, self.sparse and not self.use_reference)
@@ -415,9 +396,9 @@ def _flush_before_saving(module, prefix, keep_vars):
 def _load_earlier_states(module, state_dict, prefix, *args):
     """Loads what earlier versions and the other fused optimizers saved:
     * a first-order state of shape [N, 1] (now [N]);
-    * no catch-up state into ``Adam`` (saved by ``LazyAdam``, or by the first ``Adam``, which had
-      LazyAdam's semantics): every row is taken as up to date at the saved step, and training
-      continues with dense-Adam semantics from there;
+    * no catch-up state into ``Adam`` (saved by another optimizer of two element-wise states, or by
+      the first ``Adam``, which had SparseAdam's semantics): every row is taken as up to date at the
+      saved step, and training continues with dense-Adam semantics from there;
     * ``Adam``'s catch-up state into another optimizer: dropped (``state_dict()`` flushed the rows)."""
     for name in [k for k in state_dict if k.startswith(prefix + "linear_optimizer_state")]:
         if state_dict[name].dim() == 2 and state_dict[name].shape[1] == 1:
@@ -430,55 +411,3 @@ def _load_earlier_states(module, state_dict, prefix, *args):
     for name in Adam.ROW_STATE:
         if name not in own:
             state_dict.pop(prefix + f"optimizer_{name}", None)
-
-
-class _FusedStepReference(torch.autograd.Function):
-    """The fused step on the reference ops (``use_reference=True``, or no compiled kernels): the
-    reference forward, the coalesced gradient through autograd, then `reference.fused_row_update`."""
-
-    @staticmethod
-    def forward(ctx, weight, linear_weight, module, ids, offsets, per_sample_weights, pooling, return_pooled):
-        out = reference.embedding_fm(weight, ids, offsets, per_sample_weights, linear_weight,
-                                     num_fields=module.num_fields, mode=module.mode, pooling=pooling,
-                                     return_pooled=return_pooled)
-        ctx.module, ctx.pooling = module, pooling
-        ctx.save_for_backward(ids, offsets, per_sample_weights)
-        if not return_pooled:
-            ctx.mark_non_differentiable(out.pooled)
-        return tuple(out)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_fm, grad_linear, grad_pooled):
-        module = ctx.module
-        ids, offsets, per_sample_weights = ctx.saved_tensors
-        unique_ids, row_grads, linear_row_grads, grad_psw = _reference_coalesced_grads(
-            module, ids, offsets, per_sample_weights, ctx.pooling, grad_fm, grad_linear, grad_pooled)
-        from . import distributed
-
-        if distributed.merges_across_ranks(module._sync):
-            unique_ids, (row_grads, linear_row_grads) = distributed.merge_rows(
-                module._sync, unique_ids, [row_grads, linear_row_grads], grad_fm.shape[0])
-        module.apply_fused_step(unique_ids, row_grads, linear_row_grads)
-        grad_psw = grad_psw if per_sample_weights is not None and ctx.needs_input_grad[5] else None
-        return None, None, None, None, None, grad_psw, None, None
-
-
-def _reference_coalesced_grads(module, ids, offsets, per_sample_weights, pooling, grad_fm, grad_linear, grad_pooled):
-    """The coalesced gradient, from autograd through the reference op (dense, so O(N): tests only)."""
-    with torch.enable_grad():
-        weight = module.weight.detach().requires_grad_()
-        linear_weight = module.linear_weight.detach().requires_grad_()
-        psw = per_sample_weights.detach().requires_grad_() if per_sample_weights is not None else None
-        out = reference.embedding_fm(weight, ids, offsets, psw, linear_weight, num_fields=module.num_fields,
-                                     mode=module.mode, pooling=pooling, return_pooled=grad_pooled is not None
-                                     and grad_pooled.numel() > 0)
-        outputs, grads = [out.fm, out.linear], [grad_fm, grad_linear]
-        if out.pooled.numel() > 0:
-            outputs.append(out.pooled)
-            grads.append(grad_pooled)
-        inputs = [weight, linear_weight] + ([psw] if psw is not None else [])
-        result = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
-    unique_ids = torch.unique(ids.long())
-    grad_psw = result[2] if psw is not None else None
-    return unique_ids, result[0][unique_ids], result[1][unique_ids], grad_psw

@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Union
 
+from ._args import Pooling
+
 __all__ = [
     "SparseField",
     "MultiHotField",
@@ -36,7 +38,6 @@ __all__ = [
     "table_size",
 ]
 
-_POOLINGS = ("sum", "mean")
 
 
 def _check_name(kind: str, name: object) -> None:
@@ -88,11 +89,8 @@ class MultiHotField:
     def __post_init__(self) -> None:
         _check_name("MultiHotField", self.name)
         _check_vocab("MultiHotField", self.name, self.vocab_size)
-        if self.pooling not in _POOLINGS:
-            raise ValueError(
-                f"MultiHotField {self.name!r}: pooling must be one of {_POOLINGS}, "
-                f"got {self.pooling!r}"
-            )
+        # Stored by name ("sum" / "mean"), as to_dict writes it.
+        object.__setattr__(self, "pooling", str(Pooling.parse(self.pooling, f"MultiHotField {self.name!r}")))
 
     def to_dict(self) -> Dict[str, Any]:
         return {

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from . import _backend, reference
 from ._args import EmbeddingFMOutput, as_csr, mode_code, pooling_codes
+from ._row_merge import merge_rows, merges_across_ranks
 
 
 def fm_interaction(emb: Tensor, reduce_sum: bool = True) -> Tensor:
@@ -364,10 +365,9 @@ def fused_row_update(tables: List[Tensor], state: List[Tensor], ids: Tensor, row
         row_grads: per table, the summed gradient of each row, shaped like the table with ``U`` rows.
         step: the step counter, a CPU int64 scalar; incremented first (its new value is the step of
             the bias corrections). Kept on the host so that reading it never syncs with a GPU.
-        optimizer: 0 SGD, 1 row-wise Adagrad, 2 Adagrad, 3 lazy Adam (``torch.optim.SparseAdam``),
-            4 Adam (``torch.optim.Adam``, untouched rows caught up; needs ``last_step`` and ``catchup``).
-        lr, eps, beta1, beta2: the optimizer's hyper-parameters.
-        weight_decay: L2 added to the gradient of the touched rows only.
+        optimizer, lr, eps, beta1, beta2, weight_decay: what ``op_args()`` of a `deepfm_fast.optim`
+            optimizer gives (its ``code`` and hyper-parameters; weight decay is L2 added to the
+            gradient of the touched rows only). Adam needs ``last_step`` and ``catchup``.
         last_step, catchup: Adam's catch-up state (`deepfm_fast.optim.Adam.new_row_state`).
         check_ids: check that ``ids`` are sorted, unique and in range (skip only for ids that are so
             by construction; on CUDA the check costs a sync in the "error" bounds-check mode).
@@ -483,9 +483,7 @@ def _register_fused_row_update():
         grad_fm = weight.new_zeros(batch) if grad_fm is None else grad_fm
         grad_linear = weight.new_zeros(batch) if grad_linear is None else grad_linear
         want_grad_psw = psw is not None and ctx.needs_input_grad[4]
-        from . import distributed
-
-        if psw is None and weight.device.type == "cpu" and not distributed.merges_across_ranks(sync):
+        if psw is None and weight.device.type == "cpu" and not merges_across_ranks(sync):
             torch.ops.deepfm_fast.embedding_fm_step_update.default(
                 grad_fm, grad_linear, grad_pooled, pooled, weight, linear_weight, indices, offsets, num_fields, mode,
                 pooling, rows, row_weight, row_linear_weight, state, step, last_step, catchup, optimizer, lr, eps,
@@ -497,8 +495,8 @@ def _register_fused_row_update():
         if rows is not None:
             unique_ids = rows[unique_ids]  # sorted: rows are
         grads = [row_grads, linear_row_grads]
-        if distributed.merges_across_ranks(sync):
-            unique_ids, grads = distributed.merge_rows(sync, unique_ids, grads, batch)
+        if merges_across_ranks(sync):
+            unique_ids, grads = merge_rows(sync, unique_ids, grads, batch)
         torch.ops.deepfm_fast.fused_row_update.default([weight, linear_weight], state, unique_ids, grads, step,
                                                        optimizer, lr, eps, beta1, beta2, weight_decay, last_step,
                                                        catchup, False)

@@ -29,34 +29,55 @@ Semantics, per touched row ``r`` with summed gradient ``g_r`` (duplicate ids are
 - ``SGD(lr)``: ``V_r -= lr * g_r``; equals ``torch.optim.SGD`` on the sparse gradient.
 - ``RowWiseAdagrad(lr, eps=1e-8)``: one accumulator per row, ``G_r += mean_k(g_rk^2)``,
   ``V_r -= lr * g_r / (sqrt(G_r) + eps)`` (FBGEMM's ``EXACT_ROWWISE_ADAGRAD``).
+- ``RowWiseAdam(lr=1e-3, betas, eps)``: FBGEMM's ``PARTIAL_ROWWISE_ADAM``: a first moment per
+  element, ONE second moment per row, ``m = beta1 m + (1 - beta1) g``,
+  ``v_r = beta2 v_r + (1 - beta2) mean_k(g_rk^2)``,
+  ``V_r -= lr / (1 - beta1^t) * m / (sqrt(v_r / (1 - beta2^t)) + eps)``, on the touched rows only
+  (like ``LazyAdam``), with the table's step count ``t``. Its state is about half of Adam's.
 - ``Adagrad(lr, eps=1e-10)``: per element, ``G += g^2``, ``V -= lr * g / (sqrt(G) + eps)``; equals
   ``torch.optim.Adagrad`` on the sparse gradient.
 
 ``weight_decay`` (default 0) adds ``weight_decay * V_r`` to ``g_r`` of the TOUCHED rows only: the
-gradient of an L2 penalty on the rows a batch uses. (For ``Adam`` the untouched rows then have
+gradient of an L2 penalty on the rows a batch uses (FBGEMM's row-wise Adam decays the weight
+after the step instead, AdamW-style; equal at ``weight_decay=0``). (For ``Adam`` the untouched rows then have
 zero gradient, which is what makes their catch-up exact.)
 
 Optimizer state is float32 (float64 for a float64 table), lives in the module's buffers, is saved
 in ``state_dict()``, and a reloaded module continues exactly. Every backward is one optimizer step
 of the tables: accumulating gradients over several backward calls is not possible for them.
+
+Each optimizer is one class here (its op code, op arguments and state layout), one rule in
+``csrc/fused_row_update.h`` (the CPU and CUDA kernels dispatch through it), and its reference rule
+in `deepfm_fast.reference`.
 """
+
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _args, ops
+__all__ = ["FusedOptimizer", "StateSpec", "Adam", "LazyAdam", "RowWiseAdam", "SGD", "RowWiseAdagrad", "Adagrad",
+           "by_name", "NAMES"]
 
-__all__ = ["FusedOptimizer", "Adam", "LazyAdam", "SGD", "RowWiseAdagrad", "Adagrad", "by_name", "NAMES"]
+
+class StateSpec(NamedTuple):
+    """One optimizer state of a table: what it holds and whether it has one value per row
+    (``[N]``) or one per element (shaped like the table)."""
+
+    name: str
+    per_row: bool = False
 
 
 class FusedOptimizer:
-    """Base of the fused optimizers: hyper-parameters and state layout; the update is `ops.fused_row_update`."""
+    """Base of the fused optimizers: the op code, the op arguments and the state layout of one
+    optimizer; the update is `ops.fused_row_update` (rule ``code`` of ``csrc/fused_row_update.h``)."""
 
-    code = -1  # the `optimizer` argument of ops.fused_row_update
-    num_states = 0
-    row_wise_state = False  # one state value per row instead of per element
+    code = -1  # the `optimizer` argument of ops.fused_row_update (kCode of its rule in csrc/fused_row_update.h)
+    STATES: Tuple[StateSpec, ...] = ()  # per table (the embedding table, then the first-order weights)
+    ROW_STATE: Tuple[str, ...] = ()  # state shared by the tables' rows (new_row_state's names)
+    RECORD_ROW_STATE: Tuple[str, ...] = ()  # those of ROW_STATE with one value per row (packed in the records)
+    catches_up = False  # moves untouched rows when next read (Adam): see flush and ops.adam_rows
 
     def __init__(self, lr: float, *, eps: float = 0.0, betas: Tuple[float, float] = (0.0, 0.0),
                  weight_decay: float = 0.0):
@@ -75,43 +96,41 @@ class FusedOptimizer:
         return (f"{type(self).__name__}(lr={self.lr}, eps={self.eps}, betas={self.betas}, "
                 f"weight_decay={self.weight_decay})")
 
+    def op_args(self) -> Dict[str, float]:
+        """The scalar arguments of `ops.fused_row_update` and `ops.embedding_fm_step` (by keyword)."""
+        return {"optimizer": self.code, "lr": self.lr, "eps": self.eps, "beta1": self.betas[0],
+                "beta2": self.betas[1], "weight_decay": self.weight_decay}
+
+    @property
+    def num_states(self) -> int:
+        """State tensors per table."""
+        return len(self.STATES)
+
     @staticmethod
     def state_dtype(table_dtype: torch.dtype) -> torch.dtype:
         """The state's dtype for a table of ``table_dtype``: float32, or float64 for a float64 table."""
         return torch.float64 if table_dtype == torch.float64 else torch.float32
 
+    def state_names(self, table: str) -> List[str]:
+        """The buffer names (and ``state_dict`` keys) of the states of table ``table`` (``"weight"`` or
+        ``"linear"``), in the order of `ops.fused_row_update`."""
+        return [f"{table}_optimizer_state{i}" for i in range(self.num_states)]
+
     def new_state(self, table: Tensor) -> List[Tensor]:
         """Zero state tensors for `table` [N] or [N, D], in `state_dtype`."""
         dtype = self.state_dtype(table.dtype)
-        shape = table.shape[:1] if self.row_wise_state else table.shape
-        return [torch.zeros(shape, dtype=dtype, device=table.device) for _ in range(self.num_states)]
+        return [torch.zeros(table.shape[:1] if spec.per_row else table.shape, dtype=dtype, device=table.device)
+                for spec in self.STATES]
 
     def new_row_state(self, num_rows: int, device, step: int = 0) -> Dict[str, Tensor]:
         """State shared by the tables of one set of rows (none, but for `Adam`), every row up to date at `step`."""
         return {}
 
-    def update(self, tables, states, ids: Tensor, row_grads, step: Tensor,
-               row_state: Optional[Dict[str, Tensor]] = None, check_ids: bool = True) -> None:
-        """One step on the rows `ids` (sorted, unique) of `tables`, in place; increments `step`.
-
-        `tables` is a table or a list of tables with the same rows (updated in one call, e.g. the
-        embedding table and the first-order weights); `states` and `row_grads` follow it: one list of
-        state tensors and one gradient per table. `step` is the CPU int64 step counter.
-        """
-        tables, states, row_grads = _as_lists(tables, states, row_grads)
-        row_state = row_state or {}
-        ops.fused_row_update(tables, [s for table_states in states for s in table_states], ids, row_grads, step,
-                             self.code, self.lr, self.eps, self.betas[0], self.betas[1], self.weight_decay,
-                             row_state.get("last_step"), row_state.get("catchup"), check_ids)
-
-    def flush(self, tables, states, step: Tensor, row_state: Optional[Dict[str, Tensor]] = None) -> None:
-        """Brings every row up to step `step` (nothing to do but for `Adam`)."""
-
 
 class SGD(FusedOptimizer):
     """``V_r -= lr * g_r`` on the touched rows (``torch.optim.SGD`` on the sparse gradient)."""
 
-    code = _args.SGD
+    code = 0
 
     def __init__(self, lr: float, weight_decay: float = 0.0):
         super().__init__(lr, weight_decay=weight_decay)
@@ -120,9 +139,8 @@ class SGD(FusedOptimizer):
 class RowWiseAdagrad(FusedOptimizer):
     """One accumulator per row: ``G_r += mean_k(g_rk^2)``, ``V_r -= lr * g_r / (sqrt(G_r) + eps)``."""
 
-    code = _args.ROWWISE_ADAGRAD
-    num_states = 1
-    row_wise_state = True
+    code = 1
+    STATES = (StateSpec("sum", per_row=True),)
 
     def __init__(self, lr: float, eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(lr, eps=eps, weight_decay=weight_decay)
@@ -131,8 +149,8 @@ class RowWiseAdagrad(FusedOptimizer):
 class Adagrad(FusedOptimizer):
     """Per element: ``G += g^2``, ``V -= lr * g / (sqrt(G) + eps)`` (``torch.optim.Adagrad``)."""
 
-    code = _args.ADAGRAD
-    num_states = 1
+    code = 2
+    STATES = (StateSpec("sum"),)
 
     def __init__(self, lr: float, eps: float = 1e-10, weight_decay: float = 0.0):
         super().__init__(lr, eps=eps, weight_decay=weight_decay)
@@ -141,8 +159,21 @@ class Adagrad(FusedOptimizer):
 class LazyAdam(FusedOptimizer):
     """Adam moments of the touched rows only, as ``torch.optim.SparseAdam`` (untouched rows stay frozen)."""
 
-    code = _args.LAZY_ADAM
-    num_states = 2
+    code = 3
+    STATES = (StateSpec("exp_avg"), StateSpec("exp_avg_sq"))
+
+    def __init__(self, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(lr, eps=eps, betas=betas, weight_decay=weight_decay)
+
+
+class RowWiseAdam(FusedOptimizer):
+    """FBGEMM's ``PARTIAL_ROWWISE_ADAM``: a first moment per element and ONE second moment per row
+    (the mean of ``g^2`` over the row), on the touched rows only, bias-corrected by the table's step
+    count (see the module docs). ``w`` gets the same rule with its own two values per row."""
+
+    code = 5
+    STATES = (StateSpec("exp_avg"), StateSpec("exp_avg_sq", per_row=True))
 
     def __init__(self, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
@@ -159,9 +190,12 @@ class Adam(FusedOptimizer):
             Larger: a smaller slice per step (``N / P`` rows), a larger table (``88 * P`` bytes).
     """
 
-    code = _args.ADAM
-    num_states = 2
-    ROW_STATE = ("last_step", "catchup")  # the names of new_row_state's tensors
+    code = 4
+    STATES = (StateSpec("exp_avg"), StateSpec("exp_avg_sq"))
+    ROW_STATE = ("last_step", "catchup")
+    RECORD_ROW_STATE = ("last_step",)
+    catches_up = True
+    CATCH_UP_COLUMNS = 11  # enum CatchUpColumn in csrc/fused_row_update.h
 
     def __init__(self, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, catch_up_window: int = 8192):
@@ -180,17 +214,13 @@ class Adam(FusedOptimizer):
     def new_row_state(self, num_rows: int, device, step: int = 0) -> Dict[str, Tensor]:
         # A zero catch-up table composes no missed step: right while no row is behind.
         return {"last_step": torch.full((num_rows,), int(step), dtype=torch.int64, device=device),
-                "catchup": torch.zeros(self.catch_up_window + 1, _args.CATCH_UP_COLUMNS, dtype=torch.float64,
+                "catchup": torch.zeros(self.catch_up_window + 1, self.CATCH_UP_COLUMNS, dtype=torch.float64,
                                        device=device)}
-
-    def flush(self, tables, states, step: Tensor, row_state: Optional[Dict[str, Tensor]] = None) -> None:
-        tables, states, _ = _as_lists(tables, states, tables)
-        ops.adam_catch_up(tables, [s for table_states in states for s in table_states], row_state["last_step"],
-                          row_state["catchup"], step)
 
 
 # The fused optimizers by the names of `deepfm-fast train --table-optimizer`.
-NAMES = {"adam": Adam, "lazy_adam": LazyAdam, "rowwise_adagrad": RowWiseAdagrad, "adagrad": Adagrad, "sgd": SGD}
+NAMES = {"adam": Adam, "lazy_adam": LazyAdam, "rowwise_adam": RowWiseAdam, "rowwise_adagrad": RowWiseAdagrad,
+         "adagrad": Adagrad, "sgd": SGD}
 
 
 def by_name(name: str, lr: float, weight_decay: float = 0.0) -> FusedOptimizer:
@@ -198,10 +228,3 @@ def by_name(name: str, lr: float, weight_decay: float = 0.0) -> FusedOptimizer:
     if name not in NAMES:
         raise ValueError(f"unknown fused table optimizer {name!r}; choose from {list(NAMES)}")
     return NAMES[name](lr=lr, weight_decay=weight_decay)
-
-
-def _as_lists(tables, states, row_grads):
-    """One table (a Tensor, its state list, its gradient) -> the list form of several tables."""
-    if isinstance(tables, Tensor):
-        return [tables], [list(states)], [row_grads]
-    return list(tables), [list(s) for s in states], list(row_grads)

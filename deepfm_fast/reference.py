@@ -10,19 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._args import (
-    ADAGRAD,
-    ADAM,
-    LAZY_ADAM,
-    MODES,
-    ROWWISE_ADAGRAD,
-    SGD,
-    STATES_PER_TABLE,
-    EmbeddingFMOutput,
-    as_csr,
-    mode_code,
-    pooling_codes,
-)
+from . import optim
+from ._args import MODES, EmbeddingFMOutput, as_csr, mode_code, pooling_codes
+from ._row_merge import merge_rows, merges_across_ranks
 
 
 def fm_interaction(emb: Tensor, reduce_sum: bool = True) -> Tensor:
@@ -115,6 +105,58 @@ class _GatherRows(torch.autograd.Function):
 
 
 # ---- fused_row_update ---------------------------------------------------------------------------
+# Each fused optimizer's rule on the touched rows of one table: (rows, g, old states, t, lr, eps,
+# beta1, beta2) -> (new rows, new states), in the accumulation dtype, g with the weight decay in.
+# The same rules as csrc/fused_row_update.h, written plainly; their classes are in deepfm_fast.optim.
+
+def _per_row(x: Tensor, like: Tensor) -> Tensor:
+    """A [U] value per row, broadcast over the row's elements of ``like`` ([U] or [U, D])."""
+    return x.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _row_mean_square(grad: Tensor) -> Tensor:
+    return grad.pow(2).reshape(grad.shape[0], -1).mean(dim=1)
+
+
+def _sgd(rows, grad, old, t, lr, eps, beta1, beta2):
+    return rows - lr * grad, []
+
+
+def _rowwise_adagrad(rows, grad, old, t, lr, eps, beta1, beta2):  # FBGEMM EXACT_ROWWISE_ADAGRAD
+    accumulator = old[0] + _row_mean_square(grad)
+    return rows - _per_row(lr / (accumulator.sqrt() + eps), grad) * grad, [accumulator]
+
+
+def _adagrad(rows, grad, old, t, lr, eps, beta1, beta2):  # torch.optim.Adagrad
+    accumulator = old[0] + grad * grad
+    return rows - lr * (grad / (accumulator.sqrt() + eps)), [accumulator]
+
+
+def _lazy_adam(rows, grad, old, t, lr, eps, beta1, beta2):  # torch.optim.SparseAdam, in its order
+    exp_avg = old[0] + (grad - old[0]) * (1 - beta1)
+    exp_avg_sq = old[1] + (grad * grad - old[1]) * (1 - beta2)
+    step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+    return rows - step_size * (exp_avg / (exp_avg_sq.sqrt() + eps)), [exp_avg, exp_avg_sq]
+
+
+def _adam(rows, grad, old, t, lr, eps, beta1, beta2):  # torch.optim.Adam's single-tensor update, in its order
+    exp_avg = old[0] + (grad - old[0]) * (1 - beta1)
+    exp_avg_sq = old[1] * beta2 + (1 - beta2) * grad * grad
+    denom = exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t) + eps
+    return rows - lr / (1 - beta1**t) * (exp_avg / denom), [exp_avg, exp_avg_sq]
+
+
+def _rowwise_adam(rows, grad, old, t, lr, eps, beta1, beta2):  # FBGEMM PARTIAL_ROWWISE_ADAM
+    exp_avg = old[0] * beta1 + (1 - beta1) * grad
+    exp_avg_sq = old[1] * beta2 + (1 - beta2) * _row_mean_square(grad)
+    denom = exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t) + eps
+    return rows - lr / (1 - beta1**t) * (exp_avg / _per_row(denom, grad)), [exp_avg, exp_avg_sq]
+
+
+ROW_RULES = {optim.SGD: _sgd, optim.RowWiseAdagrad: _rowwise_adagrad, optim.Adagrad: _adagrad,
+             optim.LazyAdam: _lazy_adam, optim.Adam: _adam, optim.RowWiseAdam: _rowwise_adam}
+_BY_CODE = {cls.code: cls for cls in ROW_RULES}
+
 
 @torch.no_grad()
 def fused_row_update(tables: List[Tensor], state: List[Tensor], ids: Tensor, row_grads: List[Tensor], step: Tensor,
@@ -126,22 +168,22 @@ def fused_row_update(tables: List[Tensor], state: List[Tensor], ids: Tensor, row
     ``step`` (a CPU int64 scalar) is incremented first; its new value ``t`` is the step of the bias
     corrections. ``state`` lists each table's state tensors in turn; ``row_grads[t]`` is ``[U]`` or
     ``[U, D_t]``. Per touched row ``r``, with ``g = row_grads[r] + weight_decay * V_r`` (L2 on the
-    touched rows only):
-
-    - SGD: ``V_r -= lr * g``
-    - row-wise Adagrad (FBGEMM ``EXACT_ROWWISE_ADAGRAD``): ``G_r += mean_k(g^2)``, ``V_r -= lr * g / (sqrt(G_r) + eps)``
-    - Adagrad (``torch.optim.Adagrad``): ``G += g^2``, ``V -= lr * g / (sqrt(G) + eps)``
-    - lazy Adam (``torch.optim.SparseAdam``): the moments of the touched rows only.
-    - Adam (``torch.optim.Adam``): first the missed steps of the row since ``last_step[r]`` (see
-      `adam_catch_up`), then the step; then the step's slice of rows is caught up to ``t``.
+    touched rows only), the rule of `ROW_RULES` for the class of ``deepfm_fast.optim`` whose
+    ``code`` is ``optimizer``. Adam (``catches_up``) first applies the missed steps of the row since
+    ``last_step[r]`` (see `adam_catch_up`), then the step; then the step's slice of rows is caught
+    up to ``t``.
     """
+    if optimizer not in _BY_CODE:
+        raise ValueError(f"fused_row_update: unknown optimizer code {optimizer}; the codes are "
+                         f"{ {c: cls.__name__ for c, cls in _BY_CODE.items()} }")
     if check_ids and ids.numel() and not (bool((ids[1:] > ids[:-1]).all()) and int(ids.min()) >= 0
                                           and int(ids.max()) < tables[0].shape[0]):
         raise ValueError("fused_row_update: ids must be sorted, unique and in range")
+    cls = _BY_CODE[optimizer]
+    rule, per_table = ROW_RULES[cls], len(cls.STATES)
     step += 1
     t = int(step)
-    per_table = STATES_PER_TABLE[optimizer]
-    if optimizer == ADAM:
+    if cls.catches_up:
         missed = (t - 1) - last_step[ids]
         _catch_up(tables, state, ids, missed, catchup)
     for n, (table, grads) in enumerate(zip(tables, row_grads)):
@@ -149,34 +191,11 @@ def fused_row_update(tables: List[Tensor], state: List[Tensor], ids: Tensor, row
         acc_dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
         rows = table[ids].to(acc_dtype)
         grad = grads.to(acc_dtype).reshape(rows.shape) + weight_decay * rows
-        old = [s[ids] for s in table_state]
-        if optimizer == SGD:
-            new_rows, new_state = rows - lr * grad, []
-        elif optimizer == ROWWISE_ADAGRAD:
-            accumulator = old[0] + grad.pow(2).reshape(len(ids), -1).mean(dim=1)
-            multiplier = (lr / (accumulator.sqrt() + eps)).reshape((-1,) + (1,) * (grad.dim() - 1))
-            new_rows, new_state = rows - multiplier * grad, [accumulator]
-        elif optimizer == ADAGRAD:
-            accumulator = old[0] + grad * grad
-            new_rows, new_state = rows - lr * (grad / (accumulator.sqrt() + eps)), [accumulator]
-        elif optimizer == LAZY_ADAM:
-            exp_avg = old[0] + (grad - old[0]) * (1 - beta1)
-            exp_avg_sq = old[1] + (grad * grad - old[1]) * (1 - beta2)
-            step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-            new_rows = rows - step_size * (exp_avg / (exp_avg_sq.sqrt() + eps))
-            new_state = [exp_avg, exp_avg_sq]
-        elif optimizer == ADAM:  # torch.optim.Adam's single-tensor update, in its order
-            exp_avg = old[0] + (grad - old[0]) * (1 - beta1)
-            exp_avg_sq = old[1] * beta2 + (1 - beta2) * grad * grad
-            denom = exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t) + eps
-            new_rows = rows - lr / (1 - beta1**t) * (exp_avg / denom)
-            new_state = [exp_avg, exp_avg_sq]
-        else:
-            raise ValueError(f"fused_row_update: unknown optimizer code {optimizer}")
+        new_rows, new_state = rule(rows, grad, [s[ids] for s in table_state], t, lr, eps, beta1, beta2)
         table[ids] = new_rows.to(table.dtype)
         for s, value in zip(table_state, new_state):
             s[ids] = value
-    if optimizer == ADAM:
+    if cls.catches_up:
         last_step[ids] = t
         advance_catch_up_table(catchup, lr, eps, beta1, beta2, t)
         window = catchup.shape[0] - 1
@@ -288,3 +307,73 @@ def advance_catch_up_table(catchup: Tensor, lr: float, eps: float, beta1: float,
     out = torch.stack(columns, dim=1)
     out[0, :9] = 0.0  # gap 0: nothing missed
     catchup.copy_(out)
+
+
+# ---- embedding_fm_step --------------------------------------------------------------------------
+
+def embedding_fm_step(weight: Tensor, linear_weight: Tensor, indices: Tensor, offsets: Optional[Tensor],
+                      per_sample_weights: Optional[Tensor], *, num_fields: int, mode: str, pooling, return_pooled: bool,
+                      weight_state: List[Tensor], linear_state: List[Tensor], step: Tensor,
+                      last_step: Optional[Tensor], catchup: Optional[Tensor], optimizer: int, lr: float, eps: float,
+                      beta1: float, beta2: float, weight_decay: float, sync: int = 0) -> EmbeddingFMOutput:
+    """`deepfm_fast.ops.embedding_fm_step` on the reference: `embedding_fm` whose backward takes the
+    coalesced gradient through autograd (dense, so ``O(N)``: for tests and machines without the
+    kernels), merges it across ranks under ``sync`` and applies `fused_row_update` in place. Adam's
+    rows are first caught up in place, so that the forward reads them as dense Adam has them."""
+    indices, offsets, per_sample_weights, _ = as_csr(indices, offsets, per_sample_weights, num_fields)
+    states = list(weight_state) + list(linear_state)
+    if last_step is not None:
+        catch_up_rows([weight, linear_weight], states, last_step, catchup, step, torch.unique(indices.long()))
+    update = dict(states=states, step=step, last_step=last_step, catchup=catchup, sync=sync,
+                  args=(optimizer, lr, eps, beta1, beta2, weight_decay))
+    forward = dict(num_fields=num_fields, mode=mode, pooling=pooling, return_pooled=return_pooled)
+    return EmbeddingFMOutput(*_FusedStep.apply(weight, linear_weight, indices, offsets, per_sample_weights, forward,
+                                               update))
+
+
+class _FusedStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, linear_weight, indices, offsets, per_sample_weights, forward, update):
+        out = embedding_fm(weight, indices, offsets, per_sample_weights, linear_weight, **forward)
+        ctx.tables, ctx.forward, ctx.update = (weight, linear_weight), forward, update
+        ctx.save_for_backward(indices, offsets, per_sample_weights)
+        if not forward["return_pooled"]:
+            ctx.mark_non_differentiable(out.pooled)
+        return tuple(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_fm, grad_linear, grad_pooled):
+        indices, offsets, per_sample_weights = ctx.saved_tensors
+        (weight, linear_weight), update = ctx.tables, ctx.update
+        unique_ids, row_grads, linear_row_grads, grad_psw = _coalesced_grads(
+            weight, linear_weight, indices, offsets, per_sample_weights, ctx.forward, grad_fm, grad_linear,
+            grad_pooled)
+        if merges_across_ranks(update["sync"]):
+            unique_ids, (row_grads, linear_row_grads) = merge_rows(
+                update["sync"], unique_ids, [row_grads, linear_row_grads], grad_fm.shape[0])
+        fused_row_update([weight, linear_weight], update["states"], unique_ids, [row_grads, linear_row_grads],
+                         update["step"], *update["args"], update["last_step"], update["catchup"], False)
+        grad_psw = grad_psw if per_sample_weights is not None and ctx.needs_input_grad[4] else None
+        return None, None, None, None, grad_psw, None, None
+
+
+def _coalesced_grads(weight, linear_weight, indices, offsets, per_sample_weights, forward, grad_fm, grad_linear,
+                     grad_pooled):
+    """(unique ids, their rows' gradients of V and w, the gradient of the values) from autograd."""
+    with torch.enable_grad():
+        weight = weight.detach().requires_grad_()
+        linear_weight = linear_weight.detach().requires_grad_()
+        psw = per_sample_weights.detach().requires_grad_() if per_sample_weights is not None else None
+        out = embedding_fm(weight, indices, offsets, psw, linear_weight, num_fields=forward["num_fields"],
+                           mode=forward["mode"], pooling=forward["pooling"],
+                           return_pooled=grad_pooled is not None and grad_pooled.numel() > 0)
+        outputs, grads = [out.fm, out.linear], [grad_fm, grad_linear]
+        if out.pooled.numel() > 0:
+            outputs.append(out.pooled)
+            grads.append(grad_pooled)
+        inputs = [weight, linear_weight] + ([psw] if psw is not None else [])
+        result = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+    unique_ids = torch.unique(indices.long())
+    grad_psw = result[2] if psw is not None else None
+    return unique_ids, result[0][unique_ids], result[1][unique_ids], grad_psw

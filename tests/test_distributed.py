@@ -188,31 +188,41 @@ def _root_batch(step, rank):
     return torch.randint(0, 5, (8, 2), generator=g), torch.randint(0, 2, (8,), generator=g).double()
 
 
-def _train_wrapped(rank, world_size, variant):
-    """STEPS steps of a wrapped variant, each rank on its own rows."""
-    data = _data()
+def _variant_model(variant, data):
+    """The model of a wrap variant and its optimizers."""
     if variant.startswith("root-"):
         model = _root_table(variant)
-        optimizers = _root_optimizers(model)
-    else:
-        torch.manual_seed(0)
-        model = (DeepFM(data.fields, 6, hidden_units=(16,), table_optimizer="sparse_adam", use_reference=True)
-                 if variant == "deepfm-sparse-reference" else LR(data.fields, table_optimizer="sparse_adam")).double()
-        optimizers = _optimizers(model, "sparse_adam")
-    ddp = distributed.wrap(model)
-    for step, batch in enumerate(_global_batches(data, shard=(rank, world_size))):
+        return model, _root_optimizers(model)
+    torch.manual_seed(0)
+    model = (DeepFM(data.fields, 6, hidden_units=(16,), table_optimizer="sparse_adam", use_reference=True)
+             if variant == "deepfm-sparse-reference" else LR(data.fields, table_optimizer="sparse_adam")).double()
+    return model, _optimizers(model, "sparse_adam")
+
+
+def _train_variant(variant, ranks, shard=None, wrap=False):
+    """STEPS steps of a variant on the rows of ``ranks`` (each rank its own, concatenated in rank
+    order), wrapped or as one process."""
+    data = _data()
+    model, optimizers = _variant_model(variant, data)
+    module = distributed.wrap(model) if wrap else model
+    for step, batch in enumerate(_global_batches(data, shard=shard)):
         if variant.startswith("root-"):
-            ids, labels = _root_batch(step, rank)
+            ids, labels = (torch.cat(parts) for parts in zip(*[_root_batch(step, r) for r in ranks]))
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            F.binary_cross_entropy_with_logits(ddp(ids), labels).backward()
+            F.binary_cross_entropy_with_logits(module(ids), labels).backward()
             for opt in optimizers:
                 opt.step()
         else:
-            _step(ddp, model, batch, optimizers)
+            _step(module, model, batch, optimizers)
     fused = [m for m in model.modules() if isinstance(m, EmbeddingFM) and m.optimizer is not None]
     return {"state": _final_state(model),
             "fused_tables_have_grad": any(t.grad is not None for m in fused for t in (m.weight, m.linear_weight))}
+
+
+def _train_wrapped(rank, world_size, variant):
+    """STEPS steps of a wrapped variant, each rank on its own rows."""
+    return _train_variant(variant, [rank], shard=(rank, world_size), wrap=True)
 
 
 @pytest.mark.parametrize("variant", [
@@ -222,7 +232,8 @@ def _train_wrapped(rank, world_size, variant):
 ])
 def test_wrap_keeps_every_parameter_equal_across_ranks(variant):
     """wrap leaves to DDP exactly the parameters it neither hooks nor fuses, under the names DDP
-    looks up (an `EmbeddingFM` that is the whole model included); ranks on different rows stay equal."""
+    looks up (an `EmbeddingFM` that is the whole model included); ranks on different rows stay equal
+    and equal one process trained on both ranks' rows."""
     results = run_ranks(_train_wrapped, 2, args=(variant,), timeout_s=90)
     for rank, result in enumerate(results):
         assert "error" not in result, (rank, result)
@@ -234,6 +245,14 @@ def test_wrap_keeps_every_parameter_equal_across_ranks(variant):
         assert torch.equal(rank0[key], rank1[key]), key
     linear_weight = next(v for k, v in rank0.items() if k.endswith("linear_weight"))
     assert bool(linear_weight.ne(0).any())  # it trained (it starts at zero)
+    single = _train_variant(variant, [0, 1])["state"]  # one process on the concatenated batches
+    assert rank0.keys() == single.keys()
+    for key in rank0:  # equal to float round-off: the ranks' gradients are summed in another order
+        if rank0[key].is_floating_point():
+            torch.testing.assert_close(rank0[key], single[key], atol=1e-12, rtol=1e-10,
+                                       msg=lambda m, k=key: f"{variant} {k}: {m}")
+        else:
+            assert torch.equal(rank0[key], single[key]), key
 
 
 def test_wrap_needs_a_process_group():

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import deepfm_fast
-from deepfm_fast import EmbeddingFM, optim, reference
+from deepfm_fast import EmbeddingFM, _packing, ops, optim, reference
 from testing import assert_close, device_params, product, random_csr
 
 pytestmark = pytest.mark.skipif(not deepfm_fast._backend.compiled(), reason="deepfm_fast._C is not built")
@@ -18,6 +18,7 @@ OPTIMIZERS = {
     "rowwise_adagrad": lambda wd=0.0: optim.RowWiseAdagrad(0.1, weight_decay=wd),
     "adagrad": lambda wd=0.0: optim.Adagrad(0.1, weight_decay=wd),
     "lazy_adam": lambda wd=0.0: optim.LazyAdam(0.01, weight_decay=wd),
+    "rowwise_adam": lambda wd=0.0: optim.RowWiseAdam(0.01, weight_decay=wd),
     "adam": lambda wd=0.0: optim.Adam(0.01, weight_decay=wd, catch_up_window=8),
 }
 FIELD_DIMS = [40, 25, 7, 3]
@@ -30,6 +31,15 @@ def counter(value=0):
 
 def random_unique_ids(num_rows, count, device, generator=None):
     return torch.randperm(num_rows, generator=generator).to(device)[:count].sort().values
+
+
+def update(opt, tables, states, ids, grads, step, row_state, impl=ops):
+    """One step of ``opt`` on the rows ``ids`` of ``tables`` (a table or a list of tables with the same
+    rows; ``states`` and ``grads`` follow them) through ``impl.fused_row_update``."""
+    if isinstance(tables, torch.Tensor):
+        tables, states, grads = [tables], [states], [grads]
+    impl.fused_row_update(list(tables), [s for st in states for s in st], ids, list(grads), step, **opt.op_args(),
+                          last_step=row_state.get("last_step"), catchup=row_state.get("catchup"))
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -45,10 +55,8 @@ def test_update_op_matches_reference_update(device, name, dtype, weight_decay):
         for _ in range(12):  # more steps than Adam's window: rows are caught up by the sweep too
             ids = random_unique_ids(60, 17, device)
             grads = torch.randn((17,) + shape[1:], dtype=dtype, device=device)
-            opt.update(table, state, ids, grads, step, row_state)
-            reference.fused_row_update([table_ref], state_ref, ids, [grads], step_ref, opt.code, opt.lr, opt.eps,
-                                       *opt.betas, opt.weight_decay, row_state_ref.get("last_step"),
-                                       row_state_ref.get("catchup"))
+            update(opt, table, state, ids, grads, step, row_state)
+            update(opt, table_ref, state_ref, ids, grads, step_ref, row_state_ref, impl=reference)
         assert int(step) == int(step_ref) == 12
         assert_close(table, table_ref)
         for s, s_ref in zip(state, state_ref):
@@ -68,9 +76,8 @@ def test_update_op_reduced_precision_tables_keep_float32_state(device):
             table_ref, state_ref = table.clone(), [s.clone() for s in state]
             row_state_ref = {k: v.clone() for k, v in row_state.items()}
             ids, grads = random_unique_ids(30, 9, device), torch.randn(9, 8, device=device).to(dtype)
-            opt.update(table, state, ids, grads, counter(), row_state)
-            reference.fused_row_update([table_ref], state_ref, ids, [grads], counter(), opt.code, opt.lr, opt.eps,
-                                       *opt.betas, 0.0, row_state_ref.get("last_step"), row_state_ref.get("catchup"))
+            update(opt, table, state, ids, grads, counter(), row_state)
+            update(opt, table_ref, state_ref, ids, grads, counter(), row_state_ref, impl=reference)
             assert_close(table, table_ref)
 
 
@@ -323,12 +330,13 @@ def test_per_sample_weights_still_get_gradients():
 
 def test_update_ops_opcheck():
     ids = torch.tensor([1, 5, 7])
-    for opt in (optim.SGD(0.1), optim.RowWiseAdagrad(0.1), optim.LazyAdam(0.1), optim.Adam(0.1, catch_up_window=4)):
+    for opt in (optim.SGD(0.1), optim.RowWiseAdagrad(0.1), optim.LazyAdam(0.1), optim.RowWiseAdam(0.1),
+                optim.Adam(0.1, catch_up_window=4)):
         tables, grads = [torch.randn(20, 4), torch.randn(20)], [torch.randn(3, 4), torch.randn(3)]
         state = [s for t in tables for s in opt.new_state(t)]
         row_state = opt.new_row_state(20, "cpu")
         torch.library.opcheck(torch.ops.deepfm_fast.fused_row_update.default,
-                              (tables, state, ids, grads, counter(3), opt.code, 0.1, opt.eps, *opt.betas, 0.0,
+                              (tables, state, ids, grads, counter(3), *opt.op_args().values(),
                                row_state.get("last_step"), row_state.get("catchup")))
         if row_state:
             for rows in (dict(row_begin=0, row_end=-1), dict(row_begin=2, row_end=9)):
@@ -402,11 +410,17 @@ def test_two_tables_in_one_pass_equal_two_separate_updates(device, name):
     for _ in range(12):
         ids = random_unique_ids(40, 11, device)
         grads = [torch.randn((11,) + t.shape[1:], dtype=torch.float64, device=device) for t in tables]
-        opt.update(tables, states, ids, grads, step, row_state)
+        update(opt, tables, states, ids, grads, step, row_state)
         for t, st, g, rs, sc in zip(separate, separate_states, grads, separate_row_states, separate_steps):
-            opt.update(t, st, ids, g, sc, rs)
+            update(opt, t, st, ids, g, sc, rs)
     for a, b in zip(tables, separate):
         assert torch.equal(a, b)
+    for st, separate_st in zip(states, separate_states):  # the optimizer state too
+        for a, b in zip(st, separate_st):
+            assert torch.equal(a, b)
+    for key in row_state:  # Adam's last steps (the catch-up table depends on the step only)
+        for separate_rs in separate_row_states:
+            assert torch.equal(row_state[key], separate_rs[key]), key
 
 
 def test_module_rejects_bad_optimizer_settings():
@@ -436,8 +450,8 @@ def test_adam_rows_are_the_caught_up_rows_and_change_nothing(device):
     generator = torch.Generator().manual_seed(0)
     for _ in range(6):  # rows fall behind by different numbers of steps
         ids = random_unique_ids(30, 7, device, generator)
-        opt.update(tables, states, ids, [torch.randn((7,) + t.shape[1:], dtype=torch.float64, device=device)
-                                         for t in tables], step, row_state)
+        update(opt, tables, states, ids, [torch.randn((7,) + t.shape[1:], dtype=torch.float64, device=device)
+                                          for t in tables], step, row_state)
     flat = [s for st in states for s in st]
     before = [t.clone() for t in tables + flat + list(row_state.values())]
     rows = torch.tensor([0, 3, 11, 29], device=device)
@@ -449,7 +463,7 @@ def test_adam_rows_are_the_caught_up_rows_and_change_nothing(device):
     for copy_, e in zip(copies, expected):
         assert_close(copy_.cpu(), e)
     # ... and what a flush leaves in those rows.
-    opt.flush(tables, states, step, row_state)
+    ops.adam_catch_up(tables, flat, row_state["last_step"], row_state["catchup"], step)  # the flush
     for copy_, table in zip(copies, tables):
         assert_close(copy_, table[rows])
     torch.library.opcheck(torch.ops.deepfm_fast.adam_rows.default,
@@ -469,7 +483,7 @@ def test_rows_further_behind_than_the_window_raise_instead_of_reading_past_the_t
     with pytest.raises(RuntimeError, match=match):
         torch.ops.deepfm_fast.adam_catch_up(tables, flat, row_state["last_step"], row_state["catchup"], step)
     with pytest.raises(RuntimeError, match=match):
-        opt.update(tables, [flat[:2], flat[2:]], ids, [torch.randn(1, 3), torch.randn(1)], step, row_state)
+        update(opt, tables, [flat[:2], flat[2:]], ids, [torch.randn(1, 3), torch.randn(1)], step, row_state)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])
@@ -481,6 +495,106 @@ def test_embedding_fm_step_opcheck(name):
     states = weight_state + [None] * (2 - len(weight_state)) + linear_state + [None] * (2 - len(linear_state))
     indices, offsets = torch.tensor([1, 5, 5, 7, 19, 0]), torch.tensor([0, 2, 3, 4, 6])
     args = (weight, linear_weight, indices, offsets, None, 2, 0, [0], True, *states, counter(),
-            row_state.get("last_step"), row_state.get("catchup"), opt.code, opt.lr, opt.eps, *opt.betas,
-            opt.weight_decay)
+            row_state.get("last_step"), row_state.get("catchup"), *opt.op_args().values())
     torch.library.opcheck(torch.ops.deepfm_fast.embedding_fm_step.default, args)
+
+
+def dense_steps(module, batches, weight_decay, rule):
+    """``module`` (no fused optimizer) trained by ``rule(step, rows, param, grad_rows)`` applied to the
+    rows each batch touches, with the dense autograd gradient plus ``weight_decay * row``: an
+    independent update to compare a fused optimizer with."""
+    for t, (ids, offsets, weights, labels) in enumerate(batches, 1):
+        module.zero_grad(set_to_none=True)
+        logit, pooled = module(ids, offsets, weights, return_pooled=True)
+        (F.binary_cross_entropy_with_logits(logit, labels) + 1e-2 * pooled.pow(2).sum()).backward()
+        rows = torch.unique(module.to_global(ids, offsets))
+        with torch.no_grad():
+            for param in (module.weight, module.linear_weight):
+                grad = param.grad[rows] + weight_decay * param[rows]
+                param[rows] = rule(t, rows, param, grad)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("multi_hot", [False, True])
+def test_rowwise_adam_equals_an_independent_partial_rowwise_adam(device, multi_hot):
+    # FBGEMM's PARTIAL_ROWWISE_ADAM written out per row, in float64, over 4 steps of batches with
+    # duplicate ids, a row-wise second moment for V and its own for w.
+    lr, (beta1, beta2), eps, weight_decay = 0.02, (0.8, 0.95), 1e-8, 0.01
+    fused = EmbeddingFM(FIELD_DIMS, 6, init_std=0.1, optimizer=optim.RowWiseAdam(
+        lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)).double().to(device)
+    plain = EmbeddingFM(FIELD_DIMS, 6).double().to(device)
+    plain.load_state_dict(fused.state_dict(), strict=False)
+    moments = {}
+
+    def rule(t, rows, param, grad):
+        m, v = moments.setdefault(id(param), (torch.zeros_like(param), torch.zeros(param.shape[0], dtype=param.dtype,
+                                                                                  device=param.device)))
+        new_rows = param[rows].clone()
+        for i, r in enumerate(rows.tolist()):
+            g = grad[i]
+            m[r] = beta1 * m[r] + (1 - beta1) * g
+            v[r] = beta2 * v[r] + (1 - beta2) * float((g * g).mean())
+            m_hat, v_hat = m[r] / (1 - beta1**t), float(v[r]) / (1 - beta2**t)
+            new_rows[i] = param[r] - lr * m_hat / (v_hat**0.5 + eps)
+        return new_rows
+
+    batches = make_batches(device, steps=4, multi_hot=multi_hot)
+    assert any(len(torch.unique(b[0])) < b[0].numel() for b in batches)  # duplicates
+    train(fused, batches)
+    dense_steps(plain, batches, weight_decay, rule)
+    assert int(fused.optimizer_step) == 4
+    assert_close(fused.weight, plain.weight)
+    assert_close(fused.linear_weight, plain.linear_weight)
+    (m_v, v_v), (m_w, v_w) = moments[id(plain.weight)], moments[id(plain.linear_weight)]
+    for actual, expected in zip(fused.optimizer_state_list(), [m_v, v_v, m_w, v_w]):
+        assert actual.shape == expected.shape
+        assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_rowwise_adagrad_equals_torchrec_rowwise_adagrad(device):
+    # torchrec.optim.RowWiseAdagrad on the dense gradient (untouched rows: zero gradient, no move)
+    # is the fused optimizer's rule; w as an [N, 1] table of its own.
+    rowwise_adagrad = pytest.importorskip("torchrec.optim.rowwise_adagrad")
+    fused = EmbeddingFM(FIELD_DIMS, 6, init_std=0.1,
+                        optimizer=optim.RowWiseAdagrad(0.1, eps=1e-8)).double().to(device)
+    plain = EmbeddingFM(FIELD_DIMS, 6).double().to(device)
+    plain.load_state_dict(fused.state_dict(), strict=False)
+    tables = [torch.nn.Parameter(plain.weight.detach().clone()),
+              torch.nn.Parameter(plain.linear_weight.detach().clone().unsqueeze(1))]
+    torchrec_opt = rowwise_adagrad.RowWiseAdagrad(tables, lr=0.1, eps=1e-8)
+    batches = make_batches(device, steps=4, multi_hot=True)
+    train(fused, batches)
+    for ids, offsets, weights, labels in batches:
+        with torch.no_grad():
+            plain.weight.copy_(tables[0])
+            plain.linear_weight.copy_(tables[1].squeeze(1))
+        plain.zero_grad(set_to_none=True)
+        logit, pooled = plain(ids, offsets, weights, return_pooled=True)
+        (F.binary_cross_entropy_with_logits(logit, labels) + 1e-2 * pooled.pow(2).sum()).backward()
+        tables[0].grad, tables[1].grad = plain.weight.grad, plain.linear_weight.grad.unsqueeze(1)
+        torchrec_opt.step()
+    assert_close(fused.weight, tables[0].detach())
+    assert_close(fused.linear_weight, tables[1].detach().squeeze(1))
+    assert_close(fused.weight_optimizer_state0, torchrec_opt.state[tables[0]]["sum"].squeeze(1))
+    assert_close(fused.linear_optimizer_state0, torchrec_opt.state[tables[1]]["sum"].squeeze(1))
+
+
+def test_rowwise_adam_record_is_smaller_than_adams():
+    # K = 16, float32: Adam's record holds V and its two moments (3 x 16), w and its two, and the
+    # last step; row-wise Adam's V, its first moment (2 x 16) and four scalars.
+    widths = {}
+    for name in ("adam", "rowwise_adam"):
+        module = EmbeddingFM([100], 16, optimizer=OPTIMIZERS[name]())
+        assert module.rows_packed
+        widths[name] = _packing.record_layout(module._packed_columns())[0] * 4  # bytes
+    assert widths == {"adam": 224, "rowwise_adam": 144}  # 80 bytes (36%) less per row
+
+
+def test_rowwise_adam_is_a_command_line_choice(capsys):
+    assert optim.by_name("rowwise_adam", 0.01).__class__ is optim.RowWiseAdam
+    from deepfm_fast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "rowwise_adam" in capsys.readouterr().out

@@ -15,6 +15,7 @@ OPTIMIZERS = {
     "rowwise_adagrad": lambda: optim.RowWiseAdagrad(0.1),
     "adagrad": lambda: optim.Adagrad(0.1),
     "lazy_adam": lambda: optim.LazyAdam(0.01),
+    "rowwise_adam": lambda: optim.RowWiseAdam(0.01, weight_decay=0.01),
     "adam": lambda: optim.Adam(0.01, catch_up_window=4),
 }
 FIELD_DIMS = [50, 30, 7]
@@ -205,7 +206,7 @@ def test_update_ops_on_strided_records_equal_the_reference_on_contiguous_tables(
     ids = torch.tensor([1, 4, 9, 29])
     grads = [torch.randn(4, 4), torch.randn(4)]
     step, step_copy = torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
-    args = (opt.code, opt.lr, opt.eps, *opt.betas, opt.weight_decay)
+    args = tuple(opt.op_args().values())
     with torch.no_grad():
         for _ in range(3):
             ops.fused_row_update(tables, states, ids, grads, step, *args, row_state.get("last_step"),
@@ -214,6 +215,13 @@ def test_update_ops_on_strided_records_equal_the_reference_on_contiguous_tables(
                                        copies[2].get("last_step"), copies[2].get("catchup"), True)
     for a, e in zip(tables + states, copies[0] + copies[1]):
         assert_close(a, e)
+    assert int(step) == int(step_copy) == 3
+    for key, value in row_state.items():  # Adam's last steps (strided in the records) and catch-up table
+        assert value.stride(0) > 1 if key == "last_step" else value.is_contiguous()
+        if key == "last_step":
+            assert torch.equal(value, copies[2][key])
+        else:
+            assert_close(value, copies[2][key])
     torch.library.opcheck(torch.ops.deepfm_fast.fused_row_update.default,
                           (tables, states, ids, grads, step, *args, row_state.get("last_step"),
                            row_state.get("catchup"), True))

@@ -301,7 +301,7 @@ Prepared prepare(const char* op, const at::Tensor& weight, const at::Tensor& ind
                  int64_t mode, at::IntArrayRef pooling) {
   Prepared p{prepare_embedding_fm_args(op, weight, indices, offsets, psw, lw, num_fields, mode, pooling), {}};
   p.mean.resize(num_fields);
-  for (int64_t f = 0; f < num_fields; ++f) p.mean[f] = pooling[pooling.size() == 1 ? 0 : f] == 1;
+  for (int64_t f = 0; f < num_fields; ++f) p.mean[f] = pooling[pooling.size() == 1 ? 0 : f] == kPoolMean;
   AT_DISPATCH_INDEX_TYPES(p.indices.scalar_type(), "embedding_fm_check", [&] {
     check_csr_values(op, p.indices.const_data_ptr<index_t>(), p.indices.numel(), p.offsets.const_data_ptr<index_t>(),
                      p.offsets.numel(), p.weight.size(0));

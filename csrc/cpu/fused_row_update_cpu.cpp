@@ -24,7 +24,7 @@ namespace {
 // loads overlap with the update of the current row instead of stalling one after the other.
 constexpr int64_t kPrefetchDistance = 8;
 
-// One table of an update, with its state (per element, or per row for row-wise Adagrad). Each is
+// One table of an update, with its state (per element, or per row: the rule's kRowState). Each is
 // read at row * its row stride (a packed record, or a plain contiguous table).
 template <typename scalar_t>
 struct TableRef {
@@ -64,39 +64,9 @@ void catch_up_row(const TableRef<scalar_t>& t, int64_t row, const double* entry)
     value[k] = static_cast<scalar_t>(catch_up_element<acc_t>(static_cast<acc_t>(value[k]), m + k, v + k, c));
 }
 
-// One optimizer step of row `row` of table `t`, with the row's summed gradient `grad`.
-template <int64_t kOptimizer, typename scalar_t>
-inline void update_row(const TableRef<scalar_t>& t, int64_t row, const scalar_t* grad,
-                       const RowUpdateParams<at::opmath_type<scalar_t>>& params) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t dim = t.dim;
-  scalar_t* value = t.row(row);
-  if constexpr (kOptimizer == kRowWiseAdagrad) {
-    acc_t sum_sq = acc_t(0);
-    for (int64_t k = 0; k < dim; ++k) {
-      const acc_t g = decayed_grad<acc_t>(grad[k], value[k], params);
-      sum_sq += g * g;
-    }
-    const acc_t multiplier = rowwise_adagrad_multiplier<acc_t>(t.row_state0(row), sum_sq, dim, params);
-    for (int64_t k = 0; k < dim; ++k) {
-      const acc_t v = value[k];
-      value[k] = static_cast<scalar_t>(v - multiplier * decayed_grad<acc_t>(grad[k], v, params));
-    }
-  } else {
-    acc_t* s0 = t.state0 ? t.row_state0(row) : nullptr;
-    acc_t* s1 = t.state1 ? t.row_state1(row) : nullptr;
-    for (int64_t k = 0; k < dim; ++k) {
-      const acc_t v = value[k];
-      const acc_t g = decayed_grad<acc_t>(grad[k], v, params);
-      value[k] = static_cast<scalar_t>(
-          update_element<kOptimizer, acc_t>(v, g, s0 ? s0 + k : nullptr, s1 ? s1 + k : nullptr, params));
-    }
-  }
-}
-
 // Every table's row of each id in one pass: with the packed layout that is one visit of one record
 // per id. grads[t] holds table t's row gradients, one row per id.
-template <int64_t kOptimizer, typename scalar_t>
+template <class Rule, typename scalar_t>
 void update_rows(const std::vector<TableRef<scalar_t>>& refs, const std::vector<const scalar_t*>& grads,
                  const int64_t* ids, int64_t num_ids, const RowUpdateParams<at::opmath_type<scalar_t>>& params,
                  const CatchUpState& adam, int64_t step) {
@@ -107,22 +77,24 @@ void update_rows(const std::vector<TableRef<scalar_t>>& refs, const std::vector<
         const int64_t ahead = ids[u + kPrefetchDistance];
         for (const auto& t : refs) {
           prefetch_lines<1>(t.row(ahead), t.dim * sizeof(scalar_t));
-          const int64_t state0_width = kOptimizer == kRowWiseAdagrad ? 1 : t.dim;
-          if (t.state0) prefetch_lines<1>(t.row_state0(ahead), state0_width * sizeof(acc_t));
-          if (t.state1) prefetch_lines<1>(t.row_state1(ahead), t.dim * sizeof(acc_t));
+          if (t.state0) prefetch_lines<1>(t.row_state0(ahead), (Rule::kRowState == 0 ? 1 : t.dim) * sizeof(acc_t));
+          if (t.state1) prefetch_lines<1>(t.row_state1(ahead), (Rule::kRowState == 1 ? 1 : t.dim) * sizeof(acc_t));
         }
-        if (kOptimizer == kAdam) prefetch_lines<1>(adam.last_step + ahead * adam.last_step_stride, sizeof(int64_t));
+        if constexpr (Rule::kCatchesUp)
+          prefetch_lines<1>(adam.last_step + ahead * adam.last_step_stride, sizeof(int64_t));
       }
       const int64_t row = ids[u];
       int64_t missed = 0;
-      if constexpr (kOptimizer == kAdam)
+      if constexpr (Rule::kCatchesUp)
         missed = checked_missed_steps("fused_row_update", row, adam.last_step[row * adam.last_step_stride], step - 1,
                                       adam.window);
       for (size_t t = 0; t < refs.size(); ++t) {
-        if (kOptimizer == kAdam && missed > 0) catch_up_row(refs[t], row, adam.table + missed * kCatchUpColumns);
-        update_row<kOptimizer>(refs[t], row, grads[t] + u * refs[t].dim, params);
+        const TableRef<scalar_t>& ref = refs[t];
+        if (Rule::kCatchesUp && missed > 0) catch_up_row(ref, row, adam.table + missed * kCatchUpColumns);
+        update_row<Rule>(ref.row(row), grads[t] + u * ref.dim, ref.state0 ? ref.row_state0(row) : nullptr,
+                         ref.state1 ? ref.row_state1(row) : nullptr, ref.dim, params);
       }
-      if constexpr (kOptimizer == kAdam) adam.last_step[row * adam.last_step_stride] = step;
+      if constexpr (Rule::kCatchesUp) adam.last_step[row * adam.last_step_stride] = step;
     }
   });
 }
@@ -165,36 +137,30 @@ void fused_row_update_cpu(at::TensorList tables, at::TensorList state, const at:
                           double eps, double beta1, double beta2, double weight_decay,
                           const c10::optional<at::Tensor>& last_step, const c10::optional<at::Tensor>& catchup,
                           bool check_ids) {
-  int64_t* counter =
-      check_fused_row_update_args(tables, state, ids_in, row_grads, step_counter, optimizer, last_step, catchup);
-  const at::Tensor ids = ids_in.contiguous();
-  const int64_t num_ids = ids.numel(), num_rows = tables[0].size(0);
-  const int64_t* id = ids.const_data_ptr<int64_t>();
+  const RowUpdateArgs call =
+      prepare_fused_row_update_args(tables, state, ids_in, row_grads, step_counter, optimizer, last_step, catchup);
+  const int64_t num_ids = call.num_ids, num_rows = call.num_rows;
+  const int64_t* id = call.ids.const_data_ptr<int64_t>();
   // Unique and in range: one pass, before any row is written.
   if (check_ids)
     for (int64_t u = 0; u < num_ids; ++u) check_row_id(u, id[u], u > 0 ? id[u - 1] : 0, num_rows);
-  const int64_t step = ++*counter;
-  const int64_t states_per_table = row_optimizer_states(optimizer);
-  const CatchUpState adam = catch_up_state(optimizer, last_step, catchup);
+  const int64_t step = ++*call.counter;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "fused_row_update_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto params = make_row_update_params<acc_t>(lr, eps, beta1, beta2, weight_decay, optimizer, step);
-    const auto refs = table_refs<scalar_t>(tables, state, states_per_table);
-    std::vector<at::Tensor> grads;
     std::vector<const scalar_t*> grad_ptr;
-    for (const auto& g : row_grads) grads.push_back(g.contiguous());
-    for (const auto& g : grads) grad_ptr.push_back(g.const_data_ptr<scalar_t>());
-    switch (optimizer) {
-      case kSGD: update_rows<kSGD>(refs, grad_ptr, id, num_ids, params, adam, step); break;
-      case kRowWiseAdagrad: update_rows<kRowWiseAdagrad>(refs, grad_ptr, id, num_ids, params, adam, step); break;
-      case kAdagrad: update_rows<kAdagrad>(refs, grad_ptr, id, num_ids, params, adam, step); break;
-      case kLazyAdam: update_rows<kLazyAdam>(refs, grad_ptr, id, num_ids, params, adam, step); break;
-      default: update_rows<kAdam>(refs, grad_ptr, id, num_ids, params, adam, step); break;
-    }
-    if (optimizer != kAdam) return;
-    advance_catch_up_table(adam.table, adam.window, make_catch_up_step(lr, eps, beta1, beta2, step));
-    const auto [begin, end] = sweep_rows(num_rows, adam.window, step);
-    catch_up_rows(refs, adam, step, begin, end);
+    for (const auto& g : call.row_grads) grad_ptr.push_back(g.const_data_ptr<scalar_t>());
+    dispatch_row_optimizer(optimizer, [&](auto rule) {
+      using Rule = decltype(rule);
+      const auto params =
+          make_row_update_params<Rule, at::opmath_type<scalar_t>>(lr, eps, beta1, beta2, weight_decay, step);
+      const auto refs = table_refs<scalar_t>(tables, state, Rule::kStates);
+      const CatchUpState adam = catch_up_state<Rule>(last_step, catchup);
+      update_rows<Rule>(refs, grad_ptr, id, num_ids, params, adam, step);
+      if constexpr (Rule::kCatchesUp) {
+        advance_catch_up_table(adam.table, adam.window, make_catch_up_step(lr, eps, beta1, beta2, step));
+        const auto [begin, end] = sweep_rows(num_rows, adam.window, step);
+        catch_up_rows(refs, adam, step, begin, end);
+      }
+    });
   });
 }
 
@@ -204,7 +170,7 @@ void adam_catch_up_cpu(at::TensorList tables, at::TensorList state, const at::Te
   const int64_t target = check_catch_up_args(op, tables, state, last_step, catchup, step_counter);
   const auto [begin, end] = check_row_range(op, tables[0].size(0), row_begin, row_end);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_catch_up_cpu", [&] {
-    catch_up_rows(table_refs<scalar_t>(tables, state, 2), catch_up_state(last_step, catchup), target, begin, end);
+    catch_up_rows(table_refs<scalar_t>(tables, state, optim::Adam::kStates), catch_up_state(last_step, catchup), target, begin, end);
   });
 }
 
@@ -223,7 +189,7 @@ std::vector<at::Tensor> adam_rows_cpu(at::TensorList tables, at::TensorList stat
   for (const auto& table : tables) out.push_back(at::empty(rows_shape(table, num), table.options()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_rows_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto refs = table_refs<scalar_t>(tables, state, 2);
+    const auto refs = table_refs<scalar_t>(tables, state, optim::Adam::kStates);
     const CatchUpState adam = catch_up_state(last_step, catchup);
     std::vector<scalar_t*> out_ptr;
     for (const auto& o : out) out_ptr.push_back(o.mutable_data_ptr<scalar_t>());

@@ -438,16 +438,16 @@ Prepared prepare(const char* op, const at::Tensor& weight, const at::Tensor& ind
   Prepared p{prepare_embedding_fm_args(op, weight, indices, offsets, psw, lw, num_fields, mode, pooling), {}, {}};
   const bool uniform = std::all_of(pooling.begin(), pooling.end(), [&](int64_t v) { return v == pooling[0]; });
   if (uniform) {
-    p.pooling.uniform = static_cast<int>(pooling[0]);
+    p.pooling.uniform = pooling[0] == kPoolMean ? 1 : 0;
   } else if (num_fields <= 64) {
     p.pooling.uniform = -1;
     for (int64_t f = 0; f < num_fields; ++f)
-      if (pooling[f] == 1) p.pooling.bits |= uint64_t(1) << f;
+      if (pooling[f] == kPoolMean) p.pooling.bits |= uint64_t(1) << f;
   } else {
     p.pooling.uniform = -1;
     at::Tensor host = at::empty({num_fields}, at::TensorOptions().dtype(at::kByte));
     uint8_t* flags = host.mutable_data_ptr<uint8_t>();
-    for (int64_t f = 0; f < num_fields; ++f) flags[f] = pooling[f] == 1 ? 1 : 0;
+    for (int64_t f = 0; f < num_fields; ++f) flags[f] = pooling[f] == kPoolMean ? 1 : 0;
     // From pageable memory, so the copy is staged before this returns: no sync, no lifetime issue.
     p.mean_flags = host.to(weight.device(), at::kByte, /*non_blocking=*/true);
     p.pooling.flags = p.mean_flags.const_data_ptr<uint8_t>();

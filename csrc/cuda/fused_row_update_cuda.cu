@@ -1,6 +1,6 @@
 // CUDA kernels of fused_row_update and adam_catch_up: a group of lanes per touched row updates that
 // row in every table (the ids are unique, so no two groups write one row and no atomics are needed;
-// the update is deterministic). Row-wise Adagrad reduces each row's squared gradient with shuffles.
+// the update is deterministic). A row-wise state's update reduces the row's squared gradient with shuffles.
 // Adam catches a row up before its step, advances the catch-up table (one thread per entry, from a
 // copy) and then catches up the step's slice of rows (fused_row_update.h).
 //
@@ -31,7 +31,7 @@ namespace {
 template <typename scalar_t, typename acc_t>
 struct DeviceTables {
   scalar_t* weight[kMaxRowUpdateTables];
-  acc_t* state0[kMaxRowUpdateTables];  // per element, or per row for row-wise Adagrad
+  acc_t* state0[kMaxRowUpdateTables];  // per element, or per row (the rule's kRowState)
   acc_t* state1[kMaxRowUpdateTables];
   const scalar_t* grads[kMaxRowUpdateTables];
   int64_t dim[kMaxRowUpdateTables];
@@ -76,7 +76,38 @@ __device__ __forceinline__ void catch_up_row(const DeviceTables<scalar_t, acc_t>
     value[k] = static_cast<scalar_t>(catch_up_element<acc_t>(static_cast<acc_t>(value[k]), m + k, v + k, c));
 }
 
-template <int64_t kOptimizer, int kLanes, typename scalar_t, typename acc_t>
+// One step of row `row` of table t by the lanes of a group: weight decay, the row factor of a
+// row-wise state (reduced over the group), then the rule on every element (fused_row_update.h).
+template <class Rule, int kLanes, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void update_row_lanes(const DeviceTables<scalar_t, acc_t>& tables, int t, int64_t row,
+                                           const scalar_t* grad, const RowUpdateParams<acc_t>& params, int lane) {
+  const int64_t dim = tables.dim[t];
+  scalar_t* value = tables.row(t, row);
+  acc_t factor = acc_t(0);
+  if constexpr (Rule::kRowState >= 0) {
+    acc_t sum_sq = acc_t(0);
+    for (int64_t k = lane; k < dim; k += kLanes) {
+      const acc_t g = decayed_grad<acc_t>(grad[k], value[k], params);
+      sum_sq += g * g;
+    }
+    sum_sq = cuda::group_sum<kLanes>(sum_sq);
+    if (lane == 0) {
+      acc_t* row_state = Rule::kRowState == 0 ? tables.row_state0(t, row) : tables.row_state1(t, row);
+      factor = Rule::row_factor(row_state, sum_sq, dim, params);
+    }
+    factor = cuda::group_broadcast<kLanes>(factor);
+  }
+  for (int64_t k = lane; k < dim; k += kLanes) {
+    const acc_t v = value[k];
+    acc_t* s0 = nullptr;
+    acc_t* s1 = nullptr;
+    if constexpr (per_element_state<Rule>(0)) s0 = tables.row_state0(t, row) + k;
+    if constexpr (per_element_state<Rule>(1)) s1 = tables.row_state1(t, row) + k;
+    value[k] = static_cast<scalar_t>(Rule::update(v, decayed_grad<acc_t>(grad[k], v, params), s0, s1, factor, params));
+  }
+}
+
+template <class Rule, int kLanes, typename scalar_t, typename acc_t>
 __global__ void update_rows_kernel(DeviceTables<scalar_t, acc_t> tables, const int64_t* __restrict__ ids,
                                    int64_t num_ids, int64_t num_rows, RowUpdateParams<acc_t> params,
                                    CatchUpState adam, int64_t step) {
@@ -86,40 +117,15 @@ __global__ void update_rows_kernel(DeviceTables<scalar_t, acc_t> tables, const i
   const int64_t row = ids[u];
   if (row < 0 || row >= num_rows) return;  // only in "clamp"/"off" mode: never a write outside the tables
   int64_t missed = 0;
-  if constexpr (kOptimizer == kAdam)
+  if constexpr (Rule::kCatchesUp)
     missed = clamped_missed_steps(adam.last_step[row * adam.last_step_stride], step - 1, adam.window);
   for (int t = 0; t < tables.count; ++t) {
-    const int64_t dim = tables.dim[t];
-    scalar_t* value = tables.row(t, row);
-    const scalar_t* grad = tables.grads[t] + u * dim;
-    if constexpr (kOptimizer == kAdam) {
+    if constexpr (Rule::kCatchesUp) {
       if (missed > 0) catch_up_row<kLanes>(tables, t, row, adam.table + missed * kCatchUpColumns, lane);
     }
-    if constexpr (kOptimizer == kRowWiseAdagrad) {
-      acc_t sum_sq = acc_t(0);
-      for (int64_t k = lane; k < dim; k += kLanes) {
-        const acc_t g = decayed_grad<acc_t>(grad[k], value[k], params);
-        sum_sq += g * g;
-      }
-      sum_sq = cuda::group_sum<kLanes>(sum_sq);
-      acc_t multiplier = acc_t(0);
-      if (lane == 0) multiplier = rowwise_adagrad_multiplier<acc_t>(tables.row_state0(t, row), sum_sq, dim, params);
-      multiplier = cuda::group_broadcast<kLanes>(multiplier);
-      for (int64_t k = lane; k < dim; k += kLanes) {
-        const acc_t v = value[k];
-        value[k] = static_cast<scalar_t>(v - multiplier * decayed_grad<acc_t>(grad[k], v, params));
-      }
-    } else {
-      for (int64_t k = lane; k < dim; k += kLanes) {
-        const acc_t v = value[k];
-        const acc_t g = decayed_grad<acc_t>(grad[k], v, params);
-        acc_t* s0 = tables.state0[t] ? tables.row_state0(t, row) + k : nullptr;
-        acc_t* s1 = tables.state1[t] ? tables.row_state1(t, row) + k : nullptr;
-        value[k] = static_cast<scalar_t>(update_element<kOptimizer, acc_t>(v, g, s0, s1, params));
-      }
-    }
+    update_row_lanes<Rule, kLanes>(tables, t, row, tables.grads[t] + u * tables.dim[t], params, lane);
   }
-  if constexpr (kOptimizer == kAdam) {
+  if constexpr (Rule::kCatchesUp) {
     __syncwarp(cuda::group_mask<kLanes>());  // every lane has read last_step[row]
     if (lane == 0) adam.last_step[row * adam.last_step_stride] = step;
   }
@@ -240,47 +246,40 @@ void fused_row_update_cuda(at::TensorList tables, at::TensorList state, const at
                            double eps, double beta1, double beta2, double weight_decay,
                            const c10::optional<at::Tensor>& last_step, const c10::optional<at::Tensor>& catchup,
                            bool check_ids_arg) {
-  int64_t* counter =
-      check_fused_row_update_args(tables, state, ids_in, row_grads_in, step_counter, optimizer, last_step, catchup);
+  const RowUpdateArgs call =
+      prepare_fused_row_update_args(tables, state, ids_in, row_grads_in, step_counter, optimizer, last_step, catchup);
   const c10::cuda::CUDAGuard device_guard(tables[0].device());
-  const at::Tensor ids = ids_in.contiguous();
-  std::vector<at::Tensor> row_grads;
-  for (size_t t = 0; t < tables.size(); ++t) row_grads.push_back(row_grads_in[t].contiguous());
-  const int64_t num_ids = ids.numel(), num_rows = tables[0].size(0), max_dim = max_width(tables);
+  const at::Tensor& ids = call.ids;
+  const std::vector<at::Tensor>& row_grads = call.row_grads;
+  const int64_t num_ids = call.num_ids, num_rows = call.num_rows, max_dim = max_width(tables);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (check_ids_arg && num_ids > 0 && cuda::bounds_check_mode() == kBoundsError) check_ids(ids, num_rows, stream);
-  const int64_t step = ++*counter;
-  const int64_t states_per_table = row_optimizer_states(optimizer);
-  const CatchUpState adam = catch_up_state(optimizer, last_step, catchup);
+  const int64_t step = ++*call.counter;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "fused_row_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto params = make_row_update_params<acc_t>(lr, eps, beta1, beta2, weight_decay, optimizer, step);
-    const auto args = device_tables<scalar_t, acc_t>(tables, state, row_grads, states_per_table);
-    if (num_ids > 0) {
-      cuda::dispatch_lanes(cuda::lanes_for_dim(max_dim), [&](auto kLanes) {
-        const auto grid = cuda::ceil_div(num_ids, cuda::kThreadsPerBlock / kLanes.value);
-        auto launch = [&](auto kernel) {
-          kernel<<<grid, cuda::kThreadsPerBlock, 0, stream>>>(args, ids.const_data_ptr<int64_t>(), num_ids, num_rows,
-                                                              params, adam, step);
+    dispatch_row_optimizer(optimizer, [&](auto rule) {
+      using Rule = decltype(rule);
+      const auto params = make_row_update_params<Rule, acc_t>(lr, eps, beta1, beta2, weight_decay, step);
+      const auto args = device_tables<scalar_t, acc_t>(tables, state, row_grads, Rule::kStates);
+      const CatchUpState adam = catch_up_state<Rule>(last_step, catchup);
+      if (num_ids > 0) {
+        cuda::dispatch_lanes(cuda::lanes_for_dim(max_dim), [&](auto kLanes) {
+          update_rows_kernel<Rule, kLanes.value, scalar_t, acc_t>
+              <<<cuda::ceil_div(num_ids, cuda::kThreadsPerBlock / kLanes.value), cuda::kThreadsPerBlock, 0, stream>>>(
+                  args, ids.const_data_ptr<int64_t>(), num_ids, num_rows, params, adam, step);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-        };
-        switch (optimizer) {
-          case kSGD: return launch(update_rows_kernel<kSGD, kLanes.value, scalar_t, acc_t>);
-          case kRowWiseAdagrad: return launch(update_rows_kernel<kRowWiseAdagrad, kLanes.value, scalar_t, acc_t>);
-          case kAdagrad: return launch(update_rows_kernel<kAdagrad, kLanes.value, scalar_t, acc_t>);
-          case kLazyAdam: return launch(update_rows_kernel<kLazyAdam, kLanes.value, scalar_t, acc_t>);
-          default: return launch(update_rows_kernel<kAdam, kLanes.value, scalar_t, acc_t>);
-        }
-      });
-    }
-    if (optimizer != kAdam) return;
-    const at::Tensor previous = catchup->clone();
-    advance_catch_up_kernel<<<cuda::ceil_div(adam.window + 1, cuda::kThreadsPerBlock), cuda::kThreadsPerBlock, 0,
-                              stream>>>(previous.const_data_ptr<double>(), adam.table, adam.window,
-                                        make_catch_up_step(lr, eps, beta1, beta2, step));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const auto [begin, end] = sweep_rows(num_rows, adam.window, step);
-    launch_catch_up_rows(args, max_dim, adam, step, begin, end, stream);
+        });
+      }
+      if constexpr (Rule::kCatchesUp) {
+        const at::Tensor previous = catchup->clone();
+        advance_catch_up_kernel<<<cuda::ceil_div(adam.window + 1, cuda::kThreadsPerBlock), cuda::kThreadsPerBlock, 0,
+                                  stream>>>(previous.const_data_ptr<double>(), adam.table, adam.window,
+                                            make_catch_up_step(lr, eps, beta1, beta2, step));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const auto [begin, end] = sweep_rows(num_rows, adam.window, step);
+        launch_catch_up_rows(args, max_dim, adam, step, begin, end, stream);
+      }
+    });
   });
 }
 
@@ -294,7 +293,7 @@ void adam_catch_up_cuda(at::TensorList tables, at::TensorList state, const at::T
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_catch_up_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_catch_up_rows(device_tables<scalar_t, acc_t>(tables, state, {}, 2), max_width(tables),
+    launch_catch_up_rows(device_tables<scalar_t, acc_t>(tables, state, {}, optim::Adam::kStates), max_width(tables),
                          catch_up_state(last_step, catchup), target, begin, end, stream);
   });
 }
@@ -320,7 +319,7 @@ std::vector<at::Tensor> adam_rows_cuda(at::TensorList tables, at::TensorList sta
   if (num == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_rows_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto args = device_tables<scalar_t, acc_t>(tables, state, {}, 2);
+    const auto args = device_tables<scalar_t, acc_t>(tables, state, {}, optim::Adam::kStates);
     RowOutputs<scalar_t> outputs{};
     for (size_t t = 0; t < out.size(); ++t) outputs.ptr[t] = out[t].mutable_data_ptr<scalar_t>();
     cuda::dispatch_lanes(cuda::lanes_for_dim(max_width(tables)), [&](auto kLanes) {

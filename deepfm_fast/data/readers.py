@@ -43,6 +43,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .._args import Pooling
+
 __all__ = [
     "DataFormatError",
     "Column",
@@ -99,8 +101,7 @@ class Column:
         if self.transform not in NUMERIC_TRANSFORMS:
             raise ValueError(f"column {self.name!r}: transform must be one of "
                              f"{NUMERIC_TRANSFORMS}, got {self.transform!r}")
-        if self.pooling not in ("sum", "mean"):
-            raise ValueError(f"column {self.name!r}: pooling must be 'sum' or 'mean', got {self.pooling!r}")
+        object.__setattr__(self, "pooling", str(Pooling.parse(self.pooling, f"column {self.name!r}")))
         if self.min_count < 1:
             raise ValueError(f"column {self.name!r}: min_count must be >= 1, got {self.min_count}")
         if self.hash_buckets is not None and self.hash_buckets < 1:

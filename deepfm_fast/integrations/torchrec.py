@@ -91,6 +91,7 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .._args import Pooling
 from ..data.dataset import Batch
 from ..features import FieldSpec, MultiHotField, NumericField, SparseField
 from ..models import MLP
@@ -238,7 +239,7 @@ class TorchRecDeepFM(nn.Module):
                 name=_table_name(f), num_embeddings=f.vocab_size, embedding_dim=self.table_dim,
                 feature_names=[f.name], init_fn=init_fn,
                 # Weighted: nn.EmbeddingBag takes weights only with sum; batch_to_kjt divides by L.
-                pooling=(PoolingType.MEAN if isinstance(f, MultiHotField) and f.pooling == "mean"
+                pooling=(PoolingType.MEAN if isinstance(f, MultiHotField) and Pooling.parse(f.pooling) is Pooling.MEAN
                          and not self.weighted else PoolingType.SUM))
             for f in fields
         ]
@@ -334,7 +335,7 @@ def batch_to_kjt(batch: Batch, fields: Sequence[FieldSpec], weighted: Optional[b
             w = None
             if weighted:
                 w = torch.ones(bag.shape, dtype=torch.float32) if bag_w is None else bag_w.to(torch.float32)
-                if f.pooling == "mean":           # the table sums: the weights carry the 1 / L
+                if Pooling.parse(f.pooling) is Pooling.MEAN:  # the table sums: the weights carry the 1 / L
                     w = w / n.clamp_min(1).unsqueeze(1).to(torch.float32)
                 w = w[mask]
             i_mh += 1
