@@ -151,6 +151,67 @@ def plain_fm_sparse_sgd(rows, dim):
     return Variant("embedding_sparse_SGD", model, step, [opt])
 
 
+def plain_fm_twin(rows, dim, optimizer_name, first_order):
+    """Check-only semantic twin of a W2 variant: plain PyTorch FM (sparse gradients) with the update
+    written out: "EXACT_SGD" (v -= lr g) or "EXACT_ROWWISE_ADAGRAD" (G_r += mean_k g^2, v -= lr g /
+    (sqrt(G_r) + 1e-8)). first_order: "separate" (w its own table with its own accumulator, as
+    EmbeddingFM keeps it), "shared" (TBE with first order: w is one of dim + 4 columns of the row,
+    which share one accumulator), or None (no first order, as TBE without it)."""
+    model = PlainFM(rows, dim, sparse=True)
+    accumulator = torch.zeros(rows * FIELDS)
+    lin_accumulator = torch.zeros(rows * FIELDS)
+    bias_opt = torch.optim.SGD([model.bias], lr=LR)
+
+    def update(param, grad, acc):
+        grad = grad.coalesce()
+        idx, g = grad.indices()[0], grad.values()
+        if optimizer_name == "EXACT_SGD":
+            param.index_add_(0, idx, -LR * g)
+            return
+        acc.index_add_(0, idx, g.pow(2).mean(1))
+        param.index_add_(0, idx, -LR * g / (acc[idx].sqrt() + 1e-8).unsqueeze(1))
+
+    def step(ids, labels):
+        emb, linear = model.embed(ids)
+        logit = fm_logit(emb, linear if first_order else 0.0, model.bias)
+        F.binary_cross_entropy_with_logits(logit, labels).backward()
+        with torch.no_grad():
+            if first_order == "shared" and optimizer_name != "EXACT_SGD":
+                g_emb, g_lin = model.emb.weight.grad.coalesce(), model.lin.weight.grad.coalesce()
+                idx = g_emb.indices()[0]
+                squares = g_emb.values().pow(2).sum(1) + g_lin.values().pow(2).sum(1)
+                accumulator.index_add_(0, idx, squares / (dim + 4))
+                scale = (-LR / (accumulator[idx].sqrt() + 1e-8)).unsqueeze(1)
+                model.emb.weight.index_add_(0, idx, scale * g_emb.values())
+                model.lin.weight.index_add_(0, idx, scale * g_lin.values())
+            else:
+                update(model.emb.weight, model.emb.weight.grad, accumulator)
+                if first_order:
+                    update(model.lin.weight, model.lin.weight.grad, lin_accumulator)
+        model.emb.weight.grad = model.lin.weight.grad = None
+        bias_opt.step()
+        bias_opt.zero_grad(set_to_none=True)
+        return logit
+
+    return Variant(f"twin_plain_{optimizer_name}_first_order_{first_order}", model, step, [bias_opt])
+
+
+def table_tensors(variant):
+    """(V [N, K], w [N] or None) of a variant's model, as the FM reads them (fused Adam: caught up)."""
+    model = variant.model
+    if isinstance(model, nn.ModuleList):
+        model = model[0]
+    if isinstance(model, EmbeddingFM):
+        if model.optimizer is not None and hasattr(model, "flush"):
+            model.flush()
+        return model.weight.detach(), model.linear_weight.detach()
+    if isinstance(model, PlainFM):
+        return model.emb.weight.detach(), model.lin.weight.detach().view(-1)
+    dim = variant.dim
+    table = model.weights_host.view(-1, dim + 4 if model.first_order else dim)
+    return table[:, :dim], table[:, dim] if model.first_order else None
+
+
 def tbe_fm(rows, dim, optimizer_name, first_order=False):
     """FBGEMM TBE (26 tables, one per field) with the update fused in its backward, FM in PyTorch.
 
@@ -187,7 +248,9 @@ def tbe_fm(rows, dim, optimizer_name, first_order=False):
         return logit
 
     name = f"fbgemm_tbe_{optimizer_name}" + ("_with_first_order" if first_order else "")
-    return Variant(name, nn.ModuleList([tbe, nn.ParameterList([bias])]), step, [bias_opt])
+    variant = Variant(name, nn.ModuleList([tbe, nn.ParameterList([bias])]), step, [bias_opt])
+    variant.dim = dim
+    return variant
 
 
 def fused_deepfm(rows, dim, optimizer, hidden=(400, 400, 400), pack_rows=True):
@@ -205,6 +268,24 @@ def fused_deepfm(rows, dim, optimizer, hidden=(400, 400, 400), pack_rows=True):
 
     return Variant(f"fused_{type(optimizer).__name__}" + ("" if pack_rows else SEPARATE), nn.ModuleList([table, net]),
                    step, [opt])
+
+
+def dnn_alone(rows, dim, hidden=(400, 400, 400)):
+    """The W3 DNN's step by itself (Adam, on a fixed [B, F*K] input per batch): what a DeepFM step
+    costs beyond its tables. A reference time (`limit`: no tables, no logits to compare)."""
+    net = dnn(FIELDS * dim, hidden)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    inputs = {}
+
+    def step(ids, labels):
+        x = inputs.setdefault(ids.data_ptr(), torch.randn(ids.shape[0], FIELDS * dim, device=ids.device) * 0.01)
+        logit = net(x).squeeze(1)
+        F.binary_cross_entropy_with_logits(logit, labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return logit
+
+    return Variant("dnn_alone", net, step, [opt], limit=True)
 
 
 def plain_deepfm(rows, dim, sparse, hidden=(400, 400, 400)):
@@ -262,14 +343,39 @@ W2_VARIANTS = {
     "fbgemm_tbe_EXACT_SGD": lambda rows, dim: tbe_fm(rows, dim, "EXACT_SGD"),
     "embedding_sparse_SGD": plain_fm_sparse_sgd,
 }
+# Each variant's semantic twin, which the benchmarks step beside it from the same tables before
+# timing (a variant that disagrees is not timed). Twins missing from a run are built for the check.
+TWINS = {
+    "fused_SGD": "embedding_sparse_SGD",
+    "fused_SGD" + SEPARATE: "embedding_sparse_SGD",
+    "fbgemm_tbe_EXACT_SGD": "twin_plain_EXACT_SGD_first_order_None",
+    "fused_RowWiseAdagrad": "twin_plain_EXACT_ROWWISE_ADAGRAD_first_order_separate",
+    "fused_RowWiseAdagrad" + SEPARATE: "twin_plain_EXACT_ROWWISE_ADAGRAD_first_order_separate",
+    "fbgemm_tbe_EXACT_ROWWISE_ADAGRAD": "twin_plain_EXACT_ROWWISE_ADAGRAD_first_order_None",
+    "fbgemm_tbe_EXACT_ROWWISE_ADAGRAD_with_first_order": "twin_plain_EXACT_ROWWISE_ADAGRAD_first_order_shared",
+    "fused_Adam": "plain_dense_Adam",
+    "fused_Adam" + SEPARATE: "plain_dense_Adam",
+    "fused_LazyAdam": "plain_sparse_SparseAdam",
+}
+CHECK_TWINS = {
+    f"twin_plain_{opt}_first_order_{first}":
+        (lambda rows, dim, opt=opt, first=first: plain_fm_twin(rows, dim, opt, first))
+    for opt, first in [("EXACT_SGD", None), ("EXACT_ROWWISE_ADAGRAD", "separate"), ("EXACT_ROWWISE_ADAGRAD", None),
+                       ("EXACT_ROWWISE_ADAGRAD", "shared")]
+}
+
 W3_VARIANTS = {
     # Adam: dense-Adam semantics (rows caught up); LazyAdam: SparseAdam semantics, as before.
     "fused_Adam": lambda rows, dim: fused_deepfm(rows, dim, optim.Adam(1e-3)),
     "fused_Adam" + SEPARATE: lambda rows, dim: fused_deepfm(rows, dim, optim.Adam(1e-3), pack_rows=False),
     "fused_LazyAdam": lambda rows, dim: fused_deepfm(rows, dim, optim.LazyAdam(1e-3)),
+    "fused_RowWiseAdagrad_deepfm": lambda rows, dim: fused_deepfm(rows, dim, optim.RowWiseAdagrad(LR)),
+    "dnn_alone": dnn_alone,
     "plain_sparse_SparseAdam": lambda rows, dim: plain_deepfm(rows, dim, sparse=True),
     "plain_dense_Adam": lambda rows, dim: plain_deepfm(rows, dim, sparse=False),
 }
+CHECK_TWINS.update(W2_VARIANTS)
+CHECK_TWINS.update(W3_VARIANTS)
 
 
 def has_fbgemm():

@@ -118,6 +118,17 @@ TORCH_LIBRARY(deepfm_fast, m) {
         "Tensor? last_step, Tensor? catchup, int optimizer, float lr, float eps, float beta1, float beta2, "
         "float weight_decay, int sync=0, Tensor? rows=None, Tensor? row_weight=None, Tensor? row_linear_weight=None) "
         "-> (Tensor fm, Tensor linear, Tensor pooled)", pt2);
+  // The backward of embedding_fm_step with its update: the fused_row_update of weight and
+  // linear_weight (its arguments) with the row gradients embedding_fm_backward would give
+  // (grad_fm, grad_linear, grad_pooled, pooled as there; no per-sample weights; `rows`, row_weight,
+  // row_linear_weight as in embedding_fm_step; fm_mode is `mode`, a name auto_functionalized keeps for
+  // itself). With one id per bag and the forward's pooled it
+  // needs no second pass over the occurrences (csrc/cpu/fused_step_cpu.cpp).
+  m.def("embedding_fm_step_update(Tensor grad_fm, Tensor grad_linear, Tensor? grad_pooled, Tensor? pooled, "
+        "Tensor(a!) weight, Tensor(b!) linear_weight, Tensor indices, Tensor offsets, int num_fields, int fm_mode, "
+        "int[] pooling, Tensor? rows, Tensor? row_weight, Tensor? row_linear_weight, Tensor(c!)[] state, "
+        "Tensor(d!) step, Tensor(e!)? last_step, Tensor(f!)? catchup, int optimizer, float lr, float eps, "
+        "float beta1, float beta2, float weight_decay) -> ()", pt2);
   // param[rows] ([U, ...], rows [U] int64 sorted and unique, e.g. the rows an L2 penalty covers),
   // whose gradient is dense or, with sparse_grad, a coalesced sparse COO tensor (sparse_rows).
   m.def("gather_rows(Tensor param, Tensor rows, bool sparse_grad=False) -> Tensor", pt2);

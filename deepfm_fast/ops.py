@@ -438,9 +438,12 @@ def embedding_fm_step(weight: Tensor, linear_weight: Tensor, indices: Tensor, of
     ``row_weight`` and ``row_linear_weight``, those rows of the tables (Adam: `adam_rows`), and
     ``indices`` index them."""
     mode = mode_code(mode)
+    one_id_per_field = offsets is None
     indices, offsets, per_sample_weights, num_fields = as_csr(indices, offsets, per_sample_weights, num_fields)
     pooling = pooling_codes(pooling, num_fields)
-    want_pooled = return_pooled or backward_reuses_pooled(weight, mode)
+    # The CPU's one-pass backward reads the rows from pooled (then they are the forward's rows).
+    want_pooled = return_pooled or backward_reuses_pooled(weight, mode) or (
+        one_id_per_field and per_sample_weights is None and weight.device.type == "cpu")
     states = list(weight_state) + [None] * (2 - len(weight_state)) + list(linear_state) + [None] * (2 - len(linear_state))
     fm, linear, pooled = torch.ops.deepfm_fast.embedding_fm_step.default(
         weight, linear_weight, indices, offsets, per_sample_weights, num_fields, mode, pooling, want_pooled, *states,
@@ -456,6 +459,12 @@ def _register_fused_row_update():
     def _(tables, state, ids, row_grads, step, optimizer, lr, eps, beta1, beta2, weight_decay, last_step=None,
           catchup=None, check_ids=True):
         torch._check(len(tables) >= 1, lambda: "fused_row_update: tables must hold at least one tensor")
+        return None
+
+    @torch.library.register_fake(lib + "embedding_fm_step_update")
+    def _(grad_fm, grad_linear, grad_pooled, pooled, weight, linear_weight, indices, offsets, num_fields, fm_mode,
+          pooling, rows, row_weight, row_linear_weight, state, step, last_step, catchup, optimizer, lr, eps, beta1, beta2,
+          weight_decay):
         return None
 
     @torch.library.register_fake(lib + "adam_catch_up")
@@ -499,6 +508,12 @@ def _register_fused_row_update():
         grad_fm = weight.new_zeros(batch) if grad_fm is None else grad_fm
         grad_linear = weight.new_zeros(batch) if grad_linear is None else grad_linear
         want_grad_psw = psw is not None and ctx.needs_input_grad[4]
+        if psw is None and weight.device.type == "cpu" and not merges_across_ranks(sync):
+            torch.ops.deepfm_fast.embedding_fm_step_update.default(
+                grad_fm, grad_linear, grad_pooled, pooled, weight, linear_weight, indices, offsets, num_fields, mode,
+                pooling, rows, row_weight, row_linear_weight, state, step, last_step, catchup, optimizer, lr, eps,
+                beta1, beta2, weight_decay)
+            return (None,) * 26
         unique_ids, row_grads, linear_row_grads, grad_psw = embedding_fm_backward(
             grad_fm, grad_linear, grad_pooled, read, indices, offsets, psw, read_linear, num_fields, mode, pooling,
             pooled, want_grad_psw)
