@@ -260,7 +260,7 @@ class EmbeddingFM(nn.Module):
         """Journals the rows the step will change (reading those not yet journaled, in parallel: faults ahead)."""
         if self._sync != 0:
             raise NotImplementedError("EmbeddingFM: a file-backed table trains in one process (no distributed merge)")
-        if "last_step" in self._row_state_names:  # Adam also catches up the step's slice of the rows
+        if self.optimizer.catches_up:  # Adam also catches up the step's slice of the rows
             rows, window = self.weight.shape[0], self.optimizer.catch_up_window
             per_slice = -(-rows // window)
             begin = min(rows, int(self.optimizer_step) % window * per_slice)
