@@ -73,18 +73,25 @@ class Variant:
         return self._step(ids, labels)
 
 
+def bce_step(forward, optimizers):
+    """A training step: the logits ``forward(ids)``, BCE backward, then each optimizer's step."""
+    def step(ids, labels):
+        logit = forward(ids)
+        F.binary_cross_entropy_with_logits(logit, labels).backward()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return logit
+
+    return step
+
+
 def fused_fm(rows, dim, optimizer, pack_rows=True):
     model = EmbeddingFM([rows] * FIELDS, dim, optimizer=optimizer, init_std=0.01, pack_rows=pack_rows)
     bias_opt = torch.optim.SGD([model.bias], lr=LR)
 
-    def step(ids, labels):
-        logit = model(ids)
-        F.binary_cross_entropy_with_logits(logit, labels).backward()
-        bias_opt.step()
-        bias_opt.zero_grad(set_to_none=True)
-        return logit
-
-    return Variant(f"fused_{type(optimizer).__name__}" + ("" if pack_rows else SEPARATE), model, step, [bias_opt])
+    return Variant(f"fused_{type(optimizer).__name__}" + ("" if pack_rows else SEPARATE), model,
+                   bce_step(model, [bias_opt]), [bias_opt])
 
 
 SEPARATE = "_separate_rows"  # the name suffix of a fused variant with pack_rows=False (the layout before packing)
@@ -141,14 +148,7 @@ def plain_fm_sparse_sgd(rows, dim):
     model = PlainFM(rows, dim, sparse=True)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
 
-    def step(ids, labels):
-        logit = model(ids)
-        F.binary_cross_entropy_with_logits(logit, labels).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return logit
-
-    return Variant("embedding_sparse_SGD", model, step, [opt])
+    return Variant("embedding_sparse_SGD", model, bce_step(model, [opt]), [opt])
 
 
 def plain_fm_twin(rows, dim, optimizer_name, first_order):

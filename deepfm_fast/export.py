@@ -122,15 +122,5 @@ class ServingModel(nn.Module):
 
     def forward(self, indices: Tensor, offsets: Optional[Tensor] = None,
                 per_sample_weights: Optional[Tensor] = None) -> Tensor:
-        model = self.model
-        need_pooled = model._needs_pooled
-        if offsets is None:
-            out = model.embedding(indices, None, per_sample_weights, return_pooled=need_pooled)
-        else:
-            out = model.embedding(indices, offsets, per_sample_weights, return_pooled=need_pooled, global_ids=True)
-        if need_pooled:
-            logit, pooled = out
-            logit = logit + model._head(pooled)
-        else:
-            logit = out
+        logit = self.model.logit_of_ids(indices, offsets, per_sample_weights)
         return torch.sigmoid(logit) if self.probabilities else logit

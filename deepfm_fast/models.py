@@ -332,6 +332,19 @@ class CTRModel(nn.Module):
     def _head(self, pooled: Optional[Tensor]) -> Optional[Tensor]:
         return None
 
+    def logit_of_ids(self, ids: Tensor, offsets: Optional[Tensor] = None,
+                     weights: Optional[Tensor] = None) -> Tensor:
+        """Logits ``[B]`` of local ids ``[B, F]`` (``offsets`` None) or of CSR bags of global ids."""
+        need_pooled = self._needs_pooled
+        if offsets is None:
+            out = self.embedding(ids, None, weights, return_pooled=need_pooled)
+        else:
+            out = self.embedding(ids, offsets, weights, return_pooled=need_pooled, global_ids=True)
+        if not need_pooled:
+            return out
+        logit, pooled = out
+        return logit + self._head(pooled)
+
     def forward(self, batch: Batch, return_penalty: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         """Logits ``[B]`` of a :class:`~deepfm_fast.data.Batch`.
 
@@ -341,16 +354,7 @@ class CTRModel(nn.Module):
                 tensor; zero when ``l2_embedding == 0``); add it to the loss.
         """
         ids, offsets, weights = self._inputs(batch)
-        need_pooled = self._needs_pooled
-        if offsets is None:
-            out = self.embedding(ids, return_pooled=need_pooled)
-        else:
-            out = self.embedding(ids, offsets, weights, return_pooled=need_pooled, global_ids=True)
-        if need_pooled:
-            logit, pooled = out
-            logit = logit + self._head(pooled)
-        else:
-            logit = out
+        logit = self.logit_of_ids(ids, offsets, weights)
         if not return_penalty:
             return logit
         if self.l2_embedding > 0 and not self.fused:  # fused: the optimizer's weight_decay does it

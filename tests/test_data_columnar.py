@@ -30,6 +30,7 @@ from deepfm_fast.data import (
 from deepfm_fast.data.columnar import crc32_utf8
 from deepfm_fast.data.vocab import NumericTransform, log_square_token
 from deepfm_fast.features import SparseField
+from test_data import write_criteo
 from testing import shared_data_file
 
 
@@ -176,13 +177,7 @@ def test_vectorised_crc32_is_zlibs():
 
 
 def _criteo_tsv(path, rows, gz=False):
-    text = "".join("\t".join(r) + "\n" for r in rows)
-    if gz:
-        with gzip.open(path, "wt") as fh:
-            fh.write(text)
-    else:
-        path.write_text(text)
-    return path
+    return write_criteo(path, rows, gz=gz)
 
 
 def _row(label, ints, cats):

@@ -20,8 +20,10 @@ _LAZY = {
     "cache": ("PreparedData", "encode_file", "prepare_data"),
     "encode": ("FeatureEncoder",),
     "formats": ("FORMATS", "format_spec", "make_format", "trained_spec"),
-    "readers": ("SPARROW_MOVIELENS_SCHEMA", "Column", "CriteoFormat", "CSVFormat", "DataFormatError",
-                "LibFMFormat", "ReadStats", "parse_schema"),
+    "formats.criteo": ("CriteoFormat",),
+    "formats.csv": ("SPARROW_MOVIELENS_SCHEMA", "CSVFormat", "parse_schema"),
+    "formats.libfm": ("LibFMFormat",),
+    "readers": ("Column", "DataFormatError", "ReadStats"),
     "vocab": ("MISSING_ID", "OOV_ID", "HashVocabulary", "NumericTransform", "Vocabulary"),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}

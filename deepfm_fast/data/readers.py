@@ -58,11 +58,6 @@ __all__ = [
     "Column",
     "RawChunk",
     "ReadStats",
-    "CriteoFormat",
-    "LibFMFormat",
-    "CSVFormat",
-    "parse_schema",
-    "SPARROW_MOVIELENS_SCHEMA",
     "open_text",
 ]
 
@@ -441,9 +436,3 @@ def file_signature(path: Union[str, Path]) -> Dict[str, Any]:
     """What identifies a source file for the cache: absolute path, size, mtime."""
     st = os.stat(path)
     return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-# The formats live in deepfm_fast.data.formats (one module each); their names stay importable here.
-from .formats.criteo import CriteoFormat  # noqa: E402
-from .formats.csv import SPARROW_MOVIELENS_SCHEMA, CSVFormat, parse_schema  # noqa: E402
-from .formats.libfm import LibFMFormat  # noqa: E402
