@@ -508,18 +508,15 @@ def _register_fused_row_update():
         grad_fm = weight.new_zeros(batch) if grad_fm is None else grad_fm
         grad_linear = weight.new_zeros(batch) if grad_linear is None else grad_linear
         want_grad_psw = psw is not None and ctx.needs_input_grad[4]
-        if psw is None and weight.device.type == "cpu" and not merges_across_ranks(sync):
+        if psw is None and not merges_across_ranks(sync):
             torch.ops.deepfm_fast.embedding_fm_step_update.default(
                 grad_fm, grad_linear, grad_pooled, pooled, weight, linear_weight, indices, offsets, num_fields, mode,
                 pooling, rows, row_weight, row_linear_weight, state, step, last_step, catchup, optimizer, lr, eps,
                 beta1, beta2, weight_decay)
             return (None,) * 26
-        unique_ids, row_grads, linear_row_grads, grad_psw = embedding_fm_backward(
-            grad_fm, grad_linear, grad_pooled, read, indices, offsets, psw, read_linear, num_fields, mode, pooling,
-            pooled, want_grad_psw)
-        if rows is not None:
-            unique_ids = rows[unique_ids]  # sorted: rows are
-        grads = [row_grads, linear_row_grads]
+        unique_ids, grads, grad_psw = _step_row_grads(grad_fm, grad_linear, grad_pooled, pooled, read, read_linear,
+                                                      indices, offsets, psw, num_fields, mode, pooling, rows,
+                                                      want_grad_psw)
         if merges_across_ranks(sync):
             unique_ids, grads = merge_rows(sync, unique_ids, grads, batch)
         torch.ops.deepfm_fast.fused_row_update.default([weight, linear_weight], state, unique_ids, grads, step,
@@ -528,6 +525,33 @@ def _register_fused_row_update():
         return (None,) * 4 + (grad_psw if want_grad_psw else None,) + (None,) * 21
 
     torch.library.register_autograd(lib + "embedding_fm_step", backward, setup_context=setup_context)
+
+    def embedding_fm_step_update(grad_fm, grad_linear, grad_pooled, pooled, weight, linear_weight, indices, offsets,
+                                 num_fields, fm_mode, pooling, rows, row_weight, row_linear_weight, state, step,
+                                 last_step, catchup, optimizer, lr, eps, beta1, beta2, weight_decay):
+        # Every device but the CPU (whose kernel needs no second pass where a bag holds one id): the
+        # coalesced row gradients, then the update.
+        read, read_linear = (row_weight, row_linear_weight) if rows is not None else (weight, linear_weight)
+        unique_ids, grads, _ = _step_row_grads(grad_fm, grad_linear, grad_pooled, pooled, read, read_linear, indices,
+                                               offsets, None, num_fields, fm_mode, pooling, rows, False)
+        torch.ops.deepfm_fast.fused_row_update.default([weight, linear_weight], state, unique_ids, grads, step,
+                                                       optimizer, lr, eps, beta1, beta2, weight_decay, last_step,
+                                                       catchup, False)
+
+    torch.library.register_kernel(lib + "embedding_fm_step_update", "CompositeExplicitAutograd",
+                                  embedding_fm_step_update)
+
+
+def _step_row_grads(grad_fm, grad_linear, grad_pooled, pooled, read, read_linear, indices, offsets, psw, num_fields,
+                    mode, pooling, rows, want_grad_psw):
+    """The fused step's coalesced row gradients: (table rows, [V's, w's], grad of psw), from the rows the
+    forward read (``rows``' copies for Adam, whose positions map back to table rows)."""
+    unique_ids, row_grads, linear_row_grads, grad_psw = embedding_fm_backward(
+        grad_fm, grad_linear, grad_pooled, read, indices, offsets, psw, read_linear, num_fields, mode, pooling,
+        pooled, want_grad_psw)
+    if rows is not None:
+        unique_ids = rows[unique_ids]  # sorted: rows are
+    return unique_ids, [row_grads, linear_row_grads], grad_psw
 
 
 if _backend.compiled():
