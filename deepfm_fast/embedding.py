@@ -261,10 +261,9 @@ class EmbeddingFM(nn.Module):
         if self._sync != 0:
             raise NotImplementedError("EmbeddingFM: a file-backed table trains in one process (no distributed merge)")
         if self.optimizer.catches_up:  # Adam also catches up the step's slice of the rows
-            rows, window = self.weight.shape[0], self.optimizer.catch_up_window
-            per_slice = -(-rows // window)
-            begin = min(rows, int(self.optimizer_step) % window * per_slice)
-            ids = torch.cat([ids.reshape(-1).long(), torch.arange(begin, min(rows, begin + per_slice))])
+            begin, end = Adam.swept_rows(self.weight.shape[0], self.optimizer.catch_up_window,
+                                         int(self.optimizer_step) + 1)
+            ids = torch.cat([ids.reshape(-1).long(), torch.arange(begin, end)])
         self.table_file.journal(ids)
 
     @property
@@ -362,7 +361,7 @@ class EmbeddingFM(nn.Module):
             pooling = "sum"
         if self._sync == 0 and (self.optimizer is not None or self.sparse) and torch.is_grad_enabled():
             _refuse_unsynchronised(self)
-        if self.optimizer is not None and torch.is_grad_enabled():
+        if training:
             out = self._fused_step(ids, offsets, per_sample_weights, pooling, return_pooled)
         else:
             fn = reference.embedding_fm if self.use_reference else ops.embedding_fm

@@ -211,6 +211,14 @@ class Adam(FusedOptimizer):
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", catch_up_window={self.catch_up_window})"
 
+    @staticmethod
+    def swept_rows(num_rows: int, window: int, step: int) -> Tuple[int, int]:
+        """``[begin, end)``: the slice of rows that update ``step`` (1-based) brings up to date besides
+        the touched ones (``sweep_rows`` of csrc/fused_row_update_checks.h)."""
+        per_slice = -(-num_rows // window)
+        begin = min(num_rows, (step - 1) % window * per_slice)
+        return begin, min(num_rows, begin + per_slice)
+
     def new_row_state(self, num_rows: int, device, step: int = 0) -> Dict[str, Tensor]:
         # A zero catch-up table composes no missed step: right while no row is behind.
         return {"last_step": torch.full((num_rows,), int(step), dtype=torch.int64, device=device),

@@ -198,10 +198,8 @@ def fused_row_update(tables: List[Tensor], state: List[Tensor], ids: Tensor, row
     if cls.catches_up:
         last_step[ids] = t
         advance_catch_up_table(catchup, lr, eps, beta1, beta2, t)
-        window = catchup.shape[0] - 1
-        rows_per_slice = -(-tables[0].shape[0] // window)
-        begin = min(tables[0].shape[0], ((t - 1) % window) * rows_per_slice)
-        adam_catch_up(tables, state, last_step, catchup, step, begin, begin + rows_per_slice)
+        begin, end = optim.Adam.swept_rows(tables[0].shape[0], catchup.shape[0] - 1, t)
+        adam_catch_up(tables, state, last_step, catchup, step, begin, end)
 
 
 @torch.no_grad()
