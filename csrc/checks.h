@@ -2,6 +2,7 @@
 // user never needs a debugger to find which input was wrong.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -159,15 +160,59 @@ inline EmbeddingFMArgs prepare_embedding_fm_args(const char* op, const at::Tenso
   return p;
 }
 
-// The outputs of embedding_fm, before the kernel fills them: fm [B], linear [B] (zeros without
-// linear_weight), and pooled [B, F, K] when asked for, else an empty tensor.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> new_embedding_fm_outputs(const EmbeddingFMArgs& p,
-                                                                                int64_t num_fields,
-                                                                                bool return_pooled) {
+// embedding_fm's outputs, filled by the device's kernel: fm [B], linear [B] (zeros without
+// linear_weight), and pooled [B, F, K] when asked for, else empty. `launch(scalar, index, fm, linear,
+// pooled)` runs the kernel for the table's and the ids' types (a value of each stands for its type),
+// linear and pooled null where it must not write them; nothing runs for an empty batch.
+template <class Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_fm_outputs(const EmbeddingFMArgs& p, int64_t num_fields,
+                                                                    bool return_pooled, Launch&& launch) {
   const auto options = p.weight.options();
   const int64_t batch = p.batch, dim = p.weight.size(1);
-  return {at::empty({batch}, options), p.lw ? at::empty({batch}, options) : at::zeros({batch}, options),
-          return_pooled ? at::empty({batch, num_fields, dim}, options) : at::empty({0}, options)};
+  at::Tensor fm = at::empty({batch}, options);
+  at::Tensor linear = p.lw ? at::empty({batch}, options) : at::zeros({batch}, options);
+  at::Tensor pooled = return_pooled ? at::empty({batch, num_fields, dim}, options) : at::empty({0}, options);
+  if (batch > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.weight.scalar_type(), "embedding_fm", [&] {
+      using scalar = scalar_t;
+      AT_DISPATCH_INDEX_TYPES(p.indices.scalar_type(), "embedding_fm", [&] {
+        launch(scalar{}, index_t{}, fm.mutable_data_ptr<scalar>(), p.lw ? linear.mutable_data_ptr<scalar>() : nullptr,
+               return_pooled ? pooled.mutable_data_ptr<scalar>() : nullptr);
+      });
+    });
+  }
+  return {fm, linear, pooled};
+}
+
+// embedding_fm_backward's arguments as its schema (csrc/ops.cpp) passes them.
+struct EmbeddingFMBackwardCall {
+  const at::Tensor& grad_fm;
+  const at::Tensor& grad_linear;
+  const c10::optional<at::Tensor>& grad_pooled;
+  const at::Tensor& weight;
+  const at::Tensor& indices;
+  const at::Tensor& offsets;
+  const c10::optional<at::Tensor>& psw;
+  const c10::optional<at::Tensor>& lw;
+  int64_t num_fields, mode;
+  at::IntArrayRef pooling;
+  const c10::optional<at::Tensor>& pooled;
+  bool per_sample_weights_grad;
+};
+
+using EmbeddingFMGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// embedding_fm_backward with its schema's signature, written once for every device: the CPU and
+// CUDA files register embedding_fm_backward_op<their kernel>.
+template <EmbeddingFMGrads (*Run)(const EmbeddingFMBackwardCall&)>
+EmbeddingFMGrads embedding_fm_backward_op(const at::Tensor& grad_fm, const at::Tensor& grad_linear,
+                                          const c10::optional<at::Tensor>& grad_pooled, const at::Tensor& weight,
+                                          const at::Tensor& indices, const at::Tensor& offsets,
+                                          const c10::optional<at::Tensor>& psw, const c10::optional<at::Tensor>& lw,
+                                          int64_t num_fields, int64_t mode, at::IntArrayRef pooling,
+                                          const c10::optional<at::Tensor>& pooled, bool per_sample_weights_grad) {
+  return Run(EmbeddingFMBackwardCall{grad_fm, grad_linear, grad_pooled, weight, indices, offsets, psw, lw, num_fields,
+                                     mode, pooling, pooled, per_sample_weights_grad});
 }
 
 inline void check_embedding_fm_backward_args(const at::Tensor& grad_fm, const at::Tensor& grad_linear,

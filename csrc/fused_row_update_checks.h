@@ -140,23 +140,31 @@ inline int64_t* check_fused_row_update_args(at::TensorList tables, at::TensorLis
 // fused_row_update's arguments as the kernels read them, once checked: the ids and row gradients
 // contiguous, and the step counter the update increments.
 struct RowUpdateArgs {
+  at::TensorList tables, state;
   at::Tensor ids;
   std::vector<at::Tensor> row_grads;
   int64_t* counter;
   int64_t num_ids, num_rows;
+  int64_t optimizer;
+  double lr, eps, beta1, beta2, weight_decay;
+  c10::optional<at::Tensor> last_step, catchup;
+  bool check_ids;
 };
 
-inline RowUpdateArgs prepare_fused_row_update_args(at::TensorList tables, at::TensorList state, const at::Tensor& ids,
-                                                   at::TensorList row_grads, const at::Tensor& step_counter,
-                                                   int64_t optimizer, const c10::optional<at::Tensor>& last_step,
-                                                   const c10::optional<at::Tensor>& catchup) {
-  RowUpdateArgs args{{}, {}, nullptr, ids.numel(), 0};
-  args.counter =
+// fused_row_update as its schema (csrc/ops.cpp) declares it, written once for every device: checks
+// and prepares the arguments, then runs the device's kernel `Run` on them. The CPU and CUDA files
+// register fused_row_update_op<their Run>.
+template <void (*Run)(const RowUpdateArgs&)>
+void fused_row_update_op(at::TensorList tables, at::TensorList state, const at::Tensor& ids, at::TensorList row_grads,
+                         const at::Tensor& step_counter, int64_t optimizer, double lr, double eps, double beta1,
+                         double beta2, double weight_decay, const c10::optional<at::Tensor>& last_step,
+                         const c10::optional<at::Tensor>& catchup, bool check_ids) {
+  int64_t* counter =
       check_fused_row_update_args(tables, state, ids, row_grads, step_counter, optimizer, last_step, catchup);
-  args.ids = ids.contiguous();
-  args.num_rows = tables[0].size(0);
+  RowUpdateArgs args{tables, state, ids.contiguous(), {}, counter, ids.numel(), tables[0].size(0), optimizer, lr,
+                     eps, beta1, beta2, weight_decay, last_step, catchup, check_ids};
   for (const auto& g : row_grads) args.row_grads.push_back(g.contiguous());
-  return args;
+  Run(args);
 }
 
 // One id of fused_row_update at position u (prev = ids[u - 1]): in range, and the ids strictly
@@ -238,6 +246,37 @@ inline at::Tensor check_rows(const char* op, const at::Tensor& rows, const at::T
   check_same_device(op, "rows", rows, "tables[0]", table);
   return rows.contiguous();
 }
+
+// adam_catch_up's and adam_rows' arguments, once checked: the step the rows catch up to, and the
+// rows, a range [begin, end) (adam_catch_up) or a list (adam_rows: contiguous int64).
+struct CatchUpArgs {
+  at::TensorList tables, state;
+  at::Tensor last_step, catchup;
+  int64_t target;
+  int64_t begin, end;
+  at::Tensor rows;
+};
+
+// adam_catch_up and adam_rows as their schemas declare them, once for every device (as
+// fused_row_update_op): the arguments checked, then the device's `Run`.
+template <void (*Run)(const CatchUpArgs&)>
+void adam_catch_up_op(at::TensorList tables, at::TensorList state, const at::Tensor& last_step,
+                      const at::Tensor& catchup, const at::Tensor& step_counter, int64_t row_begin, int64_t row_end) {
+  constexpr const char* op = "adam_catch_up";
+  const int64_t target = check_catch_up_args(op, tables, state, last_step, catchup, step_counter);
+  const auto [begin, end] = check_row_range(op, tables[0].size(0), row_begin, row_end);
+  Run(CatchUpArgs{tables, state, last_step, catchup, target, begin, end, {}});
+}
+
+template <std::vector<at::Tensor> (*Run)(const CatchUpArgs&)>
+std::vector<at::Tensor> adam_rows_op(at::TensorList tables, at::TensorList state, const at::Tensor& last_step,
+                                     const at::Tensor& catchup, const at::Tensor& step_counter,
+                                     const at::Tensor& rows) {
+  constexpr const char* op = "adam_rows";
+  const int64_t target = check_catch_up_args(op, tables, state, last_step, catchup, step_counter);
+  return Run(CatchUpArgs{tables, state, last_step, catchup, target, 0, 0, check_rows(op, rows, tables[0])});
+}
+
 
 // The shape of `num` rows of `table`: [num] or [num, D].
 inline std::vector<int64_t> rows_shape(const at::Tensor& table, int64_t num) {

@@ -331,46 +331,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_fm_cpu(
     int64_t mode, at::IntArrayRef pooling, bool return_pooled, bool /*sparse_grad: the autograd's*/) {
   const Prepared p =
       prepare("embedding_fm", weight_in, indices_in, offsets_in, psw_in, lw_in, num_fields, mode, pooling);
-  const int64_t batch = p.batch, dim = p.weight.size(1);
-  at::Tensor fm, linear, pooled;  // (named, not structured bindings: the kernels' lambdas capture them)
-  std::tie(fm, linear, pooled) = new_embedding_fm_outputs(p, num_fields, return_pooled);
-  if (batch == 0) return {fm, linear, pooled};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.weight.scalar_type(), "embedding_fm_cpu", [&] {
-    using scalar = scalar_t;
-    AT_DISPATCH_INDEX_TYPES(p.indices.scalar_type(), "embedding_fm_cpu", [&] {
-      const auto in = make_inputs<scalar, index_t>(p, num_fields, mode);
-      dispatch_embedding_dim(dim, [&](auto static_dim) {
-        forward_kernel<scalar, index_t, static_dim.value>(
-            in, fm.mutable_data_ptr<scalar>(), p.lw ? linear.mutable_data_ptr<scalar>() : nullptr,
-            return_pooled ? pooled.mutable_data_ptr<scalar>() : nullptr);
-      });
+  const int64_t dim = p.weight.size(1);
+  const auto launch = [&](auto scalar, auto index, auto* fm, auto* linear, auto* pooled) {
+    const auto in = make_inputs<decltype(scalar), decltype(index)>(p, num_fields, mode);
+    dispatch_embedding_dim(dim, [&](auto static_dim) {
+      forward_kernel<decltype(scalar), decltype(index), static_dim.value>(in, fm, linear, pooled);
     });
-  });
-  return {fm, linear, pooled};
+  };
+  return embedding_fm_outputs(p, num_fields, return_pooled, launch);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward_cpu(
-    const at::Tensor& grad_fm_in, const at::Tensor& grad_linear_in, const c10::optional<at::Tensor>& grad_pooled_in,
-    const at::Tensor& weight_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
-    const c10::optional<at::Tensor>& psw_in, const c10::optional<at::Tensor>& lw_in, int64_t num_fields, int64_t mode,
-    at::IntArrayRef pooling, const c10::optional<at::Tensor>& pooled_in, bool per_sample_weights_grad) {
-  const Prepared p =
-      prepare("embedding_fm_backward", weight_in, indices_in, offsets_in, psw_in, lw_in, num_fields, mode, pooling);
-  check_embedding_fm_backward_args(grad_fm_in, grad_linear_in, grad_pooled_in, pooled_in, p.weight, p.batch,
+EmbeddingFMGrads embedding_fm_backward_cpu(const EmbeddingFMBackwardCall& call) {
+  const int64_t num_fields = call.num_fields, mode = call.mode;
+  const Prepared p = prepare("embedding_fm_backward", call.weight, call.indices, call.offsets, call.psw, call.lw,
+                             num_fields, mode, call.pooling);
+  check_embedding_fm_backward_args(call.grad_fm, call.grad_linear, call.grad_pooled, call.pooled, p.weight, p.batch,
                                    num_fields);
   // Reused only where it equals the recomputation bit for bit: field mode, float32/float64 tables.
-  const bool reuse_pooled = pooled_in.has_value() && pooled_in->numel() > 0 && mode == 0 &&
+  const bool reuse_pooled = call.pooled.has_value() && call.pooled->numel() > 0 && mode == 0 &&
                             at::toOpMathType(p.weight.scalar_type()) == p.weight.scalar_type();
-  const at::Tensor pooled = reuse_pooled ? pooled_in->contiguous() : at::Tensor();
-  const at::Tensor grad_fm = grad_fm_in.contiguous();
-  const at::Tensor grad_linear = grad_linear_in.contiguous();
-  const bool has_grad_pooled = grad_pooled_in.has_value() && grad_pooled_in->numel() > 0;
-  const at::Tensor grad_pooled = has_grad_pooled ? grad_pooled_in->contiguous() : at::Tensor();
+  const at::Tensor pooled = reuse_pooled ? call.pooled->contiguous() : at::Tensor();
+  const at::Tensor grad_fm = call.grad_fm.contiguous();
+  const at::Tensor grad_linear = call.grad_linear.contiguous();
+  const bool has_grad_pooled = call.grad_pooled.has_value() && call.grad_pooled->numel() > 0;
+  const at::Tensor grad_pooled = has_grad_pooled ? call.grad_pooled->contiguous() : at::Tensor();
   const int64_t nnz = p.indices.numel(), dim = p.weight.size(1);
   const auto options = p.weight.options();
   const auto acc_type = at::toOpMathType(p.weight.scalar_type());
   at::Tensor occ_grad = at::empty({nnz, dim}, options.dtype(acc_type));
-  const bool want_grad_x = p.psw.has_value() && per_sample_weights_grad;
+  const bool want_grad_x = p.psw.has_value() && call.per_sample_weights_grad;
   at::Tensor grad_x = want_grad_x ? at::empty({nnz}, options.dtype(acc_type)) : at::Tensor();
   at::Tensor lin_occ = p.lw ? at::empty({nnz}, options.dtype(acc_type)) : at::Tensor();
 
@@ -409,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
 
 TORCH_LIBRARY_IMPL(deepfm_fast, CPU, m) {
   m.impl("embedding_fm", &embedding_fm_cpu);
-  m.impl("embedding_fm_backward", &embedding_fm_backward_cpu);
+  m.impl("embedding_fm_backward", &embedding_fm_backward_op<embedding_fm_backward_cpu>);
 }
 
 }  // namespace deepfm_fast

@@ -132,28 +132,24 @@ void advance_catch_up_table(double* catchup, int64_t window, const CatchUpStep& 
   }
 }
 
-void fused_row_update_cpu(at::TensorList tables, at::TensorList state, const at::Tensor& ids_in,
-                          at::TensorList row_grads, const at::Tensor& step_counter, int64_t optimizer, double lr,
-                          double eps, double beta1, double beta2, double weight_decay,
-                          const c10::optional<at::Tensor>& last_step, const c10::optional<at::Tensor>& catchup,
-                          bool check_ids) {
-  const RowUpdateArgs call =
-      prepare_fused_row_update_args(tables, state, ids_in, row_grads, step_counter, optimizer, last_step, catchup);
+void fused_row_update_cpu(const RowUpdateArgs& call) {
+  const at::TensorList tables = call.tables, state = call.state;
+  const double lr = call.lr, eps = call.eps, beta1 = call.beta1, beta2 = call.beta2;
   const int64_t num_ids = call.num_ids, num_rows = call.num_rows;
   const int64_t* id = call.ids.const_data_ptr<int64_t>();
   // Unique and in range: one pass, before any row is written.
-  if (check_ids)
+  if (call.check_ids)
     for (int64_t u = 0; u < num_ids; ++u) check_row_id(u, id[u], u > 0 ? id[u - 1] : 0, num_rows);
   const int64_t step = ++*call.counter;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "fused_row_update_cpu", [&] {
     std::vector<const scalar_t*> grad_ptr;
     for (const auto& g : call.row_grads) grad_ptr.push_back(g.const_data_ptr<scalar_t>());
-    dispatch_row_optimizer(optimizer, [&](auto rule) {
+    dispatch_row_optimizer(call.optimizer, [&](auto rule) {
       using Rule = decltype(rule);
       const auto params =
-          make_row_update_params<Rule, at::opmath_type<scalar_t>>(lr, eps, beta1, beta2, weight_decay, step);
+          make_row_update_params<Rule, at::opmath_type<scalar_t>>(lr, eps, beta1, beta2, call.weight_decay, step);
       const auto refs = table_refs<scalar_t>(tables, state, Rule::kStates);
-      const CatchUpState adam = catch_up_state<Rule>(last_step, catchup);
+      const CatchUpState adam = catch_up_state<Rule>(call.last_step, call.catchup);
       update_rows<Rule>(refs, grad_ptr, id, num_ids, params, adam, step);
       if constexpr (Rule::kCatchesUp) {
         advance_catch_up_table(adam.table, adam.window, make_catch_up_step(lr, eps, beta1, beta2, step));
@@ -164,33 +160,26 @@ void fused_row_update_cpu(at::TensorList tables, at::TensorList state, const at:
   });
 }
 
-void adam_catch_up_cpu(at::TensorList tables, at::TensorList state, const at::Tensor& last_step,
-                       const at::Tensor& catchup, const at::Tensor& step_counter, int64_t row_begin, int64_t row_end) {
-  constexpr const char* op = "adam_catch_up";
-  const int64_t target = check_catch_up_args(op, tables, state, last_step, catchup, step_counter);
-  const auto [begin, end] = check_row_range(op, tables[0].size(0), row_begin, row_end);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_catch_up_cpu", [&] {
-    catch_up_rows(table_refs<scalar_t>(tables, state, optim::Adam::kStates), catch_up_state(last_step, catchup), target, begin, end);
+void adam_catch_up_cpu(const CatchUpArgs& call) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.tables[0].scalar_type(), "adam_catch_up_cpu", [&] {
+    catch_up_rows(table_refs<scalar_t>(call.tables, call.state, optim::Adam::kStates),
+                  catch_up_state(call.last_step, call.catchup), call.target, call.begin, call.end);
   });
 }
 
-std::vector<at::Tensor> adam_rows_cpu(at::TensorList tables, at::TensorList state, const at::Tensor& last_step,
-                                      const at::Tensor& catchup, const at::Tensor& step_counter,
-                                      const at::Tensor& rows_in) {
+std::vector<at::Tensor> adam_rows_cpu(const CatchUpArgs& call) {
   constexpr const char* op = "adam_rows";
-  const int64_t target = check_catch_up_args(op, tables, state, last_step, catchup, step_counter);
-  const at::Tensor rows = check_rows(op, rows_in, tables[0]);
-  const int64_t num = rows.numel(), num_rows = tables[0].size(0);
-  const int64_t* row = rows.const_data_ptr<int64_t>();
+  const int64_t num = call.rows.numel(), num_rows = call.tables[0].size(0);
+  const int64_t* row = call.rows.const_data_ptr<int64_t>();
   for (int64_t u = 0; u < num; ++u)
     TORCH_CHECK(row[u] >= 0 && row[u] < num_rows, op, ": rows[", u, "] = ", row[u], " is out of range for tables with ",
                 num_rows, " rows");
   std::vector<at::Tensor> out;
-  for (const auto& table : tables) out.push_back(at::empty(rows_shape(table, num), table.options()));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_rows_cpu", [&] {
+  for (const auto& table : call.tables) out.push_back(at::empty(rows_shape(table, num), table.options()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.tables[0].scalar_type(), "adam_rows_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto refs = table_refs<scalar_t>(tables, state, optim::Adam::kStates);
-    const CatchUpState adam = catch_up_state(last_step, catchup);
+    const auto refs = table_refs<scalar_t>(call.tables, call.state, optim::Adam::kStates);
+    const CatchUpState adam = catch_up_state(call.last_step, call.catchup);
     std::vector<scalar_t*> out_ptr;
     for (const auto& o : out) out_ptr.push_back(o.mutable_data_ptr<scalar_t>());
     at::parallel_for(0, num, grain_size(8 * refs[0].dim), [&](int64_t lo, int64_t hi) {
@@ -206,7 +195,7 @@ std::vector<at::Tensor> adam_rows_cpu(at::TensorList tables, at::TensorList stat
         }
         const int64_t r = row[u];
         const int64_t missed =
-            checked_missed_steps(op, r, adam.last_step[r * adam.last_step_stride], target, adam.window);
+            checked_missed_steps(op, r, adam.last_step[r * adam.last_step_stride], call.target, adam.window);
         for (size_t t = 0; t < refs.size(); ++t) {
           const auto& ref = refs[t];
           scalar_t* dst = out_ptr[t] + u * ref.dim;
@@ -219,7 +208,7 @@ std::vector<at::Tensor> adam_rows_cpu(at::TensorList tables, at::TensorList stat
           const acc_t* m0 = ref.row_state0(r);
           const acc_t* v0 = ref.row_state1(r);
           for (int64_t k = 0; k < ref.dim; ++k) {
-            acc_t m = m0[k], v = v0[k];  // copies: the state stays
+            acc_t m = m0[k], v = v0[k];  // copies: the call.state stays
             dst[k] = static_cast<scalar_t>(catch_up_element<acc_t>(static_cast<acc_t>(src[k]), &m, &v, c));
           }
         }
@@ -232,9 +221,9 @@ std::vector<at::Tensor> adam_rows_cpu(at::TensorList tables, at::TensorList stat
 }  // namespace
 
 TORCH_LIBRARY_IMPL(deepfm_fast, CPU, m) {
-  m.impl("fused_row_update", &fused_row_update_cpu);
-  m.impl("adam_catch_up", &adam_catch_up_cpu);
-  m.impl("adam_rows", &adam_rows_cpu);
+  m.impl("fused_row_update", &fused_row_update_op<fused_row_update_cpu>);
+  m.impl("adam_catch_up", &adam_catch_up_op<adam_catch_up_cpu>);
+  m.impl("adam_rows", &adam_rows_op<adam_rows_cpu>);
 }
 
 }  // namespace deepfm_fast

@@ -566,41 +566,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_fm_cuda(
     cuda::raise_device_error(host.const_data_ptr<int64_t>() + kStatsErrorWord, stream);
   }
   const int64_t batch = p.batch, dim = p.weight.size(1);
-  at::Tensor fm, linear, pooled;  // (named, not structured bindings: the kernels' lambdas capture them)
-  std::tie(fm, linear, pooled) = new_embedding_fm_outputs(p, num_fields, return_pooled);
-  if (batch == 0) return {fm, linear, pooled};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.weight.scalar_type(), "embedding_fm_cuda", [&] {
-    using scalar = scalar_t;
-    AT_DISPATCH_INDEX_TYPES(p.indices.scalar_type(), "embedding_fm_cuda", [&] {
-      const auto in = make_inputs<scalar, index_t>(p, num_fields, mode, bounds);
-      dispatch_group(dim, [&](auto lanes, auto per) {
-        constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
-        cuda::launch(forward_kernel<scalar, index_t, kLanes, kPer>,
-                     cuda::ceil_div(batch, cuda::kThreadsPerBlock / kLanes), cuda::kThreadsPerBlock, stream, in,
-                     fm.mutable_data_ptr<scalar>(), p.lw ? linear.mutable_data_ptr<scalar>() : nullptr,
-                     return_pooled ? pooled.mutable_data_ptr<scalar>() : nullptr);
-      });
+  const auto launch = [&](auto scalar, auto index, auto* fm, auto* linear, auto* pooled) {
+    using scalar_t = decltype(scalar);
+    using index_t = decltype(index);
+    const auto in = make_inputs<scalar_t, index_t>(p, num_fields, mode, bounds);
+    dispatch_group(dim, [&](auto lanes, auto per) {
+      constexpr int kLanes = decltype(lanes)::value, kPer = decltype(per)::value;
+      cuda::launch(forward_kernel<scalar_t, index_t, kLanes, kPer>,
+                   cuda::ceil_div(batch, cuda::kThreadsPerBlock / kLanes), cuda::kThreadsPerBlock, stream, in, fm,
+                   linear, pooled);
     });
-  });
-  return {fm, linear, pooled};
+  };
+  return embedding_fm_outputs(p, num_fields, return_pooled, launch);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward_cuda(
-    const at::Tensor& grad_fm_in, const at::Tensor& grad_linear_in, const c10::optional<at::Tensor>& grad_pooled_in,
-    const at::Tensor& weight_in, const at::Tensor& indices_in, const at::Tensor& offsets_in,
-    const c10::optional<at::Tensor>& psw_in, const c10::optional<at::Tensor>& lw_in, int64_t num_fields, int64_t mode,
-    at::IntArrayRef pooling, const c10::optional<at::Tensor>& pooled_in, bool per_sample_weights_grad) {
+EmbeddingFMGrads embedding_fm_backward_cuda(const EmbeddingFMBackwardCall& call) {
+  const int64_t num_fields = call.num_fields, mode = call.mode;
   constexpr const char* op = "embedding_fm_backward";
-  const Prepared p = prepare(op, weight_in, indices_in, offsets_in, psw_in, lw_in, num_fields, mode, pooling);
+  const Prepared p =
+      prepare(op, call.weight, call.indices, call.offsets, call.psw, call.lw, num_fields, mode, call.pooling);
   // The forward's pooled output is checked but not used: on the GPU the second gather of the rows
   // mostly hits L2 (see the CPU kernel, where reusing it saves a cache miss per row).
-  check_embedding_fm_backward_args(grad_fm_in, grad_linear_in, grad_pooled_in, pooled_in, p.weight, p.batch,
+  check_embedding_fm_backward_args(call.grad_fm, call.grad_linear, call.grad_pooled, call.pooled, p.weight, p.batch,
                                    num_fields);
   const c10::cuda::CUDAGuard device_guard(p.weight.device());
-  const at::Tensor grad_fm = grad_fm_in.contiguous();
-  const at::Tensor grad_linear = grad_linear_in.contiguous();
-  const bool has_grad_pooled = grad_pooled_in.has_value() && grad_pooled_in->numel() > 0;
-  const at::Tensor grad_pooled = has_grad_pooled ? grad_pooled_in->contiguous() : at::Tensor();
+  const at::Tensor grad_fm = call.grad_fm.contiguous();
+  const at::Tensor grad_linear = call.grad_linear.contiguous();
+  const bool has_grad_pooled = call.grad_pooled.has_value() && call.grad_pooled->numel() > 0;
+  const at::Tensor grad_pooled = has_grad_pooled ? call.grad_pooled->contiguous() : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int bounds = cuda::bounds_check_mode();
   const int64_t nnz = p.indices.numel(), dim = p.weight.size(1), rows = p.weight.size(0);
@@ -612,7 +605,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_fm_backward
   const at::Tensor stats = at::full({kStatsSize}, -1, long_options);
   if (bounds == kBoundsError) launch_csr_check(p, stats, stream);
 
-  const bool want_grad_x = p.psw.has_value() && per_sample_weights_grad;
+  const bool want_grad_x = p.psw.has_value() && call.per_sample_weights_grad;
   at::Tensor grad_x = want_grad_x ? at::zeros({nnz}, options.dtype(acc_type)) : at::Tensor();
   at::Tensor occ, lin_occ, order, sorted, head, seg;
   const bool narrow_keys = rows < std::numeric_limits<int32_t>::max();  // the sentinel `rows` fits

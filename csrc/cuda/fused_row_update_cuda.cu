@@ -278,29 +278,25 @@ int64_t max_width(at::TensorList tables) {
 
 }  // namespace
 
-void fused_row_update_cuda(at::TensorList tables, at::TensorList state, const at::Tensor& ids_in,
-                           at::TensorList row_grads_in, const at::Tensor& step_counter, int64_t optimizer, double lr,
-                           double eps, double beta1, double beta2, double weight_decay,
-                           const c10::optional<at::Tensor>& last_step, const c10::optional<at::Tensor>& catchup,
-                           bool check_ids_arg) {
-  const RowUpdateArgs call =
-      prepare_fused_row_update_args(tables, state, ids_in, row_grads_in, step_counter, optimizer, last_step, catchup);
+void fused_row_update_cuda(const RowUpdateArgs& call) {
+  const at::TensorList tables = call.tables, state = call.state;
+  const double lr = call.lr, eps = call.eps, beta1 = call.beta1, beta2 = call.beta2;
   const c10::cuda::CUDAGuard device_guard(tables[0].device());
   const at::Tensor& ids = call.ids;
   const std::vector<at::Tensor>& row_grads = call.row_grads;
   const int64_t num_ids = call.num_ids, num_rows = call.num_rows, max_dim = max_width(tables);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (check_ids_arg && num_ids > 0 && cuda::bounds_check_mode() == kBoundsError) check_ids(ids, num_rows, stream);
+  if (call.check_ids && num_ids > 0 && cuda::bounds_check_mode() == kBoundsError) check_ids(ids, num_rows, stream);
   // The update's grid (at most this many blocks, at a warp per id) fits a launch.
   cuda::checked_blocks(std::max<int64_t>(cuda::ceil_div(num_ids, cuda::kThreadsPerBlock / 32), 1));
   const int64_t step = ++*call.counter;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "fused_row_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dispatch_row_optimizer(optimizer, [&](auto rule) {
+    dispatch_row_optimizer(call.optimizer, [&](auto rule) {
       using Rule = decltype(rule);
-      const auto params = make_row_update_params<Rule, acc_t>(lr, eps, beta1, beta2, weight_decay, step);
+      const auto params = make_row_update_params<Rule, acc_t>(lr, eps, beta1, beta2, call.weight_decay, step);
       const auto args = device_tables<scalar_t, acc_t>(tables, state, row_grads, Rule::kStates);
-      const CatchUpState adam = catch_up_state<Rule>(last_step, catchup);
+      const CatchUpState adam = catch_up_state<Rule>(call.last_step, call.catchup);
       if (num_ids > 0) {
         cuda::dispatch_lanes(cuda::lanes_for_dim(max_dim), [&](auto kLanes) {
           update_rows_kernel<Rule, kLanes.value, scalar_t, acc_t>
@@ -310,7 +306,7 @@ void fused_row_update_cuda(at::TensorList tables, at::TensorList state, const at
         });
       }
       if constexpr (Rule::kCatchesUp) {
-        const at::Tensor previous = catchup->clone();
+        const at::Tensor previous = call.catchup->clone();
         cuda::launch(advance_catch_up_kernel, cuda::ceil_div(adam.window + 1, cuda::kThreadsPerBlock),
                      cuda::kThreadsPerBlock, stream, previous.const_data_ptr<double>(), adam.table, adam.window,
                      make_catch_up_step(lr, eps, beta1, beta2, step));
@@ -321,51 +317,43 @@ void fused_row_update_cuda(at::TensorList tables, at::TensorList state, const at
   });
 }
 
-void adam_catch_up_cuda(at::TensorList tables, at::TensorList state, const at::Tensor& last_step,
-                        const at::Tensor& catchup, const at::Tensor& step_counter, int64_t row_begin,
-                        int64_t row_end) {
-  constexpr const char* op = "adam_catch_up";
-  const int64_t target = check_catch_up_args(op, tables, state, last_step, catchup, step_counter);
-  const auto [begin, end] = check_row_range(op, tables[0].size(0), row_begin, row_end);
-  const c10::cuda::CUDAGuard device_guard(tables[0].device());
+void adam_catch_up_cuda(const CatchUpArgs& call) {
+  const c10::cuda::CUDAGuard device_guard(call.tables[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_catch_up_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.tables[0].scalar_type(), "adam_catch_up_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_catch_up_rows(device_tables<scalar_t, acc_t>(tables, state, {}, optim::Adam::kStates), max_width(tables),
-                         catch_up_state(last_step, catchup), target, begin, end, cuda::kOpAdamCatchUp, stream);
+    launch_catch_up_rows(device_tables<scalar_t, acc_t>(call.tables, call.state, {}, optim::Adam::kStates),
+                         max_width(call.tables), catch_up_state(call.last_step, call.catchup), call.target, call.begin,
+                         call.end, cuda::kOpAdamCatchUp, stream);
   });
 }
 
-std::vector<at::Tensor> adam_rows_cuda(at::TensorList tables, at::TensorList state, const at::Tensor& last_step,
-                                       const at::Tensor& catchup, const at::Tensor& step_counter,
-                                       const at::Tensor& rows_in) {
+std::vector<at::Tensor> adam_rows_cuda(const CatchUpArgs& call) {
   constexpr const char* op = "adam_rows";
-  const int64_t target = check_catch_up_args(op, tables, state, last_step, catchup, step_counter);
-  const at::Tensor rows = check_rows(op, rows_in, tables[0]);
-  const int64_t num = rows.numel(), num_rows = tables[0].size(0);
-  const c10::cuda::CUDAGuard device_guard(tables[0].device());
+  const int64_t num = call.rows.numel(), num_rows = call.tables[0].size(0);
+  const c10::cuda::CUDAGuard device_guard(call.tables[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int bounds = cuda::bounds_check_mode();
   std::vector<at::Tensor> out;
-  for (const auto& table : tables) out.push_back(at::empty(rows_shape(table, num), table.options()));
+  for (const auto& table : call.tables) out.push_back(at::empty(rows_shape(table, num), table.options()));
   if (num == 0) return out;
   // "error" mode: the ids' check and the rows' copy queued together, then one sync raises the CPU's
   // error (the first bad position, or a row beyond the catch-up window) before anything is returned.
-  const at::Tensor found = bounds == kBoundsError ? queue_id_check(rows, num_rows, /*increasing=*/false, stream)
+  const at::Tensor found = bounds == kBoundsError ? queue_id_check(call.rows, num_rows, /*increasing=*/false, stream)
                                                   : at::Tensor();
   if (bounds == kBoundsError && !cuda::checks_now(bounds))  // deferred: the step's backward raises it
-    cuda::launch(record_bad_row_kernel, 1, 1, stream, found.const_data_ptr<int64_t>(), rows.const_data_ptr<int64_t>(),
-                 num_rows, int64_t{cuda::kOpAdamRows}, cuda::device_error());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tables[0].scalar_type(), "adam_rows_cuda", [&] {
+    cuda::launch(record_bad_row_kernel, 1, 1, stream, found.const_data_ptr<int64_t>(),
+                 call.rows.const_data_ptr<int64_t>(), num_rows, int64_t{cuda::kOpAdamRows}, cuda::device_error());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.tables[0].scalar_type(), "adam_rows_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto args = device_tables<scalar_t, acc_t>(tables, state, {}, optim::Adam::kStates);
+    const auto args = device_tables<scalar_t, acc_t>(call.tables, call.state, {}, optim::Adam::kStates);
     RowOutputs<scalar_t> outputs{};
     for (size_t t = 0; t < out.size(); ++t) outputs.ptr[t] = out[t].mutable_data_ptr<scalar_t>();
-    cuda::dispatch_lanes(cuda::lanes_for_dim(max_width(tables)), [&](auto kLanes) {
+    cuda::dispatch_lanes(cuda::lanes_for_dim(max_width(call.tables)), [&](auto kLanes) {
       cuda::launch(adam_rows_kernel<kLanes.value, scalar_t, acc_t>,
                    cuda::ceil_div(num, cuda::kThreadsPerBlock / kLanes.value), cuda::kThreadsPerBlock, stream, args,
-                   outputs, catch_up_state(last_step, catchup), target, rows.const_data_ptr<int64_t>(), num, num_rows,
-                   bounds == kBoundsClamp);
+                   outputs, catch_up_state(call.last_step, call.catchup), call.target,
+                   call.rows.const_data_ptr<int64_t>(), num, num_rows, bounds == kBoundsClamp);
     });
   });
   if (cuda::checks_now(bounds)) {
@@ -373,7 +361,7 @@ std::vector<at::Tensor> adam_rows_cuda(at::TensorList tables, at::TensorList sta
     const at::Tensor host = found.cpu();  // the one sync
     const int64_t u = host.const_data_ptr<int64_t>()[0];
     if (u >= 0) {
-      const int64_t id = rows.narrow(0, u, 1).cpu().const_data_ptr<int64_t>()[0];
+      const int64_t id = call.rows.narrow(0, u, 1).cpu().const_data_ptr<int64_t>()[0];
       TORCH_CHECK(false, op, ": rows[", u, "] = ", id, " is out of range for tables with ", num_rows, " rows");
     }
     cuda::raise_device_error(host.const_data_ptr<int64_t>() + 1, stream);
