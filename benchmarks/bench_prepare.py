@@ -7,8 +7,11 @@ layout: label, I1..I13, C1..C26, tab-separated, no header). Each run is a fresh 
     taskset -c 0   /usr/bin/time -v python -m deepfm_fast prepare --format criteo --train X --cache-dir C
     taskset -c 0,1 ...                                   (and both again with --hash-buckets)
 
-and the wall time, CPU time (user + sys) and peak RSS come from ``/usr/bin/time -v``. Then the
-time from a cache hit to the first training batch (``prepare_data`` + one shuffled batch + CSR).
+``--repeat`` rounds, each over every configuration in turn. Per run: the rows/s that ``prepare``
+itself prints (first byte read to cache published; the interpreter's start and the imports, ~2 s,
+are outside it), and the process's wall time, CPU time (user + sys) and peak RSS from
+``/usr/bin/time -v``. Then the time from a cache hit to the first training batch (``prepare_data``
++ one shuffled batch + CSR).
 
 Run (the generated file and caches go to ``--work``; never commit them)::
 
@@ -95,7 +98,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-prepare"))
     ap.add_argument("--hash-buckets", type=int, default=1_000_000)
     ap.add_argument("--cores", default="0 0-1", help="taskset core lists to run, separated by spaces")
-    ap.add_argument("--out", type=Path, help="write OUT.md and OUT.json")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds over all configurations (medians, spread)")
+    ap.add_argument("--out", type=Path, help="write OUT.json")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     data = args.work / f"criteo_{args.rows}.tsv"
@@ -103,24 +107,37 @@ def main() -> None:
         t = time.perf_counter()
         generate(args.rows, data)
         print(f"generated {data} ({data.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s")
+    modes = (("counted", []), ("hashed", ["--hash-buckets", str(args.hash_buckets)]))
     runs = []
-    for mode, extra in (("counted", []), ("hashed", ["--hash-buckets", str(args.hash_buckets)])):
-        for cores in args.cores.split():
-            cache = args.work / f"cache-{mode}"
-            shutil.rmtree(cache, ignore_errors=True)
-            cmd = [sys.executable, "-m", "deepfm_fast", "prepare", "--format", "criteo", "--train", str(data),
-                   "--cache-dir", str(cache), "--no-progress", *extra]
-            r = _time_v(cmd, cores)
-            r.update(mode=mode, cores=cores, rows=args.rows, rows_per_s=args.rows / r["wall_s"],
-                     rows_per_cpu_s=args.rows / r["cpu_s"])
-            print(f"{mode:8s} cores {cores:4s}: {r['wall_s']:7.1f} s wall ({r['rows_per_s']:9,.0f} rows/s), "
-                  f"{r['cpu_s']:7.1f} s CPU ({r['rows_per_cpu_s']:9,.0f} rows per CPU-s), "
-                  f"peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
-            runs.append(r)
+    load_before = os.getloadavg()
+    # Rounds alternate the configurations, so that a change in the machine's load hits them all alike.
+    for round_ in range(args.repeat):
+        for mode, extra in modes:
+            for cores in args.cores.split():
+                cache = args.work / f"cache-{mode}"
+                shutil.rmtree(cache, ignore_errors=True)
+                cmd = [sys.executable, "-m", "deepfm_fast", "prepare", "--format", "criteo", "--train", str(data),
+                       "--cache-dir", str(cache), "--no-progress", *extra]
+                r = _time_v(cmd, cores)
+                said = re.search(r"rows in ([\d.]+) s: ([\d,]+) rows/s", r["stdout"])
+                r.update(mode=mode, cores=cores, rows=args.rows, round=round_, rows_per_s=args.rows / r["wall_s"],
+                         rows_per_cpu_s=args.rows / r["cpu_s"], prepare_s=float(said.group(1)),
+                         prepare_rows_per_s=float(said.group(2).replace(",", "")))
+                print(f"{mode:8s} cores {cores:4s}: prepare {r['prepare_s']:6.1f} s ({r['prepare_rows_per_s']:9,.0f} "
+                      f"rows/s); process {r['wall_s']:6.1f} s wall ({r['rows_per_s']:9,.0f} rows/s), "
+                      f"{r['cpu_s']:6.1f} s CPU, peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+                runs.append(r)
+    for mode, extra in modes:
+        cache = args.work / f"cache-{mode}"
         total, after_import = first_batch_from_cache(data, cache, extra and args.hash_buckets or None)
-        r["first_batch_from_cache_s"], r["first_batch_after_import_s"] = total, after_import
+        runs.append({"mode": mode, "first_batch_from_cache_s": total, "first_batch_after_import_s": after_import})
         print(f"{mode}: first batch from the cache in {total:.2f} s ({after_import:.2f} s after importing "
               "torch and deepfm_fast)", flush=True)
+    for mode, _ in modes:
+        for cores in args.cores.split():
+            rates = sorted(r["prepare_rows_per_s"] for r in runs if r.get("cores") == cores and r["mode"] == mode)
+            print(f"{mode:8s} cores {cores:4s}: median {np.median(rates):9,.0f} rows/s "
+                  f"(min {rates[0]:,.0f}, max {rates[-1]:,.0f}, {len(rates)} runs)")
     shutil.rmtree(args.work / "cache-counted", ignore_errors=True)
     shutil.rmtree(args.work / "cache-hashed", ignore_errors=True)
     if args.out:
@@ -129,7 +146,8 @@ def main() -> None:
         import deepfm_fast
 
         env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "machine": f"{platform.machine()}, {os.cpu_count()} cores ({_cpu_name()}), shared with other jobs",
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores ({_cpu_name()})",
+               "load_average_before_after": [load_before, os.getloadavg()],
                "python": platform.python_version(), "pyarrow": pyarrow.__version__,
                "numpy": np.__version__, "deepfm_fast": deepfm_fast.__version__,
                "file_gb": data.stat().st_size / 1e9,

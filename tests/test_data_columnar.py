@@ -311,3 +311,113 @@ def test_libfm_whitespace_runs_and_crlf_parse_as_str_split(tmp_path, monkeypatch
     path = tmp_path / "ws.libfm"
     path.write_bytes(b"1  3:1   4:2 \r\n\n  -1 3:1\t5:0.5\r\n1 6:1 3:1\n")
     assert_matches_reference(lambda: LibFMFormat(fields=fields), path, monkeypatch=monkeypatch)
+
+
+# -- the fast path's parts: blocks, read-ahead, compact spill, coded numbers, id types ----------------
+@pytest.mark.parametrize("gz", [False, True])
+def test_blocks_hold_every_line_once_with_its_number(tmp_path, monkeypatch, gz):
+    from deepfm_fast.data import columnar
+
+    monkeypatch.setattr(columnar, "_SCAN", 3)  # the windowed newline searches cross windows
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        lines = [b"x" * int(rng.integers(0, 12)) for _ in range(int(rng.integers(0, 30)))]
+        data = b"\n".join(lines) + (b"\n" if rng.random() < 0.5 else b"")
+        path = tmp_path / f"f{trial}"
+        path.write_bytes(gzip.compress(data) if gz else data)
+        chunk_rows, block_bytes = int(rng.integers(1, 9)), int(rng.integers(1, 40))
+        skip = int(rng.integers(0, 3)) if lines else 0
+        blocks = list(columnar.iter_blocks(path, chunk_rows, block_bytes, skip))
+        physical = data.split(b"\n")[:data.count(b"\n") + (not data.endswith(b"\n"))]
+        want = b"\n".join(physical[skip:]) + (b"\n" if data.endswith(b"\n") and len(physical) > skip else b"")
+        assert b"".join(bytes(b) for _, b in blocks) == want, (trial, chunk_rows, block_bytes, skip)
+        line = skip + 1
+        for first, block in blocks:
+            block = bytes(block)
+            n = block.count(b"\n") + (not block.endswith(b"\n"))
+            assert first == line and 1 <= n <= chunk_rows
+            line += n
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_read_ahead_keeps_order_and_hands_errors_over(ahead):
+    from deepfm_fast.data.columnar import read_ahead
+
+    def work(k):
+        if k % 4 == 3:
+            raise ValueError(f"bad {k}")
+        return k * k
+
+    got = list(read_ahead(range(10), work, ahead=ahead))
+    assert [k for k, _ in got] == list(range(10))
+    for k, r in got:
+        assert (isinstance(r, ValueError) and str(r) == f"bad {k}") if k % 4 == 3 else r == k * k
+
+
+@pytest.mark.parametrize("fmt_factory", [lambda: CriteoFormat(min_count=2), lambda: CriteoFormat(hash_buckets=5000),
+                                         lambda: CriteoFormat(numeric="log_square", missing_indicator=True)])
+def test_many_chunks_and_a_second_file_equal_the_reference(fmt_factory, tmp_path, monkeypatch):
+    """Small chunks: the counted lookups run over groups of chunks (training and test file), the
+    coded numbers' statistics add up over chunks."""
+    sample = shared_data_file("criteo_sample_10k/criteo_sampled_data_10k.csv.gz")
+    with gzip.open(sample, "rt") as fh:
+        lines = fh.read().splitlines()[1:]
+    train = tmp_path / "train.txt"
+    train.write_text("\n".join(ln.replace(",", "\t") for ln in lines[:7000]) + "\n")
+    test = tmp_path / "test.txt"
+    test.write_text("\n".join(ln.replace(",", "\t") for ln in lines[7000:]) + "\n")
+    assert_matches_reference(fmt_factory, train, test, monkeypatch=monkeypatch, chunk_rows=331)
+
+
+def test_numbers_not_exact_in_float32_are_kept_in_float64(tmp_path):
+    values = ["0.1", "1e-300", "123456789.123", "", "2.5", "16777217", "-7", "3"]
+    path = tmp_path / "n.csv"
+    path.write_text("y,x,c\n" + "".join(f"{k % 2},{v},c{k % 3}\n" for k, v in enumerate(values)))
+    fmt = lambda: CSVFormat({"y": "label", "x": {"role": "numeric", "transform": "standardize"}, "c": "sparse"})  # noqa: E731
+    d = prepare_data(fmt(), path, cache_dir=tmp_path / "cache", chunk_rows=3)
+    x = np.array([float(v) if v else np.nan for v in values])
+    t = NumericTransform("standardize")
+    t.update(x)
+    t.finish()
+    np.testing.assert_allclose(d.train.numeric[:, 0].numpy(), t.apply(x), rtol=1e-6, atol=0)
+
+
+def test_coded_numbers_encode_as_the_dense_numbers():
+    from deepfm_fast.data.columnar import CodedNumbers, ColumnChunk
+    from deepfm_fast.data.encode import FeatureEncoder
+    from deepfm_fast.data.readers import Column
+
+    rng = np.random.default_rng(1)
+    values = np.array([0.0, 1.0, 7.0, 7.0, 250.0, np.nan, -3.0])
+    codes = rng.integers(-1, len(values), 500).astype(np.int32)
+    coded = CodedNumbers(values, codes)
+    dense = coded.dense()
+    assert np.array_equal(np.isnan(dense), (codes < 0) | np.isnan(values[codes]))
+    cols = [Column("label", "label"), Column("x", "numeric", transform="log1p", missing_indicator=True)]
+    out = []
+    for nums in ({"x": coded}, {"x": dense}):
+        chunk = ColumnChunk(np.zeros(len(codes), np.float32), {}, nums, {}, {}, {})
+        enc = FeatureEncoder(cols)
+        enc.begin_fit()
+        arrays, deferred, _ = enc.fit_chunk(chunk)
+        enc.finish_fit(len(codes))
+        out.append((enc.numeric["x"].mean, enc.numeric["x"].std, enc.finish_deferred(deferred, {})["numeric"],
+                    enc.encode(chunk)["numeric"]))
+    (m1, s1, deferred1, direct1), (m2, s2, deferred2, direct2) = out
+    assert m1 == pytest.approx(m2, rel=1e-12) and s1 == pytest.approx(s2, rel=1e-12)
+    np.testing.assert_allclose(deferred1, deferred2, rtol=1e-6)
+    assert np.array_equal(deferred1, direct1) and np.array_equal(deferred2, direct2)
+    assert np.array_equal(direct1[:, 1], np.isnan(dense).astype(np.float32))
+
+
+def test_cached_ids_are_int32_batches_int64_and_wide_hashes_int64(tmp_path):
+    from deepfm_fast.data import iterate_batches
+
+    path = _criteo_tsv(tmp_path / "t.txt", _good_rows(50))
+    d = prepare_data(CriteoFormat(), path, cache_dir=tmp_path / "cache")
+    assert d.train.sparse.dtype == torch.int32
+    assert next(iterate_batches(d.train, 16)).sparse.dtype == torch.int64
+    wide = prepare_data(CriteoFormat(hash_buckets=2 ** 31), path, cache_dir=tmp_path / "cache")
+    assert wide.train.sparse.dtype == torch.int64
+    ids = wide.train.sparse[:, 0].numpy()
+    assert np.array_equal(ids, [2 + zlib.crc32(f"{k % 5:08x}".encode()) % 2 ** 31 for k in range(50)])

@@ -9,10 +9,10 @@ file's path, size and mtime)::
     <split>-<srckey>/            one per encoded file (train, valid, test, ...), srckey = hash
         split.json               of that file's signature; rows, bad_lines, arrays present
         labels.npy               float32 [R]
-        sparse.npy               int64   [R, Fs]
+        sparse.npy               int32   [R, Fs]   (int64 if a field has 2^31+ rows)
         sparse_weights.npy       float32 [R, Fs]   (absent when every value is 1)
         numeric.npy              float32 [R, Fn]
-        mh{i}_ids.npy            int64   [nnz_i]   multi-hot field i, flat, row-major
+        mh{i}_ids.npy            int32   [nnz_i]   multi-hot field i, flat, row-major (int64 as above)
         mh{i}_lengths.npy        int64   [R]
         mh{i}_weights.npy        float32 [nnz_i]   (absent when every value is 1)
         extra_<column>.npy       float64 [R]       keep columns (e.g. timestamp)
@@ -98,7 +98,8 @@ class _NpyStreamWriter:
         if a.shape[1:] != self.tail:
             raise ValueError(f"{self.name}: block shape {a.shape} does not end in {self.tail}")
         was_one = self.all_one
-        self.all_one = self.all_one and bool((a == 1).all())
+        # A broadcast block (stride 0: the ones of Criteo's weights) is checked by its one row.
+        self.all_one = self.all_one and bool(((a[:1] if a.ndim and a.strides[0] == 0 else a) == 1).all())
         if self.all_one and self.defer_ones:  # written only if a later block holds something else
             self.rows += a.shape[0]
             return
@@ -108,7 +109,7 @@ class _NpyStreamWriter:
         self.rows += a.shape[0]
 
     def _write(self, a: np.ndarray) -> None:
-        self.fh.write(np.ascontiguousarray(a, dtype=self.dtype).tobytes())
+        self.fh.write(np.ascontiguousarray(a, dtype=self.dtype).data)  # the buffer itself: no copy
 
     def finish(self) -> None:
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
@@ -152,44 +153,34 @@ def _stream_chunks(fmt: Format, path: Path, chunk_rows: int, skip_bad_lines: boo
 def _encode_to(encoder: FeatureEncoder, chunks: Iterable, out_dir: Path, fitting: bool = False) -> List[str]:
     """Encode all chunks into ``out_dir/*.npy``, chunk by chunk; returns the array names written.
 
-    ``fitting``: fit ``encoder`` on the same single pass over the chunks. The counted fields are
-    then written as positions into each chunk's distinct values (those go to a spill file of Arrow
-    record batches) and the numeric columns raw; once the vocabularies and statistics are frozen,
-    a second pass over these arrays (not over the text) turns them into ids and transformed values.
+    What needs a lookup in a vocabulary (counted ids) or, with ``fitting``, the frozen fit
+    (standardised numbers) is deferred: its compact inputs go to a scratch file (:class:`_Spill`),
+    and a second pass over that file (not over the text) writes the missing arrays, looking the
+    values of many chunks up at once. ``fitting``: fit ``encoder`` in the same single pass.
     """
     writers: Dict[str, _NpyStreamWriter] = {}
-    sizes: List[Dict[str, int]] = []  # per chunk: rows of each array written
-    spill_path = out_dir / ".distinct.arrow"
-    spill = None
     # Each .npy is written atomically; leaving the stack moves them all into place, or, on an
     # error, removes them all.
     with contextlib.ExitStack() as files:
         if fitting:
             encoder.begin_fit()
-            sink = files.enter_context(pa.OSFile(str(spill_path), "wb"))
-            spill = files.enter_context(pa.ipc.new_stream(sink, pa.schema([("v", pa.string())])))
+        spill = files.enter_context(_Spill(out_dir / ".deferred"))
         n_rows = 0
         for chunk in chunks:
-            arrays, distinct = encoder.encode_chunk(chunk, fitting=fitting)
+            arrays, deferred, distinct = encoder.fit_chunk(chunk) if fitting else encoder.defer_chunk(chunk)
+            spill.write(deferred, distinct)
             n_rows += len(chunk)
-            for values in distinct.values():  # in slot order; read back in the same order
-                spill.write_batch(pa.record_batch([values], names=["v"]))
-            sizes.append({name: a.shape[0] for name, a in arrays.items()})
-            for name, a in arrays.items():
-                if name not in writers:
-                    fh = files.enter_context(atomic_write(out_dir / f"{name}.npy", "wb"))
-                    writers[name] = _NpyStreamWriter(fh, f"{name}.npy", a.dtype, a.shape[1:],
-                                                     defer_ones=name.endswith("weights"))
-                writers[name].append(a)
+            _append(writers, files, out_dir, arrays)
         if not writers:
             raise DataFormatError("no rows to encode")
+        if fitting:
+            encoder.finish_fit(n_rows)
+        # The second pass: its arrays join the same stack, so they too land only on success.
+        for deferred, ids in _looked_up(encoder, spill):
+            _append(writers, files, out_dir, encoder.finish_deferred(deferred, ids))
         for w in writers.values():
             w.finish()
     names = sorted(writers)
-    if fitting:
-        encoder.finish_fit(n_rows)
-        _finish_fitted(encoder, out_dir, spill_path, sizes)
-        names = sorted(n if n != "numeric_raw" else "numeric" for n in names)
     # Weights that are all 1 carry nothing: drop them, so the model takes the unweighted path.
     for name, w in writers.items():
         if name.endswith("weights") and w.all_one:
@@ -198,68 +189,99 @@ def _encode_to(encoder: FeatureEncoder, chunks: Iterable, out_dir: Path, fitting
     return names
 
 
-class _Rows:
-    """Row blocks of an ``.npy`` of :class:`_NpyStreamWriter`, read and written in place by offset.
-
-    Plain reads and writes, not a memory map: the pages of a map stay resident until it is closed,
-    so mapping a 10 M-row array would hold it all in memory."""
-
-    def __init__(self, path: Path, writable: bool):
-        self.fh = open(path, "r+b" if writable else "rb")
-        np.lib.format.read_magic(self.fh)  # 1.0: the only version _NpyStreamWriter writes
-        shape, _, dtype = np.lib.format.read_array_header_1_0(self.fh)
-        self.dtype, self.tail = dtype, shape[1:]
-        self.row_bytes = dtype.itemsize * int(np.prod(self.tail, dtype=np.int64))
-
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        self.fh.seek(_HEADER_BYTES + lo * self.row_bytes)
-        data = bytearray(self.fh.read((hi - lo) * self.row_bytes))
-        return np.frombuffer(data, self.dtype).reshape((hi - lo,) + self.tail)
-
-    def write(self, lo: int, a: np.ndarray) -> None:
-        self.fh.seek(_HEADER_BYTES + lo * self.row_bytes)
-        self.fh.write(np.ascontiguousarray(a, self.dtype).tobytes())
+def _append(writers: Dict[str, _NpyStreamWriter], files: contextlib.ExitStack, out_dir: Path,
+            arrays: Dict[str, np.ndarray]) -> None:
+    for name, a in arrays.items():
+        if name not in writers:
+            fh = files.enter_context(atomic_write(out_dir / f"{name}.npy", "wb"))
+            writers[name] = _NpyStreamWriter(fh, f"{name}.npy", a.dtype, a.shape[1:],
+                                             defer_ones=name.endswith("weights"))
+        writers[name].append(a)
 
 
-def _finish_fitted(encoder: FeatureEncoder, out_dir: Path, spill_path: Path, sizes: List[Dict[str, int]]) -> None:
-    """Second pass of :func:`_encode_to` over the written arrays: positions -> ids, raw -> numeric."""
-    counted = [s for s in encoder.slots if encoder.counted(s)]
-    mh_index = {s.name: i for i, s in enumerate(s for s in encoder.slots if s.kind == "multi_hot")}
-    sp_index = {s.name: j for j, s in enumerate(s for s in encoder.slots if s.kind == "sparse")}
-    with contextlib.ExitStack() as files:
-        rows = {name: _Rows(out_dir / f"{name}.npy", True)
-                for name in ["sparse"] + [f"mh{i}_ids" for i in mh_index.values()]}
-        for r in rows.values():
-            files.callback(r.fh.close)
-        raw = _Rows(out_dir / "numeric_raw.npy", False)
-        files.callback(raw.fh.close)
-        src = files.enter_context(pa.memory_map(str(spill_path)))
-        spill = files.enter_context(pa.ipc.open_stream(src))
-        fh = files.enter_context(atomic_write(out_dir / "numeric.npy", "wb"))
-        numeric = _NpyStreamWriter(fh, "numeric.npy", np.float32, raw.tail)
-        start = dict.fromkeys(("sparse", "numeric_raw", *rows), 0)
-        for chunk_sizes in sizes:
-            blocks = {}
-            for slot in counted:
-                distinct = spill.read_next_batch().column(0)
-                ids = encoder.vocabs[slot.name].lookup(distinct)
-                name = "sparse" if slot.kind == "sparse" else f"mh{mh_index[slot.name]}_ids"
-                if name not in blocks:
-                    blocks[name] = rows[name].read(start[name], start[name] + chunk_sizes[name])
-                if slot.kind == "sparse":
-                    j = sp_index[slot.name]
-                    blocks[name][:, j] = ids[blocks[name][:, j]]
-                else:
-                    blocks[name][:] = ids[blocks[name]]
-            for name, block in blocks.items():
-                rows[name].write(start[name], block)
-            lo = start["numeric_raw"]
-            numeric.append(encoder.finish_numeric(raw.read(lo, lo + chunk_sizes["numeric_raw"])))
-            for name in start:
-                start[name] += chunk_sizes.get(name, 0)
-        numeric.finish()
-    (out_dir / "numeric_raw.npy").unlink()
-    spill_path.unlink()
+class _Spill:
+    """Scratch file of the fitting pass: per chunk, its deferred arrays (raw bytes, each in its own
+    type) and its distinct values (an Arrow IPC stream per counted field), read back by chunk.
+
+    Everything written here is written and read once more; keeping it compact (positions in 1-2
+    bytes, numbers in float32 where exact) is what makes the second pass cheap.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fh = open(path, "w+b")
+        # per chunk: (offset, [(name, dtype, shape)]) of its arrays, (offset, [(field, bytes)]) of its values
+        self.chunks: List[Any] = []
+
+    def __enter__(self) -> "_Spill":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()
+        self.path.unlink(missing_ok=True)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def write(self, deferred: Dict[str, np.ndarray], distinct: Dict[str, pa.Array]) -> None:
+        arrays = (self.fh.tell(), [(name, a.dtype, a.shape) for name, a in deferred.items()])
+        for a in deferred.values():
+            self.fh.write(np.ascontiguousarray(a).data)
+        values = (self.fh.tell(), [])
+        for name, d in distinct.items():
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, pa.schema([("v", d.type)])) as w:
+                w.write_batch(pa.record_batch([d], names=["v"]))
+            buf = sink.getvalue()
+            self.fh.write(buf)
+            values[1].append((name, buf.size))
+        self.chunks.append((arrays, values))
+
+    def deferred(self, k: int) -> Dict[str, np.ndarray]:
+        """The deferred arrays of chunk ``k``."""
+        offset, arrays = self.chunks[k][0]
+        self.fh.seek(offset)
+        out = {}
+        for name, dtype, shape in arrays:
+            nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            out[name] = np.frombuffer(bytearray(self.fh.read(nbytes)), dtype).reshape(shape)
+        return out
+
+    def distinct(self, k: int) -> Dict[str, pa.Array]:
+        """The distinct values of chunk ``k``, per counted field."""
+        offset, values = self.chunks[k][1]
+        self.fh.seek(offset)
+        return {name: pa.ipc.open_stream(self.fh.read(size)).read_next_batch().column(0) for name, size in values}
+
+
+def _looked_up(encoder: FeatureEncoder, spill: _Spill):
+    """Yield ``(deferred arrays, counted field -> ids of the chunk's distinct values)`` per chunk.
+
+    An Arrow lookup (``index_in``) hashes the whole vocabulary on every call, so the chunks are
+    looked up in groups, one call per field and group, each group holding at least as many
+    distinct values as the vocabularies: the cost grows with the values, not chunks x vocabulary,
+    and memory holds one group's distinct values (about a vocabulary's worth).
+    """
+    spill.fh.flush()
+    counted = [s.name for s in encoder.slots if encoder.counted(s)]
+    vocab_rows = sum(encoder.vocabs[name].size for name in counted)
+    first, group, probes = 0, [], 0
+    for k in range(len(spill)):
+        group.append(spill.distinct(k))
+        probes += sum(len(d) for d in group[-1].values())
+        if probes < vocab_rows and k + 1 < len(spill):
+            continue
+        found = {name: encoder.vocabs[name].lookup(pa.chunked_array([d[name] for d in group], pa.string()))
+                 for name in counted}
+        lo = dict.fromkeys(counted, 0)
+        for j, distinct in enumerate(group):
+            ids = {}
+            for name in counted:
+                hi = lo[name] + len(distinct[name])
+                ids[name] = found[name][lo[name]:hi]
+                lo[name] = hi
+            yield spill.deferred(first + j), ids
+        first, group, probes = k + 1, [], 0
 
 
 def _assemble(encoder: FeatureEncoder, arrays: Dict[str, np.ndarray]) -> EncodedDataset:
@@ -279,7 +301,7 @@ def _assemble(encoder: FeatureEncoder, arrays: Dict[str, np.ndarray]) -> Encoded
         row = torch.repeat_interleave(torch.arange(r), lengths)
         pos = torch.arange(ids.shape[0]) - (torch.cumsum(lengths, 0) - lengths)[row]
         padded = torch.full((r, width), -1, dtype=torch.int64)
-        padded[row, pos] = ids
+        padded[row, pos] = ids.to(torch.int64)
         multi_hot.append(padded)
         if w is None:
             mh_w.append(None)

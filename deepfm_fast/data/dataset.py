@@ -49,7 +49,8 @@ class EncodedDataset:
     Attributes:
         fields: the specs, in model order.
         labels: float32 ``[R]``; NaN when unknown (a file read without labels, to predict on).
-        sparse: int64 ``[R, Fs]``, local ids ``0..vocab_size-1``.
+        sparse: int64 or int32 ``[R, Fs]`` (the cache stores int32), local ids ``0..vocab_size-1``;
+            batches hold them as int64.
         multi_hot: tuple of int64 ``[R, L_i]``, ``-1``-padded bags.
         numeric: float32 ``[R, Fn]``.
         sparse_weights: optional float32 ``[R, Fs]`` (None means every weight is 1).
@@ -78,17 +79,17 @@ class EncodedDataset:
         n_num = sum(isinstance(f, NumericField) for f in self.fields)
 
         def check(name: str, t: Optional[torch.Tensor], dtype: torch.dtype, rows: int,
-                  cols: Optional[int] = None) -> None:
+                  cols: Optional[int] = None, dtypes: Tuple[torch.dtype, ...] = ()) -> None:
             want = f"{dtype} [{rows}, {'L' if cols is None else cols}]"
             if t is None:
                 return
-            if t.dtype != dtype or t.dim() != 2 or t.shape[0] != rows or cols not in (None, t.shape[1]):
+            if t.dtype not in (dtype, *dtypes) or t.dim() != 2 or t.shape[0] != rows or cols not in (None, t.shape[1]):
                 raise ValueError(f"EncodedDataset: {name} must be {want}, got {t.dtype} {list(t.shape)}")
 
         if self.labels.dtype != torch.float32 or self.labels.dim() != 1:
             raise ValueError(f"EncodedDataset: labels must be float32 [R], got "
                              f"{self.labels.dtype} {tuple(self.labels.shape)}")
-        check("sparse", self.sparse, torch.int64, r, n_sp)
+        check("sparse", self.sparse, torch.int64, r, n_sp, dtypes=(torch.int32,))
         check("numeric", self.numeric, torch.float32, r, n_num)
         check("sparse_weights", self.sparse_weights, torch.float32, r, n_sp)
         if len(self.multi_hot) != n_mh or len(self.multi_hot_weights) != n_mh:
@@ -226,7 +227,7 @@ def iterate_batches(
             def take(t, idx=idx):
                 return None if t is None else t.index_select(0, idx)
         yield Batch(
-            sparse=take(dataset.sparse),
+            sparse=take(dataset.sparse).to(torch.int64),
             multi_hot=tuple(take(t) for t in dataset.multi_hot),
             numeric=take(dataset.numeric),
             labels=take(dataset.labels),

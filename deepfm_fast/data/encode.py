@@ -7,14 +7,23 @@ field specs); it is plain JSON, stored in the cache's ``meta.json``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
+import pyarrow as pa
 
 from ..features import FieldSpec, MultiHotField, NumericField, SparseField, fields_from_dicts, fields_to_dicts
-from .columnar import ColumnChunk, dictionary_parts
+from .columnar import CodedNumbers, ColumnChunk, dense_numbers, dictionary_parts
 from .readers import Column, RawChunk
-from .vocab import HashVocabulary, NumericTransform, ValueCounter, Vocabulary, log_square_tokens, vocabulary_from_dict
+from .vocab import (
+    MISSING_ID,
+    HashVocabulary,
+    NumericTransform,
+    ValueCounter,
+    Vocabulary,
+    log_square_tokens,
+    vocabulary_from_dict,
+)
 
 __all__ = ["FeatureEncoder"]
 
@@ -100,13 +109,18 @@ class FeatureEncoder:
             raise ValueError("FeatureEncoder.fit: no feature columns (every column is label/keep/ignore)")
         return self
 
+    def _id_dtype(self, slots: List[_Slot]) -> type:
+        """The type of the ids of ``slots`` (fitted or hashed): int32 unless a field has 2^31+ rows."""
+        rows = max((self.vocabs[s.name].size for s in slots), default=0)
+        return np.int32 if rows <= np.iinfo(np.int32).max else np.int64
+
     def fit(self, chunks: Iterable[Any]) -> "FeatureEncoder":
         """One streaming pass over the training chunks: value counts and numeric statistics."""
         self.begin_fit()
         n = 0
         for chunk in chunks:
             n += len(chunk)
-            self.encode_chunk(chunk, fitting=True)
+            self.fit_chunk(chunk)
         return self.finish_fit(n)
 
     # -- encoding --------------------------------------------------------------------------
@@ -114,78 +128,162 @@ class FeatureEncoder:
         """Encode one chunk of ``n`` rows (fitted encoder) into named arrays.
 
         Returns:
-            ``labels`` float32 [n]; ``sparse`` int64 [n, Fs]; ``sparse_weights`` float32 [n, Fs]
-            (ones unless the reader gave values); ``numeric`` float32 [n, Fn]; per multi-hot
-            field i: ``mh{i}_ids`` int64 [nnz] (flat, row-major), ``mh{i}_lengths`` int64 [n],
-            ``mh{i}_weights`` float32 [nnz]; per keep column: ``extra_<name>`` float64 [n].
+            ``labels`` float32 [n]; ``sparse`` int32 [n, Fs] (int64 if a field has 2^31+ rows);
+            ``sparse_weights`` float32 [n, Fs] (ones unless the reader gave values); ``numeric``
+            float32 [n, Fn]; per multi-hot field i: ``mh{i}_ids`` int32/int64 [nnz] (flat,
+            row-major), ``mh{i}_lengths`` int64 [n], ``mh{i}_weights`` float32 [nnz]; per keep
+            column: ``extra_<name>`` float64 [n].
         """
-        return self.encode_chunk(chunk)[0]
+        return self._encode(chunk, fitting=False, defer=False)[0]
 
-    def encode_chunk(self, chunk: Any, fitting: bool = False):
-        """(arrays, distinct values per counted field).
+    def fit_chunk(self, chunk: Any) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], Dict[str, pa.Array]]:
+        """Count and take statistics of one training chunk; encode what needs no frozen fit.
 
-        Fitted (``fitting=False``): the arrays of :meth:`encode` and ``{}``. While fitting: the
-        counted fields hold int64 positions into their chunk's distinct values (-1 = missing)
-        instead of ids, returned beside them; and ``numeric_raw`` (float64 [n, Fn], the values
-        before the transform) replaces ``numeric``. The counts and statistics are updated.
+        Returns ``(arrays, deferred, distinct)``: ``arrays`` are those of :meth:`encode` that the
+        fit does not change (labels, lengths, weights, hashed ids, ...); ``deferred`` holds, per
+        array that needs the frozen fit, its inputs in compact form (a counted field's positions
+        into ``distinct[field]``, the chunk's distinct values, in the narrowest integer type; the
+        numeric columns as parsed, float32 where that is exact), which :meth:`finish_deferred`
+        turns into the missing arrays once :meth:`finish_fit` has run.
         """
+        return self._encode(chunk, fitting=True, defer=True)
+
+    def defer_chunk(self, chunk: Any) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], Dict[str, pa.Array]]:
+        """:meth:`fit_chunk` of a fitted encoder, which fits nothing: only the counted ids are
+        deferred, so that many chunks' values can be looked up at once (see :meth:`finish_deferred`)."""
+        return self._encode(chunk, fitting=False, defer=True)
+
+    def finish_deferred(self, deferred: Dict[str, np.ndarray], ids: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """The arrays of :meth:`encode` that :meth:`fit_chunk` deferred.
+
+        Args:
+            deferred: the chunk's ``deferred`` of :meth:`fit_chunk`.
+            ids: counted field -> int64 ids of the chunk's distinct values (``Vocabulary.lookup``
+                without its trailing MISSING_ID).
+        """
+        out: Dict[str, np.ndarray] = {}
+        sparse_slots = [s for s in self.slots if s.kind == "sparse"]
+        if "sparse:0" in deferred:
+            n = len(deferred["sparse:0"])
+            out["sparse"] = sparse = np.empty((n, len(sparse_slots)), self._id_dtype(sparse_slots))
+            for j, s in enumerate(sparse_slots):
+                col = deferred[f"sparse:{j}"]
+                if self.counted(s):
+                    np.take(_position_table(ids[s.name], col.dtype, sparse.dtype), col, out=sparse[:, j])
+                else:
+                    sparse[:, j] = col
+        for i, s in enumerate(s for s in self.slots if s.kind == "multi_hot"):
+            pos = deferred.get(f"mh{i}_ids")
+            if pos is not None:
+                out[f"mh{i}_ids"] = _position_table(ids[s.name], pos.dtype, self._id_dtype([s]))[pos]
+        numeric_slots = [s for s in self.slots if s.kind in ("numeric", "missing")]
+        if "numeric:0" in deferred:
+            out["numeric"] = numeric = np.empty((len(deferred["numeric:0"]), len(numeric_slots)), np.float32)
+            for j, s in enumerate(numeric_slots):
+                x = deferred[f"numeric:{j}"]
+                values = deferred.get(f"numeric_values:{j}")
+                if values is not None:  # positions into the chunk's distinct numbers
+                    np.take(self._numeric_table(s, values, x.dtype), x, out=numeric[:, j])
+                elif s.kind == "numeric":
+                    numeric[:, j] = self._numeric(s, x.astype(np.float64, copy=False))
+                else:  # the indicator itself
+                    numeric[:, j] = x
+        return out
+
+    def _numeric(self, slot: _Slot, x: np.ndarray) -> np.ndarray:
+        """The float32 feature of a numeric or missing-indicator slot from float64 numbers."""
+        return self.numeric[slot.name].apply(x) if slot.kind == "numeric" else np.isnan(x).astype(np.float32)
+
+    def _numeric_table(self, slot: _Slot, values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        """:func:`_position_table` of :meth:`_numeric` of distinct ``values`` (missing: 0, or 1 for an indicator)."""
+        return _position_table(self._numeric(slot, values), dtype, np.float32, float(slot.kind == "missing"))
+
+    def _encode(self, chunk: Any, fitting: bool, defer: bool):
         if isinstance(chunk, RawChunk):
             chunk = ColumnChunk.from_raw(chunk)
         n = len(chunk)
         out: Dict[str, np.ndarray] = {"labels": chunk.labels.astype(np.float32)}
-        n_sparse = sum(s.kind == "sparse" for s in self.slots)
-        sparse = np.empty((n, n_sparse), np.int64)  # filled column by column: no stack copy
-        sp_w, numeric, distinct = [], [], {}
+        deferred: Dict[str, np.ndarray] = {}
+        distinct: Dict[str, pa.Array] = {}
+        sparse_slots = [s for s in self.slots if s.kind == "sparse"]
+        defer_sparse = defer and any(self.counted(s) for s in sparse_slots)
+        sparse = None if defer_sparse else np.empty((n, len(sparse_slots)), self._id_dtype(sparse_slots))
+        sp_w = []
         mh_i = sp_j = 0
         for s in self.slots:
             c = s.column
-            if s.kind in ("sparse", "multi_hot"):
-                if s.kind == "multi_hot":
-                    values, lengths = chunk.bags[s.name]
-                elif c.role == "numeric":
-                    values = log_square_tokens(chunk.nums[c.name])
-                else:
-                    values = chunk.cats[c.name]
-                d, idx = dictionary_parts(values)
-                if fitting and self.counted(s):
-                    self._counters[s.name].add(d, idx)
-                    distinct[s.name], ids = d, idx
-                else:
-                    ids = self.vocabs[s.name].lookup(d)[idx]
-                if s.kind == "sparse":
-                    sparse[:, sp_j] = ids
-                    sp_j += 1
-                    w = chunk.weights.get(c.name)
-                    sp_w.append(None if w is None else w.astype(np.float32))
-                else:
-                    out[f"mh{mh_i}_ids"] = ids
-                    out[f"mh{mh_i}_lengths"] = lengths
-                    wb = chunk.bag_weights.get(s.name)
-                    out[f"mh{mh_i}_weights"] = np.ones(len(ids), np.float32) if wb is None else wb
-                    mh_i += 1
-            elif s.kind == "numeric":
-                x = chunk.nums[c.name]
+            if s.kind not in ("sparse", "multi_hot"):
+                continue
+            if s.kind == "multi_hot":
+                values, lengths = chunk.bags[s.name]
+            elif c.role == "numeric":
+                values = log_square_tokens(dense_numbers(chunk.nums[c.name]))
+            else:
+                values = chunk.cats[c.name]
+            d, idx = dictionary_parts(values)
+            counting = defer and self.counted(s)
+            if counting:
                 if fitting:
-                    self.numeric[s.name].update(x)
-                numeric.append(x if fitting else self.numeric[s.name].apply(x))
-            else:  # "<name>_missing" indicator
-                numeric.append(np.isnan(chunk.nums[c.name]).astype(np.float64 if fitting else np.float32))
-        out["sparse"] = sparse
+                    self._counters[s.name].add(d, idx)
+                distinct[s.name] = d
+                positions = _narrowest(idx, len(d))  # -1 = missing
+            else:  # the ids of the distinct values, MISSING_ID last (position -1)
+                table = self.vocabs[s.name].lookup(d).astype(self._id_dtype([s]))
+            if s.kind == "sparse":
+                if counting:
+                    deferred[f"sparse:{sp_j}"] = positions
+                elif defer_sparse:
+                    deferred[f"sparse:{sp_j}"] = _narrowest(table[idx], self.vocabs[s.name].size)
+                else:
+                    np.take(table, idx, out=sparse[:, sp_j])
+                sp_j += 1
+                w = chunk.weights.get(c.name)
+                sp_w.append(None if w is None else w.astype(np.float32))
+            else:
+                if counting:
+                    deferred[f"mh{mh_i}_ids"] = positions
+                else:
+                    out[f"mh{mh_i}_ids"] = table[idx]
+                out[f"mh{mh_i}_lengths"] = lengths
+                wb = chunk.bag_weights.get(s.name)
+                out[f"mh{mh_i}_weights"] = np.ones(len(idx), np.float32) if wb is None else wb
+                mh_i += 1
+        if sparse is not None:
+            out["sparse"] = sparse
         # No per-id values (Criteo, CSV): one broadcast row, not an [n, Fs] array of ones.
         out["sparse_weights"] = (np.stack([np.ones(n, np.float32) if w is None else w for w in sp_w], 1)
                                  if any(w is not None for w in sp_w) else
-                                 np.broadcast_to(np.ones(n_sparse, np.float32), (n, n_sparse)))
-        num_name, num_type = ("numeric_raw", np.float64) if fitting else ("numeric", np.float32)
-        out[num_name] = np.stack(numeric, 1) if numeric else np.zeros((n, 0), num_type)
+                                 np.broadcast_to(np.ones(len(sp_w), np.float32), (n, len(sp_w))))
+        numeric_slots = [s for s in self.slots if s.kind in ("numeric", "missing")]
+        if fitting and numeric_slots:
+            for j, s in enumerate(numeric_slots):
+                x = chunk.nums[s.column.name]
+                if isinstance(x, CodedNumbers):
+                    if s.kind == "numeric":
+                        counts = np.bincount(x.codes[x.codes >= 0], minlength=len(x.values))
+                        t = self.numeric[s.name]
+                        t.update_counted(t.prepared(x.values), counts)
+                    deferred[f"numeric:{j}"] = _narrowest(x.codes, len(x.values))
+                    deferred[f"numeric_values:{j}"] = x.values
+                elif s.kind == "numeric":
+                    self.numeric[s.name].update(x)
+                    x32 = x.astype(np.float32)
+                    # Exact in float32 when only the NaNs differ from themselves.
+                    exact = np.count_nonzero(x32 != x) == np.count_nonzero(np.isnan(x32))
+                    deferred[f"numeric:{j}"] = x32 if exact else x
+                else:
+                    deferred[f"numeric:{j}"] = np.isnan(x)
+        else:
+            out["numeric"] = numeric = np.empty((n, len(numeric_slots)), np.float32)
+            for j, s in enumerate(numeric_slots):
+                x = chunk.nums[s.column.name]
+                if isinstance(x, CodedNumbers):
+                    np.take(self._numeric_table(s, x.values, x.codes.dtype), x.codes, out=numeric[:, j])
+                else:
+                    numeric[:, j] = self._numeric(s, x)
         for name in self.extra_columns:
-            out[f"extra_{name}"] = chunk.nums[name]
-        return out, distinct
-
-    def finish_numeric(self, raw: np.ndarray) -> np.ndarray:
-        """float32 ``numeric`` from the ``numeric_raw`` of :meth:`encode_chunk` (after fitting)."""
-        cols = [self.numeric[s.name].apply(raw[:, j]) if s.kind == "numeric" else raw[:, j].astype(np.float32)
-                for j, s in enumerate(s for s in self.slots if s.kind in ("numeric", "missing"))]
-        return np.stack(cols, 1) if cols else np.zeros((raw.shape[0], 0), np.float32)
+            out[f"extra_{name}"] = dense_numbers(chunk.nums[name])
+        return out, deferred, distinct
 
     # -- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
@@ -207,3 +305,22 @@ class FeatureEncoder:
     def vocab(self, field: str) -> Optional[Any]:
         """The vocabulary of a categorical field (None for numeric fields)."""
         return self.vocabs.get(field)
+
+
+def _narrowest(values: np.ndarray, bound: int) -> np.ndarray:
+    """``values`` (all in ``[-1, bound)``) in the narrowest of uint8/uint16/int32/int64 that holds
+    them, -1 wrapping to the type's largest value in the unsigned types (see :func:`_position_table`)."""
+    for dtype in (np.uint8, np.uint16):
+        if bound < np.iinfo(dtype).max:
+            return values.astype(dtype)
+    return values.astype(np.int32 if bound <= np.iinfo(np.int32).max else np.int64, copy=False)
+
+
+def _position_table(ids: np.ndarray, dtype: np.dtype, id_dtype: np.dtype, missing: float = MISSING_ID) -> np.ndarray:
+    """Lookup table (of ``id_dtype``) for positions of type ``dtype``: ``ids`` then ``missing`` for
+    the position that stands for missing (-1, or the unsigned type's largest value)."""
+    dtype = np.dtype(dtype)
+    size = np.iinfo(dtype).max + 1 if dtype.kind == "u" else len(ids) + 1
+    table = np.full(size, missing, id_dtype)
+    table[:len(ids)] = ids
+    return table

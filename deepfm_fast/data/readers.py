@@ -51,7 +51,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pv
 
 from .._args import Pooling
-from .columnar import ColumnChunk, iter_blocks
+from .columnar import PARSE_THREADS, CodedNumbers, ColumnChunk, dictionary_parts, iter_blocks, read_ahead
 
 __all__ = [
     "DataFormatError",
@@ -220,6 +220,7 @@ class _Reject(Exception):
 
 def _decoded_lines(path: Path, first: int, block: bytes, skip: bool, stats: ReadStats) -> Tuple[List[str], List[int]]:
     """The lines of a block as text with their line numbers; invalid UTF-8 raises or is skipped."""
+    block = bytes(block)  # a memoryview from iter_blocks
     texts, lines = [], []
     for k, raw in enumerate(block.split(b"\n")[: block.count(b"\n") + (not block.endswith(b"\n"))]):
         try:
@@ -234,6 +235,14 @@ def _decoded_lines(path: Path, first: int, block: bytes, skip: bool, stats: Read
     return texts, lines
 
 
+_DICTIONARY = pa.dictionary(pa.int32(), pa.string())
+_ARROW_TYPES = {"label": pa.float64(), "numeric": pa.float64(), "keep": pa.float64(), "sparse": _DICTIONARY}
+#: Bytes of a block that one Arrow thread parses at a time: small enough to stay in the core's cache
+#: (4 MB parsed 15% faster than the whole 32 MB block on one core), large enough to share a
+#: block among threads.
+_PARSE_BYTES = 4 << 20
+
+
 def _float_column(col) -> np.ndarray:
     """float64 numpy of an Arrow string column (null -> NaN); _Reject when a value is not a number."""
     try:
@@ -244,6 +253,9 @@ def _float_column(col) -> np.ndarray:
 
 class _DelimitedFormat:
     """Shared engine of Criteo and schema CSV: delimited rows, fixed columns."""
+
+    #: Numeric columns are read as :class:`CodedNumbers` (a format whose numbers repeat, like counts).
+    _coded_numbers = False
 
     def _layout(self, path: Path) -> Tuple[str, bool, List[Column]]:
         """(delimiter, has_header, columns in file order); may read the first line."""
@@ -301,22 +313,26 @@ class _DelimitedFormat:
         path = Path(path)
         stats = stats if stats is not None else ReadStats()
         delim, header, cols = self._layout(path)
-        dictionary = pa.dictionary(pa.int32(), pa.string())
-        types = {c.name: dictionary if c.role == "sparse" else pa.string() for c in cols}
+        # Numbers are parsed by the reader, categories dictionary-encoded as they are parsed (cheaper
+        # than strings encoded afterwards); a value that is no number rejects the block.
+        types = {c.name: _ARROW_TYPES.get(c.role, pa.string()) for c in cols}
+        if self._coded_numbers:
+            types.update({c.name: _DICTIONARY for c in cols if c.role == "numeric"})
         include = [c.name for c in cols if c.role != "ignore"]
         label_i = next((i for i, c in enumerate(cols) if c.role == "label"), None)
+        read = pv.ReadOptions(column_names=[c.name for c in cols], block_size=_PARSE_BYTES, use_threads=PARSE_THREADS)
+        parse = pv.ParseOptions(delimiter=delim)
+        convert = pv.ConvertOptions(column_types=types, include_columns=include, strings_can_be_null=True,
+                                    null_values=[""])
+
+        def columns(numbered_block) -> Optional[ColumnChunk]:
+            table = pv.read_csv(pa.py_buffer(numbered_block[1]), read_options=read, parse_options=parse,
+                                convert_options=convert)
+            return self._columns(table, cols) if table.num_rows else None
+
         any_rows = False
-        for first, block in iter_blocks(path, chunk_rows, skip_lines=int(header)):
-            try:
-                table = pv.read_csv(
-                    pa.py_buffer(block),
-                    read_options=pv.ReadOptions(column_names=[c.name for c in cols],
-                                                block_size=max(1 << 20, len(block) // pa.cpu_count() + 1)),
-                    parse_options=pv.ParseOptions(delimiter=delim),
-                    convert_options=pv.ConvertOptions(column_types=types, include_columns=include,
-                                                      strings_can_be_null=True, null_values=[""]))
-                chunk = self._columns(table, cols) if table.num_rows else None
-            except (pa.ArrowInvalid, _Reject):
+        for (first, block), chunk in read_ahead(iter_blocks(path, chunk_rows, skip_lines=int(header)), columns):
+            if isinstance(chunk, (pa.ArrowInvalid, _Reject)):  # Arrow refused the block: the row-by-row parser
                 texts, lines = _decoded_lines(path, first, block, skip_bad_lines, stats)
                 rows = list(csv.reader(texts, delimiter=delim))
                 kept = [(r, ln) for r, ln in zip(rows, lines) if r]  # blank lines carry no row
@@ -324,6 +340,8 @@ class _DelimitedFormat:
                 raw = self._chunk(path, [r for r, _ in kept], [ln for _, ln in kept], cols, len(cols),
                                   label_i, skip_bad_lines, stats) if kept else None
                 chunk = None if raw is None else ColumnChunk.from_raw(raw)
+            elif isinstance(chunk, Exception):
+                raise chunk
             if chunk is not None:
                 any_rows = True
                 stats.rows += len(chunk)
@@ -349,7 +367,11 @@ class _DelimitedFormat:
                     raise _Reject
                 labels = y.astype(np.float32)
             elif c.role in ("numeric", "keep"):
-                nums[c.name] = _float_column(col)
+                if pa.types.is_dictionary(col.type):
+                    values, codes = dictionary_parts(col)
+                    nums[c.name] = CodedNumbers(_float_column(values), codes)
+                else:
+                    nums[c.name] = _float_column(col)
             elif c.role == "sparse":
                 cats[c.name] = col
             elif c.role == "multi_hot":

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any, Dict, Iterable, Sequence
+from typing import Any, Dict, Iterable, List, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -56,12 +56,20 @@ class Vocabulary:
     """Counted vocabulary: string value -> local id (see the module docstring for the layout).
 
     Args:
-        tokens: known values; ``tokens[i]`` gets id ``2 + i``.
+        tokens: known values (a sequence of str or an Arrow string array, kept as Arrow: a
+            vocabulary of millions of values as Python strings would take gigabytes);
+            ``tokens[i]`` gets id ``2 + i``.
     """
 
-    def __init__(self, tokens: Sequence[str]):
-        self.tokens = list(tokens)
-        self._known = pa.array(self.tokens, pa.string())
+    def __init__(self, tokens: Union[Sequence[str], pa.Array]):
+        self._known = tokens if isinstance(tokens, pa.Array) else pa.array(list(tokens), pa.string())
+        if self._known.type != pa.string():
+            self._known = self._known.cast(pa.string())
+
+    @property
+    def tokens(self) -> List[str]:
+        """The known values, most frequent first, as Python strings."""
+        return self._known.to_pylist()
 
     @classmethod
     def fit(cls, counts: Counter, min_count: int = 1) -> "Vocabulary":
@@ -74,7 +82,7 @@ class Vocabulary:
 
     @property
     def size(self) -> int:
-        return len(self.tokens) + _FIRST_ID
+        return len(self._known) + _FIRST_ID
 
     @classmethod
     def from_counts(cls, values: pa.Array, counts: np.ndarray, min_count: int = 1) -> "Vocabulary":
@@ -85,7 +93,7 @@ class Vocabulary:
         table = table.filter(pc.and_(pc.greater_equal(table["c"], min_count), pc.not_equal(table["v"], "")))
         # Byte order of UTF-8 is code point order: the ties sort as Python's str comparison.
         table = table.sort_by([("c", "descending"), ("v", "ascending")])
-        return cls(table["v"].to_pylist())
+        return cls(table["v"].combine_chunks())
 
     def encode(self, values: Iterable[str]) -> np.ndarray:
         """int64 ids of ``values`` (strings or an Arrow array); unknown -> OOV_ID, ``''``/null -> MISSING_ID."""
@@ -94,13 +102,13 @@ class Vocabulary:
 
     def lookup(self, distinct: pa.Array) -> np.ndarray:
         """int64 ids of ``distinct`` values, plus MISSING_ID at the end (position -1, for nulls)."""
-        pos = pc.index_in(distinct, value_set=self._known).to_numpy(zero_copy_only=False)
-        ids = np.where(np.isnan(pos), OOV_ID, np.nan_to_num(pos) + _FIRST_ID).astype(np.int64)
+        pos = pc.index_in(distinct, value_set=self._known).fill_null(-1).to_numpy(zero_copy_only=False)
+        ids = np.where(pos < 0, OOV_ID, pos.astype(np.int64) + _FIRST_ID)
         ids[(pc.equal(distinct, "").to_numpy(zero_copy_only=False))] = MISSING_ID
         return np.append(ids, MISSING_ID)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"kind": "counted", "tokens": self.tokens}
+        return {"kind": "counted", "tokens": self._known.to_pylist()}
 
 
 class HashVocabulary:
@@ -151,7 +159,7 @@ class ValueCounter:
 
     def add(self, distinct: pa.Array, idx: np.ndarray) -> None:
         """Count the values ``distinct[idx]`` (``idx`` -1 = null, not counted)."""
-        counts = np.bincount(idx[idx >= 0], minlength=len(distinct))
+        counts = np.bincount(idx + 1, minlength=len(distinct) + 1)[1:]  # -1 (missing) lands in bin 0
         self._parts.append(pa.table({"v": distinct, "c": pa.array(counts, pa.int64())}))
         self._pending += len(distinct)
         if self._pending > 2 * self._merged + (1 << 20):
@@ -220,15 +228,32 @@ class NumericTransform:
         self._sum = 0.0
         self._sumsq = 0.0
 
-    def _raw(self, x: np.ndarray) -> np.ndarray:
-        return np.log1p(np.maximum(x, 0.0)) if self.kind == "log1p" else x
+    def prepared(self, x: np.ndarray) -> np.ndarray:
+        """The values before standardisation: ``log1p(max(x, 0))`` for ``"log1p"``, else ``x``."""
+        if self.kind != "log1p":
+            return x
+        y = np.maximum(x, 0.0)
+        return np.log1p(y, out=y)
 
     def update(self, x: np.ndarray) -> None:
         """Accumulate training statistics over the non-missing (non-NaN) values of ``x``."""
-        y = self._raw(x[~np.isnan(x)])
+        self.update_prepared(self.prepared(x))
+
+    def update_prepared(self, y: np.ndarray) -> None:
+        """:meth:`update` from ``prepared(x)``, for a caller that keeps those values."""
+        y = y[~np.isnan(y)]
         self._n += y.size
         self._sum += float(y.sum())
         self._sumsq += float(np.square(y).sum())
+
+    def update_counted(self, y: np.ndarray, counts: np.ndarray) -> None:
+        """:meth:`update_prepared` of a column holding each ``y[i]`` ``counts[i]`` times."""
+        ok = ~np.isnan(y)
+        y, c = y[ok], counts[ok]
+        self._n += int(c.sum())
+        c = c.astype(np.float64)
+        self._sum += float(c @ y)
+        self._sumsq += float(c @ np.square(y))
 
     def finish(self) -> None:
         """Freeze mean and std from what :meth:`update` saw (std 1 when it is 0 or undefined)."""
@@ -240,10 +265,15 @@ class NumericTransform:
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """float32 transformed values; NaN (missing) -> 0."""
-        y = self._raw(x)
+        return self.standardize(self.prepared(x))
+
+    def standardize(self, y: np.ndarray) -> np.ndarray:
+        """:meth:`apply` from ``prepared(x)``."""
         if self.kind != "none":
             y = (y - self.mean) / self.std
-        return np.nan_to_num(y, nan=0.0).astype(np.float32)
+        out = y.astype(np.float32)
+        out[np.isnan(out)] = 0.0  # (nan_to_num's other work, on infinities, float32 undoes)
+        return out
 
     def to_dict(self) -> Dict[str, Any]:
         return {"kind": self.kind, "mean": self.mean, "std": self.std}

@@ -46,6 +46,8 @@ class CriteoFormat(_DelimitedFormat):
                for n in CRITEO_CATEGORICAL]
         )
 
+    _coded_numbers = True  # I1..I13 are counts: a few thousand distinct values per million rows
+
     def _layout(self, path: Path) -> Tuple[str, bool, List[Column]]:
         layout = self.layout
         with open_text(path, errors="replace") as fh:
