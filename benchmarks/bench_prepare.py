@@ -42,8 +42,11 @@ SAMPLE = REPO.parent / "shared" / "data" / "criteo_sample_10k" / "criteo_sampled
 KAGGLE_ROWS = 45_840_617
 
 
-def generate(rows: int, out: Path, sample: Path = SAMPLE, seed: int = 0, block: int = 1_000_000) -> Path:
-    """Write a Criteo-shaped TSV of ``rows`` rows: every column resampled from ``sample``'s."""
+def generate(rows: int, out: Path, sample: Path = SAMPLE, seed: int = 0, block: int = 1_000_000,
+             wide: int = 0) -> Path:
+    """Write a Criteo-shaped TSV of ``rows`` rows: every column resampled from ``sample``'s, except
+    the first ``wide`` categorical columns, drawn from 2^22 random 8-hex-digit values (vocabularies
+    of millions, like Kaggle's largest columns, which a 10 k-row sample cannot have)."""
     table = pv.read_csv(sample, convert_options=pv.ConvertOptions(
         column_types={n: pa.string() for n in ["label"] + [f"I{i}" for i in range(1, 14)]
                       + [f"C{i}" for i in range(1, 27)]}, strings_can_be_null=True))
@@ -53,8 +56,11 @@ def generate(rows: int, out: Path, sample: Path = SAMPLE, seed: int = 0, block: 
     with pv.CSVWriter(str(tmp), table.schema, write_options=opts) as w:
         for start in range(0, rows, block):
             m = min(block, rows - start)
-            w.write_table(pa.table({name: table.column(name).take(pa.array(rng.integers(0, table.num_rows, m)))
-                                    for name in table.column_names}))
+            cols = {name: table.column(name).take(pa.array(rng.integers(0, table.num_rows, m)))
+                    for name in table.column_names}
+            for k in range(1, wide + 1):
+                cols[f"C{k}"] = pa.array(np.char.mod("%08x", rng.integers(0, 1 << 22, m) * 977 % (1 << 32)))
+            w.write_table(pa.table(cols))
     tmp.rename(out)
     return out
 
@@ -98,14 +104,15 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-prepare"))
     ap.add_argument("--hash-buckets", type=int, default=1_000_000)
     ap.add_argument("--cores", default="0 0-1", help="taskset core lists to run, separated by spaces")
+    ap.add_argument("--wide", type=int, default=0, help="categorical columns with vocabularies of millions")
     ap.add_argument("--repeat", type=int, default=3, help="rounds over all configurations (medians, spread)")
     ap.add_argument("--out", type=Path, help="write OUT.json")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    data = args.work / f"criteo_{args.rows}.tsv"
+    data = args.work / (f"criteo_{args.rows}.tsv" if not args.wide else f"criteo_{args.rows}_wide{args.wide}.tsv")
     if not data.is_file():
         t = time.perf_counter()
-        generate(args.rows, data)
+        generate(args.rows, data, wide=args.wide)
         print(f"generated {data} ({data.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s")
     modes = (("counted", []), ("hashed", ["--hash-buckets", str(args.hash_buckets)]))
     runs = []

@@ -51,10 +51,12 @@ def atomic_write(path: Union[str, Path], mode: str = "w", **open_kwargs: Any) ->
             tmp.unlink()
 
 
-def write_json(path: Union[str, Path], obj: Any) -> None:
+def write_json(path: Union[str, Path], obj: Any, compact: bool = False) -> None:
     """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically.
 
-    Numbers that JSON does not know (numpy or torch scalars) are written as floats.
+    Numbers that JSON does not know (numpy or torch scalars) are written as floats. ``compact``: no
+    indentation, for large files read by programs (indenting takes json's pure-Python encoder, ~10x
+    slower: 15 s for the 9.5 M values of a cache's vocabularies).
     """
     with atomic_write(path, encoding="utf-8") as fh:
-        fh.write(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
+        fh.write(json.dumps(obj, indent=None if compact else 2, sort_keys=True, default=float) + "\n")

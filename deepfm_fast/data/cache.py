@@ -444,5 +444,5 @@ def prepare_data(
     if root is not None and train_rows is not None:
         write_json(meta_path, {"version": CACHE_VERSION, "options": opts, "train_source": sigs["train"],
                                "train_rows": train_rows, "encoder": encoder.to_dict(),
-                               "libfm_layout": fmt.layout_state()})
+                               "libfm_layout": fmt.layout_state()}, compact=True)
     return PreparedData(splits["train"], splits.get("valid"), splits.get("test"), encoder, False, bad, root)

@@ -121,23 +121,34 @@ def _read_into(fh: BinaryIO, buf: memoryview, path: Path) -> int:
         raise DataFormatError(f"{path}: corrupt gzip data: {e}") from None
 
 
-def iter_blocks(path: Path, chunk_rows: int, block_bytes: int = BLOCK_BYTES,
-                skip_lines: int = 0) -> Iterator[Tuple[int, memoryview]]:
+def iter_blocks(path: Path, chunk_rows: int, block_bytes: int = BLOCK_BYTES, skip_lines: int = 0,
+                buffers: int = 0) -> Iterator[Tuple[int, memoryview]]:
     """Yield ``(first line number, block)``: whole lines (the last one maybe without ``\\n``).
 
     A block holds at most ``chunk_rows`` lines and about ``block_bytes`` bytes (more only for a
     line longer than that). Line numbers count physical lines from 1; the first ``skip_lines``
     lines (a header) are skipped. The file is read into uninitialised buffers (a zeroed one costs
     as much again) and each byte is copied once more only if it belongs to a line cut by a read.
+
+    ``buffers``: reuse this many read buffers in turn (a fresh one per read costs page faults as
+    large as the read), for a consumer that keeps no reference into a block after asking for the
+    ``buffers - 1``-th block after it (Arrow's CSV reader copies what it parses). 0: a fresh
+    buffer per read, for consumers that keep zero-copy views of the blocks.
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     line = 1
+    ring = [np.empty(0, np.uint8)] * buffers
     with open_binary(path) as fh:
-        carry, eof = np.empty(0, np.uint8), False
+        carry, eof, slot = np.empty(0, np.uint8), False, 0
         while not eof:
-            # A fresh buffer per block: the blocks handed out may still be referenced (zero-copy Arrow arrays).
-            buf = np.empty(len(carry) + block_bytes, np.uint8)
+            size = len(carry) + block_bytes
+            if buffers:
+                if len(ring[slot]) < size:
+                    ring[slot] = np.empty(size, np.uint8)
+                buf = ring[slot][:size]
+            else:
+                buf = np.empty(size, np.uint8)
             buf[:len(carry)] = carry
             got = _read_into(fh, memoryview(buf)[len(carry):], path)
             eof = got == 0
@@ -147,9 +158,11 @@ def iter_blocks(path: Path, chunk_rows: int, block_bytes: int = BLOCK_BYTES,
             if skip_lines and eof:  # a header without a line end
                 buf, line, skip_lines = buf[:0], line + 1, 0
             cut = len(buf) if eof else _find_newline(buf, last=True) + 1
-            carry = buf[cut:]
-            if cut == 0:
-                continue  # no line end yet: a line longer than block_bytes, or a header still being skipped
+            if cut == 0:  # no line end yet: a line longer than block_bytes, or a header still being skipped
+                carry = buf.copy()  # (the same buffer is read into again)
+                continue
+            carry = buf[cut:]  # a view: read into the next buffer, not this one
+            slot = (slot + 1) % buffers if buffers else 0
             block = buf[:cut]
             lines = _count_newlines(block) + (eof and block[-1] != 10)
             if lines <= chunk_rows:

@@ -235,7 +235,7 @@ class FeatureEncoder:
                 elif defer_sparse:
                     deferred[f"sparse:{sp_j}"] = _narrowest(table[idx], self.vocabs[s.name].size)
                 else:
-                    np.take(table, idx, out=sparse[:, sp_j])
+                    sparse[:, sp_j] = table[idx]  # (a gather then a strided copy: faster than take into the column)
                 sp_j += 1
                 w = chunk.weights.get(c.name)
                 sp_w.append(None if w is None else w.astype(np.float32))

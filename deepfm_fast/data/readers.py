@@ -331,7 +331,9 @@ class _DelimitedFormat:
             return self._columns(table, cols) if table.num_rows else None
 
         any_rows = False
-        for (first, block), chunk in read_ahead(iter_blocks(path, chunk_rows, skip_lines=int(header)), columns):
+        # Three read buffers in turn: the block being read, the one parsed ahead, the one being encoded.
+        blocks = iter_blocks(path, chunk_rows, skip_lines=int(header), buffers=3)
+        for (first, block), chunk in read_ahead(blocks, columns):
             if isinstance(chunk, (pa.ArrowInvalid, _Reject)):  # Arrow refused the block: the row-by-row parser
                 texts, lines = _decoded_lines(path, first, block, skip_bad_lines, stats)
                 rows = list(csv.reader(texts, delimiter=delim))
