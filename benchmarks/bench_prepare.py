@@ -105,14 +105,16 @@ def main() -> None:
     ap.add_argument("--hash-buckets", type=int, default=1_000_000)
     ap.add_argument("--cores", default="0 0-1", help="taskset core lists to run, separated by spaces")
     ap.add_argument("--wide", type=int, default=0, help="categorical columns with vocabularies of millions")
+    ap.add_argument("--seed", type=int, default=0, help="of the generated file's resampling")
     ap.add_argument("--repeat", type=int, default=3, help="rounds over all configurations (medians, spread)")
     ap.add_argument("--out", type=Path, help="write OUT.json")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    data = args.work / (f"criteo_{args.rows}.tsv" if not args.wide else f"criteo_{args.rows}_wide{args.wide}.tsv")
+    data = args.work / (f"criteo_{args.rows}" + (f"_wide{args.wide}" if args.wide else "")
+                        + (f"_seed{args.seed}" if args.seed else "") + ".tsv")
     if not data.is_file():
         t = time.perf_counter()
-        generate(args.rows, data, wide=args.wide)
+        generate(args.rows, data, seed=args.seed, wide=args.wide)
         print(f"generated {data} ({data.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s")
     modes = (("counted", []), ("hashed", ["--hash-buckets", str(args.hash_buckets)]))
     runs = []

@@ -83,7 +83,8 @@ def add_prepare_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=".cache", help="where the encoded arrays go")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip and count malformed rows instead of stopping at the first (file and line)")
-    p.add_argument("--chunk-rows", type=int, default=1 << 18, help="rows parsed per chunk (memory: one chunk)")
+    p.add_argument("--chunk-rows", type=int, default=1 << 18,
+                   help="rows parsed per block at most (a block also holds at most 32 MB; memory: a few blocks)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     return p
 
