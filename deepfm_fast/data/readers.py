@@ -43,7 +43,7 @@ import os
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -162,6 +162,19 @@ def open_text(path: Union[str, Path], errors: str = "strict") -> io.TextIOBase:
     return open(path, "r", encoding="utf-8", newline="", errors=errors)
 
 
+def counted_chunks(path: Path, chunks: Iterable[Any], stats: ReadStats) -> Iterator[Any]:
+    """The non-empty ``chunks`` (None or 0 rows: skipped), their rows added to ``stats.rows``; a file
+    that gave neither a row nor a bad line is empty, an error. The accounting of every reader."""
+    any_rows = False
+    for chunk in chunks:
+        if chunk is not None and len(chunk):
+            any_rows = True
+            stats.rows += len(chunk)
+            yield chunk
+    if not any_rows and stats.bad_lines == 0:
+        raise DataFormatError(f"{path}: file is empty (no data rows)")
+
+
 def _check_not_empty(path: Path, first: Optional[str]) -> None:
     if first is None or first.strip() == "":
         raise DataFormatError(f"{path}: file is empty (no rows)")
@@ -277,6 +290,9 @@ class _DelimitedFormat:
         """Yield validated :class:`RawChunk` s of ``path``; counts go to ``stats``."""
         path = Path(path)
         stats = stats if stats is not None else ReadStats()
+        return counted_chunks(path, self._row_chunks(path, chunk_rows, skip_bad_lines, stats), stats)
+
+    def _row_chunks(self, path, chunk_rows, skip_bad_lines, stats):
         delim, header, cols = self._layout(path)
         ncols = len(cols)
         label_i = next((i for i, c in enumerate(cols) if c.role == "label"), None)
@@ -286,7 +302,6 @@ class _DelimitedFormat:
             if header:
                 next(reader)
                 line = 2
-            any_rows = False
             while True:
                 rows = list(islice(reader, chunk_rows))
                 if not rows:
@@ -297,15 +312,8 @@ class _DelimitedFormat:
                 if [] in rows:
                     pairs = [(r, ln) for r, ln in zip(rows, lines) if r]
                     rows, lines = [p[0] for p in pairs], [p[1] for p in pairs]
-                if not rows:
-                    continue
-                any_rows = True
-                chunk = self._chunk(path, rows, lines, cols, ncols, label_i, skip_bad_lines, stats)
-                if chunk is not None:
-                    stats.rows += len(chunk)
-                    yield chunk
-            if not any_rows:
-                raise DataFormatError(f"{path}: file is empty (no data rows)")
+                if rows:
+                    yield self._chunk(path, rows, lines, cols, ncols, label_i, skip_bad_lines, stats)
 
     def read_columns(self, path: Union[str, Path], chunk_rows: int = 65536, skip_bad_lines: bool = False,
                      stats: Optional[ReadStats] = None) -> Iterator[ColumnChunk]:
@@ -330,26 +338,22 @@ class _DelimitedFormat:
                                 convert_options=convert)
             return self._columns(table, cols) if table.num_rows else None
 
-        any_rows = False
-        # Three read buffers in turn: the block being read, the one parsed ahead, the one being encoded.
-        blocks = iter_blocks(path, chunk_rows, skip_lines=int(header), buffers=3)
-        for (first, block), chunk in read_ahead(blocks, columns):
-            if isinstance(chunk, (pa.ArrowInvalid, _Reject)):  # Arrow refused the block: the row-by-row parser
-                texts, lines = _decoded_lines(path, first, block, skip_bad_lines, stats)
-                rows = list(csv.reader(texts, delimiter=delim))
-                kept = [(r, ln) for r, ln in zip(rows, lines) if r]  # blank lines carry no row
-                any_rows = any_rows or bool(kept) or stats.bad_lines > 0
-                raw = self._chunk(path, [r for r, _ in kept], [ln for _, ln in kept], cols, len(cols),
-                                  label_i, skip_bad_lines, stats) if kept else None
-                chunk = None if raw is None else ColumnChunk.from_raw(raw)
-            elif isinstance(chunk, Exception):
-                raise chunk
-            if chunk is not None:
-                any_rows = True
-                stats.rows += len(chunk)
+        def chunks():
+            # Three read buffers in turn: the block being read, the one parsed ahead, the one being encoded.
+            blocks = iter_blocks(path, chunk_rows, skip_lines=int(header), buffers=3)
+            for (first, block), chunk in read_ahead(blocks, columns):
+                if isinstance(chunk, (pa.ArrowInvalid, _Reject)):  # Arrow refused the block: the row-by-row parser
+                    texts, lines = _decoded_lines(path, first, block, skip_bad_lines, stats)
+                    rows = list(csv.reader(texts, delimiter=delim))
+                    kept = [(r, ln) for r, ln in zip(rows, lines) if r]  # blank lines carry no row
+                    raw = self._chunk(path, [r for r, _ in kept], [ln for _, ln in kept], cols, len(cols),
+                                      label_i, skip_bad_lines, stats) if kept else None
+                    chunk = None if raw is None else ColumnChunk.from_raw(raw)
+                elif isinstance(chunk, Exception):
+                    raise chunk
                 yield chunk
-        if not any_rows:
-            raise DataFormatError(f"{path}: file is empty (no data rows)")
+
+        return counted_chunks(path, chunks(), stats)
 
     @staticmethod
     def _columns(table: "pa.Table", cols: List[Column]) -> ColumnChunk:

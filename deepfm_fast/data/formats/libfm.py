@@ -21,6 +21,7 @@ from ..readers import (
     _decoded_lines,
     _float_column,
     _Reject,
+    counted_chunks,
     open_text,
 )
 
@@ -118,35 +119,29 @@ class LibFMFormat:
 
     def read(self, path: Union[str, Path], chunk_rows: int = 65536, skip_bad_lines: bool = False,
              stats: Optional[ReadStats] = None) -> Iterator[RawChunk]:
-        path = Path(path)
-        stats = stats if stats is not None else ReadStats()
-        mode, pairs = self._mode(path, chunk_rows)
-        labelled = self._has_labels(path)
-        line = 1
-        any_rows = False
-        with open_text(path) as fh:
-            while True:
-                raw = list(islice(fh, chunk_rows))
-                if not raw:
-                    break
-                first = line
-                line += len(raw)
-                chunk = self._chunk(path, raw, first, mode, pairs, labelled, skip_bad_lines, stats)
-                if chunk is not None:
-                    any_rows = True
-                    stats.rows += len(chunk)
-                    yield chunk
-        if not any_rows and stats.bad_lines == 0:
-            raise DataFormatError(f"{path}: file is empty (no rows)")
+        return self._read(self._row_chunks, path, chunk_rows, skip_bad_lines, stats)
 
     def read_columns(self, path: Union[str, Path], chunk_rows: int = 65536, skip_bad_lines: bool = False,
                      stats: Optional[ReadStats] = None) -> Iterator[ColumnChunk]:
         """Yield validated :class:`ColumnChunk` s of ``path`` (the columnar path); counts go to ``stats``."""
+        return self._read(self._column_chunks, path, chunk_rows, skip_bad_lines, stats)
+
+    def _read(self, chunks, path, chunk_rows, skip_bad_lines, stats):
+        """What both paths share: the file's layout, then ``chunks``'s chunks counted into ``stats``."""
         path = Path(path)
         stats = stats if stats is not None else ReadStats()
         mode, pairs = self._mode(path, chunk_rows)
-        labelled = self._has_labels(path)
-        any_rows = False
+        parsed = chunks(path, chunk_rows, mode, pairs, self._has_labels(path), skip_bad_lines, stats)
+        return counted_chunks(path, parsed, stats)
+
+    def _row_chunks(self, path, chunk_rows, mode, pairs, labelled, skip_bad_lines, stats):
+        line = 1
+        with open_text(path) as fh:
+            while raw := list(islice(fh, chunk_rows)):
+                yield self._chunk(path, raw, line, mode, pairs, labelled, skip_bad_lines, stats)
+                line += len(raw)
+
+    def _column_chunks(self, path, chunk_rows, mode, pairs, labelled, skip_bad_lines, stats):
         for first, block in iter_blocks(path, chunk_rows):
             try:
                 chunk = self._columns(block, mode, pairs, labelled)
@@ -158,12 +153,7 @@ class LibFMFormat:
                     raw_lines[ln - first] = t
                 raw = self._chunk(path, raw_lines, first, mode, pairs, labelled, skip_bad_lines, stats)
                 chunk = None if raw is None else ColumnChunk.from_raw(raw)
-            if chunk is not None and len(chunk):
-                any_rows = True
-                stats.rows += len(chunk)
-                yield chunk
-        if not any_rows and stats.bad_lines == 0:
-            raise DataFormatError(f"{path}: file is empty (no rows)")
+            yield chunk
 
     @staticmethod
     def _columns(block: bytes, mode: str, pairs: int, labelled: bool) -> ColumnChunk:
